@@ -1,0 +1,265 @@
+"""Model bundles: a directory with ``model.json`` and one safetensors file per ensemble member (DESIGN.md).
+
+Loading never unpickles: member weights are safetensors; only ``import_torchvision`` reads a torchvision
+``.pth`` checkpoint, with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from detector.googlenet import GoogLeNet, GoogLeNetConfig
+
+FORMAT = 1
+TASKS = ("cls1000", "det200", "det200-from-cls1000")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's ImageNet GoogLeNet was ported from TensorFlow and expects inputs in [-1, 1]; torchvision gets
+# there with ``transform_input=True`` on ImageNet-normalised input. A bundle says it directly instead.
+TORCHVISION_CHECKPOINT = "googlenet-1378be20.pth"
+TORCHVISION_CHECKPOINT_SHA256_PREFIX = "1378be20"
+UNIT_RANGE_MEAN = (0.5, 0.5, 0.5)
+UNIT_RANGE_STD = (0.5, 0.5, 0.5)
+MAX_MEMBERS = 64
+
+
+class BundleError(ValueError):
+    """A model bundle or checkpoint that cannot be used; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int = 224  # network input side
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per RGB channel, for pixels scaled to [0, 1]
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        try:
+            size, mean, std = int(d["size"]), tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"preprocess must have size, mean[3] and std[3]: {e}") from None
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not 32 <= size <= 1024:
+            raise BundleError(f"bad preprocess {d!r}: need 3 means, 3 positive stds and 32 <= size <= 1024")
+        return cls(size, mean, std)
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the members are ``GoogLeNet`` modules in eval mode."""
+
+    arch: GoogLeNetConfig
+    task: str
+    members: list[GoogLeNet]
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    multibox: str | None = None
+    provenance: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path) if self.path else None,
+            "task": self.task,
+            "arch": self.arch.to_dict(),
+            "members": len(self.members),
+            "classes": self.arch.num_classes,
+            "parameters_per_member": sum(p.numel() for p in self.members[0].parameters()),
+            "preprocess": self.preprocess.to_dict(),
+            "multibox": self.multibox,
+            "provenance": self.provenance,
+        }
+
+
+def save_bundle(out: str | os.PathLike, bundle: Bundle) -> Path:
+    """Write ``model.json`` and ``member{i}.safetensors``; refuses to overwrite a different existing bundle."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is not a directory; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, m in enumerate(bundle.members):
+        name = f"member{i}.safetensors"
+        state = {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
+        save_file(state, str(out / name), metadata={"format": str(FORMAT)})
+        names.append(name)
+    doc = {
+        "format": FORMAT,
+        "arch": bundle.arch.to_dict(),
+        "task": bundle.task,
+        "members": names,
+        "preprocess": bundle.preprocess.to_dict(),
+        "multibox": bundle.multibox,
+        "provenance": bundle.provenance,
+    }
+    tmp = out / "model.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out / "model.json")
+    bundle.path = out
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    manifest = path / "model.json"
+    if not manifest.is_file():
+        raise BundleError(
+            f"{path} is not a model bundle (no model.json); create one with `ircnn model init --out DIR` "
+            f"or `ircnn model import-torchvision {TORCHVISION_CHECKPOINT} --out DIR`")
+    try:
+        doc = json.loads(manifest.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{manifest} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise BundleError(f"{manifest}: unsupported bundle format {doc.get('format') if isinstance(doc, dict) else doc!r}; "
+                          f"this version reads format {FORMAT}")
+    for key in ("arch", "task", "members", "preprocess"):
+        if key not in doc:
+            raise BundleError(f"{manifest}: missing field {key!r}")
+    if doc["task"] not in TASKS:
+        raise BundleError(f"{manifest}: unknown task {doc['task']!r}; expected one of {', '.join(TASKS)}")
+    members = doc["members"]
+    if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
+        raise BundleError(f"{manifest}: members must be a list of 1..{MAX_MEMBERS} file names")
+    for name in members:
+        # member files live inside the bundle: no paths, no parent references
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+\.safetensors", name):
+            raise BundleError(f"{manifest}: member {name!r} must be a plain *.safetensors file name in the bundle")
+    return doc
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle directory; every member must match the architecture exactly (``strict=True``)."""
+    path = Path(path)
+    doc = read_manifest(path)
+    try:
+        arch = GoogLeNetConfig.from_dict(doc["arch"])
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{path / 'model.json'}: bad arch: {e}") from None
+    expected_classes = {"cls1000": 1000, "det200-from-cls1000": 1000}.get(doc["task"])
+    if expected_classes and arch.num_classes != expected_classes:
+        raise BundleError(f"{path}: task {doc['task']} needs {expected_classes} classes, arch has {arch.num_classes}")
+    members = []
+    for name in doc["members"]:
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{path}: member file {name} is missing")
+        model = GoogLeNet(arch)
+        try:
+            state = load_file(str(file), device="cpu")
+            model.load_state_dict(state, strict=True)
+        except Exception as e:  # safetensors raises its own error types; report them all the same way
+            raise BundleError(f"{file}: weights do not match the bundle's arch: {str(e)[:500]}") from None
+        members.append(model.to(device).eval())
+    return Bundle(arch=arch, task=doc["task"], members=members,
+                  preprocess=Preprocess.from_dict(doc["preprocess"]), multibox=doc.get("multibox"),
+                  provenance=doc.get("provenance") or {}, path=path)
+
+
+def init_bundle(arch: GoogLeNetConfig, members: int = 1, seed: int = 0, task: str = "cls1000",
+                preprocess: Preprocess | None = None) -> Bundle:
+    """Randomly initialised members (torchvision's init); member ``i`` uses seed ``seed + i``."""
+    if not 1 <= members <= MAX_MEMBERS:
+        raise BundleError(f"--members must be in 1..{MAX_MEMBERS}, got {members}")
+    if task not in TASKS:
+        raise BundleError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    models = []
+    for i in range(members):
+        torch.manual_seed(seed + i)
+        models.append(GoogLeNet(arch).eval())
+    return Bundle(arch=arch, task=task, members=models, preprocess=preprocess or Preprocess(),
+                  provenance={"source": "random-init", "seed": seed, "member_seeds": [seed + i for i in range(members)]})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def import_torchvision(file: str | os.PathLike, input_range: str = "auto") -> Bundle:
+    """A torchvision GoogLeNet checkpoint (a ``state_dict`` saved with ``torch.save``) as a 1-member bundle.
+
+    ``input_range``: ``"unit"`` for weights that expect inputs in [-1, 1] (torchvision's ImageNet checkpoint,
+    which torchvision runs with ``transform_input=True``), ``"imagenet"`` for weights trained on
+    ImageNet-normalised inputs (a model built with ``transform_input=False``), ``"auto"`` picks ``"unit"``
+    exactly when the file's SHA-256 starts with torchvision's published prefix ``1378be20``.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise BundleError(f"{file} does not exist; download torchvision's {TORCHVISION_CHECKPOINT} or pass its path")
+    digest = _sha256(file)
+    if input_range == "auto":
+        input_range = "unit" if digest.startswith(TORCHVISION_CHECKPOINT_SHA256_PREFIX) else "imagenet"
+    if input_range not in ("unit", "imagenet"):
+        raise BundleError(f"input_range must be auto, unit or imagenet, got {input_range!r}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BundleError(f"{file} is not a loadable PyTorch checkpoint (weights_only=True): {str(e)[:300]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise BundleError(f"{file} is not a GoogLeNet state_dict (no fc.weight); save one with "
+                          "torch.save(model.state_dict(), path)")
+    num_classes = int(state["fc.weight"].shape[0])
+    arch = GoogLeNetConfig(variant="torchvision", num_classes=num_classes, aux_logits="aux1.fc2.weight" in state)
+    model = GoogLeNet(arch)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"{file} does not match torchvision's GoogLeNet: {str(e)[:500]}") from None
+    if input_range == "unit":
+        preprocess = Preprocess(mean=UNIT_RANGE_MEAN, std=UNIT_RANGE_STD)
+    else:
+        preprocess = Preprocess()
+    task = "cls1000" if num_classes == 1000 else "det200"
+    return Bundle(arch=arch, task=task, members=[model.eval()], preprocess=preprocess,
+                  provenance={"source": "import-torchvision", "file": file.name, "sha256": digest,
+                              "input_range": input_range})
+
+
+def torchvision_checkpoint_path() -> Path:
+    """Where torchvision keeps (and looks for) its ImageNet GoogLeNet checkpoint."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_CHECKPOINT
+
+
+def default_bundle(device: str | torch.device = "cpu") -> Bundle:
+    """torchvision's ImageNet GoogLeNet: from torchvision's cache, else downloaded by torchvision when online.
+
+    Set ``IRCNN_OFFLINE=1`` to never try the download (tests do).
+    """
+    path = torchvision_checkpoint_path()
+    if not path.is_file() and os.environ.get("IRCNN_OFFLINE", "") not in ("1", "true", "yes"):
+        try:
+            from torchvision.models import GoogLeNet_Weights
+
+            GoogLeNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        except Exception:  # no network, proxy refusal, hash mismatch: all end in the message below
+            pass
+    if not path.is_file():
+        raise BundleError(
+            f"no model given and torchvision's ImageNet GoogLeNet is not available offline. Either put "
+            f"{TORCHVISION_CHECKPOINT} at {path} (torchvision's cache; TORCH_HOME moves it), or pass "
+            f"--model DIR with a bundle made by `ircnn model import-torchvision FILE --out DIR` or "
+            f"`ircnn model init --out DIR`")
+    bundle = import_torchvision(path)
+    for m in bundle.members:
+        m.to(device)
+    return bundle
+
+
+def resolve_bundle(model: str | os.PathLike | None, device: str | torch.device = "cpu") -> Bundle:
+    return default_bundle(device) if model is None else load_bundle(model, device)
