@@ -1,0 +1,111 @@
+"""Decoding images from untrusted bytes into ``uint8`` RGB ``H x W x 3`` arrays, with hard bounds.
+
+The format is sniffed from the bytes (never the file name), the pixel count is checked from the header before
+any pixel is decoded (decompression bombs), truncated files are errors rather than grey bands, EXIF orientation
+is applied, and grayscale, palette, CMYK, 16-bit and alpha images become RGB (alpha composited over white, as a
+browser shows it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_BYTES = 20 * 1024 * 1024  # 20 MB, the service's default upload limit
+MAX_PIXELS = 40_000_000  # about 7,300 x 5,500; enough for camera photos, far below a bomb
+MIN_SIDE = 1
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+# PIL's own bomb check warns at 89M pixels and raises at twice that; ours is stricter and comes first.
+Image.MAX_IMAGE_PIXELS = None
+Image.init()  # register every plugin so that ``formats=`` can name them
+_OPEN_FORMATS = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)  # Pillow 13 folds MPO into JPEG
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; ``code`` is a stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> np.ndarray:
+    """Decode encoded image bytes into ``uint8`` RGB ``[H, W, 3]``; raises ``ImageError`` on anything else."""
+    if len(data) == 0:
+        raise ImageError("empty", "the file is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"the file has {len(data):,} bytes, more than the limit of {max_bytes:,}")
+    try:
+        img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "not a supported image (JPEG, PNG, WebP, BMP or TIFF expected)") from None
+    except Exception as e:  # PIL raises assorted errors on garbage headers
+        raise ImageError("corrupt", f"unreadable image header: {e}") from None
+    width, height = img.size
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise ImageError("corrupt", f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError("too_many_pixels",
+                         f"image is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+        msg = str(e)
+        code = "truncated" if "truncated" in msg or "image file is" in msg else "corrupt"
+        raise ImageError(code, f"image data is {'truncated' if code == 'truncated' else 'corrupt'}: {msg}") from None
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / max(1.0, float(arr.max()) if img.mode == "I" else 65535.0)
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # CMYK, YCbCr, L, 1 all convert here; writable copy
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> np.ndarray:
+    """Read and decode a file; the size limit is checked before the file is read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError("not_found", f"no such file: {path}") from None
+    if not path.is_file():
+        raise ImageError("not_a_file", f"not a regular file: {path}")
+    if size > max_bytes:
+        raise ImageError("too_large", f"the file has {size:,} bytes, more than the limit of {max_bytes:,}")
+    return decode_image(path.read_bytes(), max_pixels=max_pixels, max_bytes=max_bytes)
+
+
+def list_images(paths: list[str | os.PathLike]) -> list[Path]:
+    """Expand files and directories (recursively, image suffixes only, sorted) in the given order.
+
+    A file named explicitly is kept whatever its suffix, so that a bad file gets its own error line.
+    """
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
