@@ -143,7 +143,7 @@ class InceptionAux(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.paper:
+        if self.paper and min(x.shape[-2:]) >= 5:
             x = F.avg_pool2d(x, kernel_size=5, stride=3)  # 14x14 -> 4x4 at 224 input
         x = F.adaptive_avg_pool2d(x, (4, 4))  # identity at 224 for the paper; torchvision's pooling otherwise
         x = torch.flatten(self.conv(x), 1)
