@@ -37,10 +37,11 @@ CLASSIFY_TASKS = ("cls1000", "det200-from-cls1000")
 def _resize_shorter(img: Tensor, side: int) -> Tensor:
     """``Tensor[3, H, W]`` uint8 with its shorter side resized to ``side`` (aspect kept, antialiased bilinear)."""
     h, w = img.shape[-2:]
+    # the long side is truncated, as torchvision's Resize(side) does, so 1-crop equals its reference eval
     if h <= w:
-        size = [side, max(side, int(round(w * side / h)))]
+        size = [side, max(side, int(w * side / h))]
     else:
-        size = [max(side, int(round(h * side / w))), side]
+        size = [max(side, int(h * side / w)), side]
     return TF.resize(img, size, antialias=True)
 
 
@@ -63,7 +64,7 @@ def crop_views(image: np.ndarray, crops: int, size: int = 224) -> Tensor:
     if crops not in CROP_SCHEMES:
         raise ValueError(f"crops must be one of {', '.join(map(str, CROP_SCHEMES))}, got {crops}")
     check_aspect(image)
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W]
+    img = torch.tensor(image).permute(2, 0, 1)  # [3, H, W], a copy: callers may pass read-only arrays
     scale = lambda s: s * size // 224  # the paper's sides are for 224 inputs  # noqa: E731
     if crops == 1:
         views = [_five_crops(_resize_shorter(img, scale(BASE_SCALE)), size)[4]]

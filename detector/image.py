@@ -47,6 +47,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "not a supported image (JPEG, PNG, WebP, BMP or TIFF expected)") from None
     except Exception as e:  # PIL raises assorted errors on garbage headers
+        if "truncated" in str(e).lower():
+            raise ImageError("truncated", f"image data is truncated: {e}") from None
         raise ImageError("corrupt", f"unreadable image header: {e}") from None
     width, height = img.size
     if width < MIN_SIDE or height < MIN_SIDE:
@@ -61,7 +63,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX
             img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         msg = str(e)
-        code = "truncated" if "truncated" in msg or "image file is" in msg else "corrupt"
+        code = "truncated" if "truncated" in msg.lower() or "image file is" in msg else "corrupt"
         raise ImageError(code, f"image data is {'truncated' if code == 'truncated' else 'corrupt'}: {msg}") from None
     return _to_rgb(img)
 

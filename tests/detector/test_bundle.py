@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from detector.bundle import (BundleError, default_bundle, import_torchvision, init_bundle, load_bundle,
+                             save_bundle)
+from detector.googlenet import GoogLeNetConfig
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_bundle):
+    bundle = tiny_bundle(members=2)
+    save_bundle(tmp_path / "b", bundle)
+    doc = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert doc["format"] == 1 and doc["members"] == ["member0.safetensors", "member1.safetensors"]
+    assert doc["task"] == "cls1000" and doc["multibox"] is None
+    loaded = load_bundle(tmp_path / "b")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        for a, b in zip(bundle.members, loaded.members):
+            assert torch.equal(a(x), b(x))
+    assert not loaded.members[0].training
+    # members differ: each got its own seed
+    with torch.no_grad():
+        assert not torch.equal(loaded.members[0](x), loaded.members[1](x))
+
+
+def test_init_is_deterministic_per_seed():
+    a = init_bundle(GoogLeNetConfig(width=0.125), members=1, seed=5)
+    b = init_bundle(GoogLeNetConfig(width=0.125), members=1, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.members[0].state_dict().values(), b.members[0].state_dict().values()))
+
+
+def test_import_torchvision_matches_torchvision_logits(tmp_path, spread):
+    torch.manual_seed(0)
+    tv = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
+    spread(tv, 3)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    bundle = import_torchvision(tmp_path / "tv.pth")
+    assert bundle.arch.variant == "torchvision" and bundle.arch.aux_logits
+    assert bundle.provenance["input_range"] == "imagenet"  # not torchvision's published file
+    save_bundle(tmp_path / "b", bundle)
+    ours = load_bundle(tmp_path / "b").members[0]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (tv.eval()(x) - ours(x)).abs().max().item() < 1e-4
+
+
+def test_import_rejects_what_is_not_a_googlenet(tmp_path):
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(BundleError, match="not a GoogLeNet state_dict"):
+        import_torchvision(tmp_path / "other.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(BundleError, match="not a loadable PyTorch checkpoint"):
+        import_torchvision(tmp_path / "garbage.pth")
+    with pytest.raises(BundleError, match="does not exist"):
+        import_torchvision(tmp_path / "missing.pth")
+
+
+def test_import_refuses_pickled_objects(tmp_path):
+    """weights_only=True: a checkpoint that needs arbitrary unpickling is refused, not executed."""
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"fc.weight": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(BundleError, match="weights_only"):
+        import_torchvision(tmp_path / "evil.pth")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(format=99), "unsupported bundle format"),
+    (lambda d: d.update(task="segmentation"), "unknown task"),
+    (lambda d: d.update(members=["../member0.safetensors"]), "plain"),
+    (lambda d: d.update(members=[]), "1..64"),
+    (lambda d: d.update(members=["member9.safetensors"]), "missing"),
+    (lambda d: d["arch"].update(width=0.5), "do not match"),
+    (lambda d: d["arch"].update(layers=3), "unknown arch field"),
+    (lambda d: d.pop("preprocess"), "missing field"),
+    (lambda d: d["preprocess"].update(std=[0, 1, 1]), "positive"),
+])
+def test_load_rejects_broken_bundles_with_clear_messages(tmp_path, tiny_bundle, edit, message):
+    save_bundle(tmp_path, tiny_bundle())
+    doc = json.loads((tmp_path / "model.json").read_text())
+    edit(doc)
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path)
+
+
+def test_load_rejects_missing_manifest_and_bad_weights(tmp_path, tiny_bundle):
+    with pytest.raises(BundleError, match="no model.json"):
+        load_bundle(tmp_path)
+    save_bundle(tmp_path, tiny_bundle())
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "member0.safetensors"))
+    with pytest.raises(BundleError, match="do not match"):
+        load_bundle(tmp_path)
+    (tmp_path / "member0.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(BundleError, match="member0.safetensors"):
+        load_bundle(tmp_path)
+
+
+def test_default_bundle_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(BundleError) as e:
+        default_bundle()
+    msg = str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "googlenet-1378be20.pth") in msg
+    assert "--model" in msg
+
+
+def test_default_bundle_uses_torchvision_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    target = tmp_path / "hub" / "checkpoints"
+    target.mkdir(parents=True)
+    tv = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True)
+    torch.save(tv.state_dict(), target / "googlenet-1378be20.pth")
+    bundle = default_bundle()
+    assert bundle.provenance["file"] == "googlenet-1378be20.pth"
+    assert bundle.task == "cls1000" and len(bundle.members) == 1 and not bundle.arch.aux_logits

@@ -1,0 +1,113 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detector.image import ImageError, decode_image, list_images, read_image
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def rgb():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_round_trip(rgb, fmt):
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    out = decode_image(encode(rgb, fmt, **kw))
+    assert out.dtype == np.uint8 and out.shape == (30, 40, 3) and out.flags.writeable
+    assert np.array_equal(out, np.asarray(rgb))
+
+
+def test_jpeg_grayscale_and_cmyk_become_rgb(rgb):
+    assert decode_image(encode(rgb, "JPEG", quality=95)).shape == (30, 40, 3)
+    gray = decode_image(encode(rgb.convert("L"), "PNG"))
+    assert gray.shape == (30, 40, 3) and np.array_equal(gray[..., 0], gray[..., 2])
+    cmyk = decode_image(encode(rgb.convert("CMYK"), "JPEG", quality=100))
+    assert cmyk.shape == (30, 40, 3)
+    assert np.abs(cmyk.astype(int) - np.asarray(rgb).astype(int)).mean() < 20
+
+
+def test_alpha_is_composited_over_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    assert (decode_image(encode(rgba, "PNG")) == 255).all()
+    opaque = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    assert decode_image(encode(opaque, "PNG"))[0, 0].tolist() == [255, 0, 0]
+
+
+def test_16_bit_png_is_scaled():
+    arr = np.full((3, 5), 65535, dtype=np.uint16)
+    out = decode_image(encode(Image.fromarray(arr), "PNG"))
+    assert out.shape == (3, 5, 3) and (out == 255).all()
+
+
+def test_exif_orientation_is_applied(rgb):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(encode(rgb, "JPEG", exif=exif.tobytes()))
+    assert out.shape == (40, 30, 3)
+
+
+@pytest.mark.parametrize("data, code", [
+    (b"", "empty"),
+    (b"hello, I am text", "not_an_image"),
+    (b"GIF89a" + b"\x00" * 30, "not_an_image"),  # a real format we do not accept
+])
+def test_bad_bytes_get_named_errors(data, code):
+    with pytest.raises(ImageError) as e:
+        decode_image(data)
+    assert e.value.code == code
+
+
+def test_truncated_file_is_an_error(rgb):
+    data = encode(rgb.resize((400, 300)), "JPEG")
+    with pytest.raises(ImageError) as e:
+        decode_image(data[: len(data) // 2])
+    assert e.value.code == "truncated"
+    png = encode(rgb, "PNG")
+    with pytest.raises(ImageError):
+        decode_image(png[: len(png) - 40])
+
+
+def test_pixel_bound_is_checked_before_decoding(rgb):
+    with pytest.raises(ImageError, match="more than the limit") as e:
+        decode_image(encode(rgb, "PNG"), max_pixels=1000)
+    assert e.value.code == "too_many_pixels"
+    # a decompression bomb: a tiny file whose header claims 30000 x 30000 pixels
+    png = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
+    png[16:24] = struct.pack(">II", 30000, 30000)  # IHDR width, height
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))  # IHDR CRC over type + data
+    bomb = bytes(png)
+    with pytest.raises(ImageError) as e:
+        decode_image(bomb)
+    assert e.value.code == "too_many_pixels"
+
+
+def test_byte_bound(rgb, tmp_path):
+    data = encode(rgb, "PNG")
+    with pytest.raises(ImageError) as e:
+        decode_image(data, max_bytes=100)
+    assert e.value.code == "too_large"
+    (tmp_path / "a.png").write_bytes(data)
+    with pytest.raises(ImageError, match="limit"):
+        read_image(tmp_path / "a.png", max_bytes=100)
+    with pytest.raises(ImageError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_list_images_recurses_sorted_and_keeps_named_files(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/b.jpg", "d/sub/a.PNG", "d/notes.txt", "x.weird"):
+        (tmp_path / name).write_bytes(b"x")
+    found = list_images([tmp_path / "d", tmp_path / "x.weird"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["d/b.jpg", "d/sub/a.PNG", "x.weird"]
