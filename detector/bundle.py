@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from detector.googlenet import GoogLeNet, GoogLeNetConfig
 
 FORMAT = 1
-TASKS = ("cls1000", "det200", "det200-from-cls1000")
+# "classes": a classifier over its own class folders (``provenance["classes"]`` in head order), made by training.
+TASKS = ("cls1000", "det200", "det200-from-cls1000", "classes")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's ImageNet GoogLeNet was ported from TensorFlow and expects inputs in [-1, 1]; torchvision gets

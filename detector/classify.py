@@ -25,13 +25,13 @@ from torch import Tensor
 from detector.bundle import Bundle
 from detector.ensemble import Ensemble, EnsembleConfig
 from detector.image import ImageError, read_image
-from eval.classes import cls1000
+from eval.classes import Vocabulary, cls1000
 
 CROP_SCHEMES = (1, 10, 144)
 SCALES_144 = (256, 288, 320, 352)  # shorter side, section 7
 BASE_SCALE = 256
 MAX_ASPECT = 64.0  # beyond this the resized image of a 1-pixel-high strip would need gigabytes
-CLASSIFY_TASKS = ("cls1000", "det200-from-cls1000")
+CLASSIFY_TASKS = ("cls1000", "det200-from-cls1000")  # 1000-way heads over ILSVRC's CLS classes
 
 
 def _resize_shorter(img: Tensor, side: int) -> Tensor:
@@ -89,31 +89,41 @@ def crop_views(image: np.ndarray, crops: int, size: int = 224) -> Tensor:
     return views
 
 
+def _vocabulary(bundle: Bundle) -> Vocabulary:
+    """The head's classes: ILSVRC's 1000, or the folder names a ``classes`` bundle was trained on."""
+    k = bundle.arch.num_classes
+    if bundle.task in CLASSIFY_TASKS and k == 1000:
+        return cls1000()
+    names = bundle.provenance.get("classes")
+    if bundle.task == "classes" and isinstance(names, list) and len(names) == k:
+        names = tuple(str(n) for n in names)
+        return Vocabulary(ids=tuple(range(k)), wnids=names, names=names)
+    raise ValueError(f"bundle task {bundle.task!r} with {k} classes cannot classify whole images; use a cls1000 "
+                     f"bundle (e.g. `ircnn model import-torchvision`) or one made by `ircnn train classifier`")
+
+
 class Classifier:
     """Whole-image 1000-class classification by an ensemble (the function the CLI and the service call)."""
 
     def __init__(self, bundle: Bundle, config: EnsembleConfig = EnsembleConfig()) -> None:
-        if bundle.task not in CLASSIFY_TASKS or bundle.arch.num_classes != 1000:
-            raise ValueError(f"bundle task {bundle.task!r} with {bundle.arch.num_classes} classes cannot classify "
-                             f"the 1000 ILSVRC classes; use a cls1000 bundle (e.g. `ircnn model import-torchvision`)")
+        self.vocab = _vocabulary(bundle)
         self.bundle = bundle
         self.ensemble = Ensemble.from_bundle(bundle, config)
-        self.vocab = cls1000()
 
     @property
     def members(self) -> int:
         return len(self.ensemble.members)
 
     def probabilities(self, images: list[np.ndarray], crops: int = 1) -> Tensor:
-        """``len(images)`` uint8 RGB arrays -> ``Tensor[len(images), 1000]``, averaged over crops and members."""
+        """``len(images)`` uint8 RGB arrays -> ``Tensor[len(images), K]``, averaged over crops and members."""
         if not images:
-            return torch.zeros(0, 1000)
+            return torch.zeros(0, len(self.vocab))
         views = [crop_views(im, crops, self.bundle.preprocess.size) for im in images]
-        probs = self.ensemble(torch.cat(views))  # [sum of crops, 1000]
+        probs = self.ensemble(torch.cat(views))  # [sum of crops, K]
         return probs.view(len(images), crops, -1).mean(dim=1).cpu()
 
     def top_k(self, probs: Tensor, k: int) -> list[list[dict]]:
-        """``Tensor[N, 1000]`` -> per image, the ``k`` best ``{index, wnid, name, prob}``."""
+        """``Tensor[N, K]`` -> per image, the ``k`` best ``{index, wnid, name, prob}``."""
         values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
         return [[{"index": int(i), "wnid": self.vocab.wnids[i], "name": self.vocab.names[i], "prob": float(v)}
                  for v, i in zip(vs.tolist(), ix.tolist())] for vs, ix in zip(values, indices)]
@@ -121,7 +131,7 @@ class Classifier:
     def classify(self, images: list[np.ndarray], crops: int = 1, top_k: int = 5) -> list[dict]:
         """Per image: ``{"crops", "members", "top_k": [...]}``."""
         if not 1 <= top_k <= 1000:
-            raise ValueError(f"top_k must be in 1..1000, got {top_k}")
+            raise ValueError(f"top_k must be in 1..1000, got {top_k}")  # k above K returns all K
         probs = self.probabilities(images, crops)
         return [{"crops": crops, "members": self.members, "top_k": t} for t in self.top_k(probs, top_k)]
 

@@ -102,6 +102,15 @@ def test_classifier_refuses_detection_bundles(tiny_bundle):
         Classifier(tiny_bundle(num_classes=201, task="det200"))
 
 
+def test_classifier_names_a_trained_bundles_own_classes(tiny_bundle, photo):
+    bundle = tiny_bundle(num_classes=3, task="classes")
+    with pytest.raises(ValueError, match="cannot classify"):
+        Classifier(bundle)  # no class names recorded
+    bundle.provenance["classes"] = ["red", "green", "blue"]
+    out = Classifier(bundle).classify([photo], top_k=5)[0]["top_k"]
+    assert sorted(t["name"] for t in out) == ["blue", "green", "red"]
+
+
 def test_classify_paths_keeps_order_and_reports_bad_files(tiny_bundle, tmp_path, photo):
     Image.fromarray(photo).save(tmp_path / "a.jpg")
     (tmp_path / "b.jpg").write_bytes(b"not an image")

@@ -1,0 +1,252 @@
+import json
+import os
+import re
+import socket
+import xml.etree.ElementTree as ET
+
+import cv2
+import numpy as np
+import pytest
+
+from eval.classes import det200
+from eval.synth import CLASSES, SynthConfig, _render, _sources, render, write_synth_set
+from service.cli import main
+
+
+def read_tree(root) -> dict[str, bytes]:
+    """relative path -> bytes of every file under root."""
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = f.read()
+    return files
+
+
+def read_xml(path):
+    root = ET.parse(path).getroot()
+    size = root.find("size")
+    boxes = [(o.findtext("name"), tuple(int(o.find("bndbox").findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")))
+             for o in root.findall("object")]
+    return root.findtext("filename"), int(size.findtext("width")), int(size.findtext("height")), boxes
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "set"
+    doc = write_synth_set(str(out), SynthConfig(images=12, seed=5, val_fraction=0.25, size=320))
+    return out, doc
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    """100 images of the default size, rendered without writing: (width, height, boxes [N, 4], wnids)."""
+    config = SynthConfig(images=100, seed=11)
+    out = []
+    for i in range(1, 101):
+        image, objects = render(config, i)
+        boxes = np.array([b for _, b in objects], dtype=np.float64).reshape(-1, 4)
+        out.append((image.shape[1], image.shape[0], boxes, [w for w, _ in objects]))
+    return out
+
+
+# ---- layout and files ------------------------------------------------------------------------------------
+
+
+def test_layout_and_imagesets(small_set):
+    out, doc = small_set
+    files = set(read_tree(out))
+    lines = {}
+    for split in ("train", "val"):
+        text = (out / "ImageSets" / "DET" / f"{split}.txt").read_text()
+        lines[split] = text.splitlines()
+        for index, line in enumerate(lines[split], 1):
+            m = re.fullmatch(rf"({split}/ILSVRC2014_synth_\d{{8}}) (\d+)", line)
+            assert m, line
+            assert int(m.group(2)) == index  # 1-based within each file, as the devkit's val.txt
+    assert len(lines["train"]) == 9 and len(lines["val"]) == 3  # the last 25% form val
+    names = [line.split()[0] for split in ("train", "val") for line in lines[split]]
+    assert names == [f"{'train' if i <= 9 else 'val'}/ILSVRC2014_synth_{i:08d}" for i in range(1, 13)]
+    expected = {"synth.json", "ImageSets/DET/train.txt", "ImageSets/DET/val.txt"}
+    for name in names:
+        expected |= {f"Data/DET/{name}.JPEG", f"Annotations/DET/{name}.xml"}
+    assert files == {os.path.normpath(p) for p in expected}
+    assert doc["splits"]["train"]["images"] == 9 and doc["splits"]["val"]["images"] == 3
+    assert json.loads((out / "synth.json").read_text()) == doc
+
+
+def test_annotations_match_images_and_synth_json(small_set):
+    out, doc = small_set
+    counts = {c["wnid"]: {"train": 0, "val": 0} for c in doc["classes"]}
+    objects = {"train": 0, "val": 0}
+    for split in ("train", "val"):
+        for line in (out / "ImageSets" / "DET" / f"{split}.txt").read_text().splitlines():
+            name = line.split()[0]
+            filename, width, height, boxes = read_xml(out / "Annotations" / "DET" / f"{name}.xml")
+            assert filename == name.split("/")[1]
+            image = cv2.imread(str(out / "Data" / "DET" / f"{name}.JPEG"))
+            assert image.shape == (height, width, 3)
+            assert max(width, height) == 320 and min(width, height) >= 0.6 * 320 - 1
+            assert len(boxes) <= 6
+            for wnid, (xmin, ymin, xmax, ymax) in boxes:
+                assert 0 <= xmin <= xmax < width and 0 <= ymin <= ymax < height  # inclusive devkit pixels
+                counts[wnid][split] += 1
+                objects[split] += 1
+    assert {c["wnid"]: c["objects"] for c in doc["classes"]} == counts
+    assert {s: doc["splits"][s]["objects"] for s in objects} == objects
+    assert sum(objects.values()) > 0
+
+
+def test_classes_are_det_wnids_with_their_photos(small_set):
+    _, doc = small_set
+    vocab = det200()
+    assert [c["wnid"] for c in doc["classes"]] == [c.wnid for c in CLASSES]
+    for c in doc["classes"]:
+        row = vocab.row_of_wnid[c["wnid"]]
+        assert (c["det_id"], c["name"]) == (vocab.ids[row], vocab.names[row])
+    by_name = {c["name"]: c["photos"] for c in doc["classes"]}
+    assert by_name["domestic cat"] == ["skimage.data.chelsea"]
+    assert by_name["horse"] == ["skimage.data.horse"]
+
+
+def test_first_k_classes_only(tmp_path):
+    doc = write_synth_set(str(tmp_path / "k2"), SynthConfig(images=10, seed=1, classes=2, size=200))
+    assert [c["wnid"] for c in doc["classes"]] == ["n02121808", "n00007846"]
+    found = set()
+    for path in (tmp_path / "k2" / "Annotations" / "DET").rglob("*.xml"):
+        found |= {wnid for wnid, _ in read_xml(path)[3]}
+    assert found and found <= {"n02121808", "n00007846"}
+
+
+# ---- determinism -----------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, small_set):
+    out, _ = small_set
+    config = SynthConfig(images=12, seed=5, val_fraction=0.25, size=320)
+    write_synth_set(str(tmp_path / "again"), config)
+    assert read_tree(tmp_path / "again") == read_tree(out)
+    write_synth_set(str(tmp_path / "other"), SynthConfig(images=12, seed=6, val_fraction=0.25, size=320))
+    a, b = read_tree(out), read_tree(tmp_path / "other")
+    jpegs = [p for p in a if p.endswith(".JPEG")]
+    assert all(a[p] != b[p] for p in jpegs)
+    assert [a[p] for p in a if p.endswith(".xml")] != [b[p] for p in a if p.endswith(".xml")]
+
+
+def test_worker_processes_do_not_change_the_files(tmp_path):
+    config = SynthConfig(images=130, seed=2, size=128, min_object=8)
+    write_synth_set(str(tmp_path / "one"), config, workers=1)
+    write_synth_set(str(tmp_path / "two"), config, workers=2)  # 130 images: really two processes
+    assert read_tree(tmp_path / "one") == read_tree(tmp_path / "two")
+
+
+def test_render_is_pure():
+    config = SynthConfig(images=5, seed=3)
+    a, objects_a = render(config, 4)
+    render(config, 2)
+    b, objects_b = render(config, 4)
+    assert np.array_equal(a, b) and objects_a == objects_b
+
+
+# ---- what the images contain -----------------------------------------------------------------------------
+
+
+def test_object_sizes_span_small_to_large(rendered):
+    sides = np.concatenate([np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for _, _, b, _ in rendered])
+    assert len(sides) > 150
+    assert sides.min() < 32
+    assert any((np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) > 0.5 * max(w, h)).any()
+               for w, h, b, _ in rendered)
+
+
+def test_objects_per_image_and_boxes(rendered):
+    counts = [len(wnids) for _, _, _, wnids in rendered]
+    assert max(counts) <= 6 and 0 in counts and max(counts) >= 5
+    for w, h, boxes, wnids in rendered:
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert (boxes[:, 2:] - boxes[:, :2] >= 1).all()
+        assert (boxes == np.round(boxes)).all()  # whole pixel edges
+        assert set(wnids) <= {c.wnid for c in CLASSES}
+    assert {w for *_, wnids in rendered for w in wnids} == {c.wnid for c in CLASSES}
+
+
+def test_boxes_are_tight_around_the_visible_pixels():
+    config = SynthConfig(images=20, seed=8, size=240)
+    checked = 0
+    for i in range(1, 21):
+        image, objects, owner = _render(config, i)
+        assert owner.shape == image.shape[:2]
+        assert set(np.unique(owner)) <= {-2, -1, *range(len(objects))}
+        for k, (_, (x1, y1, x2, y2)) in enumerate(objects):
+            ys, xs = np.nonzero(owner == k)
+            assert (x1, y1, x2, y2) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            checked += 1
+    assert checked > 20
+
+
+def test_truncation_and_occlusion_occur(rendered):
+    truncated = sum(((b[:, 0] == 0) | (b[:, 1] == 0) | (b[:, 2] == w) | (b[:, 3] == h)).sum()
+                    for w, h, b, _ in rendered)
+    overlapping = 0
+    for *_, b, _ in rendered:
+        for i in range(len(b)):
+            for j in range(i + 1, len(b)):
+                iw = min(b[i, 2], b[j, 2]) - max(b[i, 0], b[j, 0])
+                ih = min(b[i, 3], b[j, 3]) - max(b[i, 1], b[j, 1])
+                overlapping += iw > 0 and ih > 0
+    assert truncated >= 10 and overlapping >= 10
+
+
+def test_photos_load_without_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the synthetic set must not download anything")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    src = _sources.__wrapped__()
+    assert set(src.classes) == {c.wnid for c in CLASSES}
+    assert all(cut.alpha.max() == 255 and cut.alpha.min() == 0 for cuts in src.classes.values() for cut in cuts)
+
+
+# ---- config and CLI --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [("images", 0), ("images", 1_000_001), ("classes", 0),
+                                          ("classes", len(CLASSES) + 1), ("seed", -1), ("val_fraction", 1.5),
+                                          ("size", 64)])
+def test_config_bounds(field, value):
+    with pytest.raises(ValueError, match=field):
+        SynthConfig(**{field: value})
+
+
+@pytest.mark.parametrize("argv, message", [(["--images", "0"], "--images"),
+                                           (["--images", "3", "--classes", "9"], "--classes"),
+                                           (["--images", "3", "--classes", "0"], "--classes")])
+def test_cli_errors(tmp_path, capsys, argv, message):
+    code = main(["data", "synth", "--out", str(tmp_path / "x"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.startswith("ircnn: error:")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_a_foreign_directory_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["data", "synth", "--out", str(out), "--images", "2", "--size", "160"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(out), "--images", "2", "--size", "160", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_replaces_an_earlier_set(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert main(["data", "synth", "--out", str(out), "--images", "6", "--size", "160"]) == 0
+    capsys.readouterr()
+    assert main(["data", "synth", "--out", str(out), "--images", "3", "--size", "160", "--seed", "4",
+                 "--val-fraction", "0", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["seed"] == 4 and doc["splits"]["train"]["images"] == 3 and doc["splits"]["val"]["images"] == 0
+    assert len(list((out / "Data" / "DET").rglob("*.JPEG"))) == 3  # no stale images from the first set
+    assert (out / "ImageSets" / "DET" / "val.txt").read_text() == ""
