@@ -4,7 +4,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from detector.googlenet import AUX_LOSS_WEIGHT, GoogLeNet, GoogLeNetConfig, GoogLeNetOutputs, googlenet_loss
+from detector.googlenet import (AUX_LOSS_WEIGHT, GoogLeNet, GoogLeNetConfig, GoogLeNetOutputs, LocalResponseNorm,
+                                googlenet_loss)
 from detector.summary import TABLE1, summarize
 
 
@@ -42,7 +43,7 @@ def test_torchvision_variant_aux_heads_match(tv_pair):
 def test_paper_variant_is_table1():
     net = GoogLeNet(GoogLeNetConfig(variant="paper"))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-    assert sum(isinstance(m, nn.LocalResponseNorm) for m in net.modules()) == 2
+    assert sum(isinstance(m, LocalResponseNorm) for m in net.modules()) == 2
     # true 5x5 convolutions in every Inception module, with the paper's filter counts
     assert net.inception3a.branch3[1].conv.kernel_size == (5, 5)
     assert net.inception5b.branch3[1].conv.out_channels == 128
@@ -124,3 +125,15 @@ def test_config_round_trips_and_rejects_unknown_fields():
     assert GoogLeNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown arch field"):
         GoogLeNetConfig.from_dict({"variant": "paper", "depth": 3})
+
+
+@pytest.mark.parametrize("size, beta, channels_last", [(5, 0.75, False), (5, 0.75, True), (4, 0.5, False)])
+def test_lrn_equals_torch_reference(size, beta, channels_last):
+    x = torch.randn(2, 9, 5, 6) * 40  # large values so the normalisation matters
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = nn.LocalResponseNorm(size, alpha=1e-2, beta=beta, k=2.0)(x)
+    ours = LocalResponseNorm(size, alpha=1e-2, beta=beta, k=2.0)(x)
+    assert (ref - ours).abs().max().item() < 1e-5 * ref.abs().max().item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert LocalResponseNorm()(x.bfloat16()).dtype == torch.bfloat16
