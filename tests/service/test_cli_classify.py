@@ -121,3 +121,16 @@ def test_classify_rejects_bad_arguments(tmp_path, capsys, tiny_bundle, image_dir
     save_bundle(tmp_path / "b", tiny_bundle(width=0.125))
     code, _, err = run(capsys, "classify", tmp_path / "missing.jpg", "--model", tmp_path / "b")
     assert code == 1 and "no such file" in err
+
+
+def test_parser_is_light_and_agrees_with_the_model():
+    import subprocess
+    import sys
+
+    from detector.googlenet import VARIANTS
+    from service import cli
+
+    assert cli.VARIANTS == VARIANTS
+    code = "import sys, service.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # `ircnn data synth` and `ircnn eval` start without loading torch
