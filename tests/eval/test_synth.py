@@ -165,7 +165,7 @@ def test_objects_per_image_and_boxes(rendered):
     assert max(counts) <= 6 and 0 in counts and max(counts) >= 5
     for w, h, boxes, wnids in rendered:
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
-        assert (boxes[:, 2:] - boxes[:, :2] >= 1).all()
+        assert (boxes[:, 2:] - boxes[:, :2] >= 16).all()  # min_box: no box under the devkit's 1/3 small-object threshold
         assert (boxes == np.round(boxes)).all()  # whole pixel edges
         assert set(wnids) <= {c.wnid for c in CLASSES}
     assert {w for *_, wnids in rendered for w in wnids} == {c.wnid for c in CLASSES}
@@ -250,3 +250,27 @@ def test_cli_replaces_an_earlier_set(tmp_path, capsys):
     assert doc["seed"] == 4 and doc["splits"]["train"]["images"] == 3 and doc["splits"]["val"]["images"] == 0
     assert len(list((out / "Data" / "DET").rglob("*.JPEG"))) == 3  # no stale images from the first set
     assert (out / "ImageSets" / "DET" / "val.txt").read_text() == ""
+
+
+def test_eval_det_scores_the_set_against_itself(small_set, tmp_path, capsys):
+    """End to end with the devkit scorer: its own ground truth scores 1.0; boxes moved by half their width
+    (IoU 1/3 with their own object) find nothing but, rarely, a same-class neighbour."""
+    import json
+
+    from eval.formats import Detections, read_annotations, read_imageset, write_submission
+    from service.cli import main
+
+    out, _ = small_set
+    imageset = out / "ImageSets" / "DET" / "train.txt"
+    ann = read_annotations(str(out / "Annotations" / "DET"), read_imageset(str(imageset)))
+    for shift, expected in ((0.0, 1.0), (0.5, 0.0)):
+        parts = []
+        for index, a in ann.items():
+            boxes = a.boxes.copy()
+            boxes[:, [0, 2]] += shift * (boxes[:, 2] - boxes[:, 0])[:, None]
+            parts.append(Detections(np.full(len(boxes), index), a.det_ids.copy(), np.ones(len(boxes)), boxes))
+        write_submission(str(tmp_path / "sub.txt"), Detections.concat(parts))
+        code = main(["eval", "det", "--annotations", str(out / "Annotations" / "DET"), "--imageset", str(imageset),
+                     "--predictions", str(tmp_path / "sub.txt"), "--json"])
+        assert code == 0
+        assert json.loads(capsys.readouterr().out)["map"] == pytest.approx(expected, abs=1e-9)
