@@ -144,9 +144,9 @@ def _cmd_model_info(args) -> int:
 
 def _add_train_commands(sub) -> None:
     p = sub.add_parser("classifier", help="train GoogLeNet members with the paper's recipe (section 6)",
-                       description="Train on an ImageFolder tree <class>/<images>: random 8-100%% area crops "
+                       description="Train on an ImageFolder tree <class>/<images>: random 8-100% area crops "
                        "with random interpolation, photometric distortions, SGD momentum 0.9, learning rate "
-                       "-4%% every 8 epochs, auxiliary losses x0.3; the bundle gets the Polyak-averaged weights. "
+                       "-4% every 8 epochs, auxiliary losses x0.3; the bundle gets the Polyak-averaged weights. "
                        "ILSVRC WNID folders train a 1000-way cls1000 head, other folders one output each. "
                        "Runs under `torchrun --nproc_per_node=N` too (--batch-size is per process).")
     p.add_argument("--data", required=True, metavar="DIR", help="training images, <class>/<images>")
