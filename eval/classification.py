@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from eval.classes import cls1000, cls1000_devkit_ids
+from eval.formats import image_key, numbered_lines  # image_key is re-exported for callers
 
 LABEL_FORMATS = ("imagefolder", "pairs", "ilsvrc2012")
 
@@ -62,12 +63,6 @@ class ClassificationResult:
 # ---- pure functions --------------------------------------------------------------------------------------
 
 
-def image_key(image: str) -> str:
-    """The matching key of an image path: its file name without directories and extension."""
-    name = image.replace("\\", "/").rsplit("/", 1)[-1]
-    return os.path.splitext(name)[0]
-
-
 def top_k_error(labels: np.ndarray, ranked: np.ndarray, k: int) -> float:
     """Fraction of images whose true label is not among their first ``k`` ranked predictions.
 
@@ -99,15 +94,6 @@ def parse_class(token: str) -> int:
 
 
 # ---- readers ---------------------------------------------------------------------------------------------
-
-
-def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, stripped line) for each non-empty line of a text file."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if line:
-                yield number, line
 
 
 def detect_labels_format(path: str) -> str:
@@ -170,7 +156,7 @@ def _imagefolder_entries(root: str) -> Iterator[tuple[str, int, str]]:
 
 
 def _pairs_entries(path: str) -> Iterator[tuple[str, int, str]]:
-    for number, line in _numbered_lines(path):
+    for number, line in numbered_lines(path):
         where = f"{path}:{number}"
         tokens = line.rsplit(None, 1)  # the image name may contain spaces; the label is the last word
         if len(tokens) != 2:
@@ -207,7 +193,7 @@ def read_predictions(path: str) -> Iterator[Prediction]:
 
     Raises ValueError naming the file and line for a malformed line.
     """
-    for number, line in _numbered_lines(path):
+    for number, line in numbered_lines(path):
         where = f"{path}:{number}"
         try:
             yield _parse_json_prediction(line, where) if line.startswith("{") else _parse_text_prediction(line, where)

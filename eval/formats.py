@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from eval.classes import det200
-from eval.classification import image_key
 
 # Coordinates beyond this many pixels are refused as corrupt input (the largest ILSVRC images are ~5000 px).
 MAX_COORD = 1e6
@@ -195,7 +194,7 @@ def read_imageset(path: str) -> dict[str, int]:
     """
     names: dict[str, int] = {}
     where_of_index: dict[int, str] = {}
-    for number, line in _numbered_lines(path):
+    for number, line in numbered_lines(path):
         where = f"{path}:{number}"
         tokens = line.split()
         if len(tokens) != 2:
@@ -277,7 +276,7 @@ def read_blacklist(path: str) -> set[tuple[int, int]]:
     The 2014 devkit's ``ILSVRC2014_det_validation_blacklist.txt`` names classes by WNID; DET ids are accepted too.
     """
     pairs = set()
-    for number, line in _numbered_lines(path):
+    for number, line in numbered_lines(path):
         where = f"{path}:{number}"
         tokens = line.split()
         if len(tokens) != 2:
@@ -340,7 +339,7 @@ def _submission_ok(table: np.ndarray) -> bool:
 
 def _read_submission_slowly(path: str) -> Detections:
     rows = []
-    for number, line in _numbered_lines(path):
+    for number, line in numbered_lines(path):
         where = f"{path}:{number}"
         tokens = line.split()
         if len(tokens) != 7:
@@ -571,7 +570,7 @@ def read_jsonl_detections(path: str, lookup: ImageLookup) -> tuple[Detections, l
     vocab = det200()
     image, det_id, score, boxes = [], [], [], []
     failed = []
-    for number, line in _numbered_lines(path):
+    for number, line in numbered_lines(path):
         where = f"{path}:{number}"
         try:
             doc = json.loads(line)
@@ -688,7 +687,13 @@ def _check_box_at(values, where: str) -> None:
         raise ValueError(f"{where}{e}") from None
 
 
-def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
+def image_key(image: str) -> str:
+    """The matching key of an image path: its file name without directories and extension."""
+    name = image.replace("\\", "/").rsplit("/", 1)[-1]
+    return os.path.splitext(name)[0]
+
+
+def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, stripped line) for each non-empty line of a text file."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
