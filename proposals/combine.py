@@ -10,6 +10,7 @@ a box whose IoU with an already kept box is above ``dedup_iou``: greedy NMS with
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,3 +75,32 @@ def merge(parts: list[Proposals], config: MergeConfig = MergeConfig()) -> Propos
     keep = nms(boxes, priority, config.dedup_iou)  # sorted by priority, i.e. in input order
     keep = keep[: config.max_proposals]
     return Proposals(boxes[keep], source[keep], scores[keep])
+
+
+class ProposalGenerator:
+    """The paper's proposal step for one image: selective search and MultiBox, merged.
+
+    ``selective_search``: a callable ``uint8 [H, W, 3] -> float32 [N, 4]`` (a ``SelectiveSearchRunner``, which
+    runs OpenCV in a worker process) or None; ``multibox``: a ``MultiBox`` network or None. ``__call__`` returns
+    the merged ``Proposals`` and the seconds each source took.
+    """
+
+    def __init__(self, selective_search=None, multibox=None, config: MergeConfig = MergeConfig()) -> None:
+        if selective_search is None and multibox is None:
+            raise ValueError("no proposal source: enable selective search or MultiBox")
+        self.selective_search = selective_search
+        self.multibox = multibox
+        self.config = config
+
+    def __call__(self, image: np.ndarray) -> tuple[Proposals, dict[str, float]]:
+        parts, seconds = [], {}
+        if self.multibox is not None:
+            start = time.perf_counter()
+            (boxes, scores), = self.multibox.propose([image])
+            parts.append(Proposals.from_multibox(boxes, scores))
+            seconds["multibox"] = time.perf_counter() - start
+        if self.selective_search is not None:
+            start = time.perf_counter()
+            parts.append(Proposals.from_selective_search(self.selective_search(image)))
+            seconds["selective_search"] = time.perf_counter() - start
+        return merge(parts, self.config), seconds

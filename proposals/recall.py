@@ -70,3 +70,27 @@ class CoverageEvaluator:
                                  for n, row in zip(self.points, curve) if n <= max(counts.max(initial=0), 1)],
             })
         return out
+
+
+def plot_recall_curves(results: list[dict], path: str) -> None:
+    """Recall at IoU 0.5 against the number of proposals, one line per mode, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for row in results:
+        xs = [p["proposals"] for p in row["recall_curve"]]
+        ys = [p["recall_0.5"] for p in row["recall_curve"]]
+        ax.plot(xs, ys, marker="o", markersize=3,
+                label=f"{row['mode']} ({row['proposals_per_image']:.0f}/image, coverage {row['coverage']:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("proposals per image (first n)")
+    ax.set_ylabel("recall at IoU 0.5")
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 
 # Literal here so that building the parser does not import torch (``ircnn data synth`` never needs it);
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="WHAT")
     _add_data_commands(data_sub)
 
+    _add_proposals_command(sub)
     _add_classify_command(sub)
     return parser
 
@@ -173,6 +175,48 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON line per epoch, then the bundle's description")
     p.set_defaults(func=_cmd_train_classifier)
 
+    p = sub.add_parser("multibox", help="train MultiBox (K boxes with confidences) into an existing bundle",
+                       description="Train MultiBox (Erhan et al. 2014) on ILSVRC-format data: images "
+                       "ROOT/Data/DET/<name>.JPEG, ground truth ROOT/Annotations/DET/<name>.xml, names from "
+                       "--imageset. Priors are k-means centres of the training boxes; the loss is Hungarian "
+                       "matching plus alpha x L2 on matched boxes plus a logistic confidence loss. The averaged "
+                       "weights go to BUNDLE_DIR/multibox.safetensors and model.json's \"multibox\" entry; the "
+                       "bundle's members are not touched. Create the bundle first with `ircnn model init` or "
+                       "`ircnn model import-torchvision`.")
+    p.add_argument("--data", required=True, metavar="ROOT", help="ILSVRC-format root (e.g. `ircnn data synth`)")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="an existing model bundle")
+    p.add_argument("--imageset", default="ImageSets/DET/train.txt", metavar="FILE",
+                   help="training images, relative to ROOT (default ImageSets/DET/train.txt)")
+    p.add_argument("--val-imageset", metavar="FILE", help="e.g. ImageSets/DET/val.txt: recall at IoU 0.5 of the "
+                   "K boxes, and of the priors alone, after every epoch")
+    p.add_argument("--k", type=int, default=200, help="boxes per image (default 200, the paper's)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled, on weights only (default 1e-4)")
+    p.add_argument("--alpha", type=float, default=0.3, help="location weight of the loss (default 0.3)")
+    p.add_argument("--match", choices=("priors", "predictions"), default="priors",
+                   help="match ground truth to the priors by location (default; Erhan et al.'s training with "
+                   "priors) or to the predictions by location and confidence")
+    p.add_argument("--variant", choices=VARIANTS, help="a new trunk's GoogLeNet variant (default paper)")
+    p.add_argument("--width", type=float, help="a new trunk's channel multiplier (default 1.0)")
+    p.add_argument("--size", type=int, default=224, help="network input side (default 224)")
+    p.add_argument("--grid", type=int, default=1, help="5b features pooled to GRID x GRID before the heads "
+                   "(default 1: global average pool)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", metavar="BUNDLE", help="classifier bundle whose member 0 starts the trunk (its "
+                   "variant, width and input normalisation are used)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if there is one")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="default BUNDLE_DIR/.multibox-checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=2000, metavar="STEPS",
+                   help="mid-epoch checkpoint interval (0: epoch ends only; default 2000)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="Polyak averaging decay (default 0.999)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: no limit)")
+    p.add_argument("--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--json", action="store_true", help="one JSON line per epoch, then a summary document")
+    p.set_defaults(func=_cmd_train_multibox)
+
 
 def _cmd_train_classifier(args) -> int:
     from detector.train import TrainConfig, train
@@ -200,6 +244,46 @@ def _cmd_train_classifier(args) -> int:
     bundle = train(cfg, on_epoch=report)
     if bundle is not None:  # rank 0
         _print_bundle(bundle, args.json)
+    return 0
+
+
+def _cmd_train_multibox(args) -> int:
+    from proposals.multibox import MULTIBOX_FILE
+    from proposals.train_multibox import MultiBoxTrainConfig, train_multibox
+
+    if args.init and (args.variant is not None or args.width is not None):
+        raise CliError("--variant and --width describe a new trunk; with --init the bundle's architecture is "
+                       "used, so drop them")
+    cfg = MultiBoxTrainConfig(
+        data=args.data, out=args.out, imageset=args.imageset, val_imageset=args.val_imageset, k=args.k,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        alpha=args.alpha, match=args.match, variant=args.variant or "paper",
+        width=1.0 if args.width is None else args.width, size=args.size, grid=args.grid, seed=args.seed,
+        init=args.init, resume=args.resume, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, ema_decay=args.ema_decay, max_steps=args.max_steps,
+        workers=args.workers, device=args.device)
+
+    def report(r: dict) -> None:
+        if args.json:
+            _print_json(r)
+        else:
+            val = "" if r["val_recall"] is None else (f"  val recall@0.5 {100 * r['val_recall']:.1f}% (priors "
+                                                      f"alone {100 * r['val_priors_recall']:.1f}%)")
+            part = "" if r["complete"] else " (stopped at --max-steps)"
+            print(f"epoch {r['epoch']}/{r['epochs']}  step {r['step']}  loss {r['train_loss']:.4f} (location "
+                  f"{r['location']:.4f}, confidence {r['confidence']:.4f})  lr {r['lr']:.4g}  "
+                  f"{r['images_per_s']:.0f} img/s{val}{part}")
+        sys.stdout.flush()
+
+    model = train_multibox(cfg, on_epoch=report)
+    doc = {"bundle": args.out, "multibox": MULTIBOX_FILE, "config": model.config.to_dict(),
+           "parameters": sum(p.numel() for p in model.parameters())}
+    if args.json:
+        _print_json(doc)
+    else:
+        c = doc["config"]
+        print(f"wrote {os.path.join(args.out, MULTIBOX_FILE)}: K = {c['k']} boxes, {c['variant']} trunk width "
+              f"{c['width']}, input {c['size']}x{c['size']}, grid {c['grid']}, {doc['parameters']:,} parameters")
     return 0
 
 
@@ -350,6 +434,202 @@ def _cmd_data_synth(args) -> int:
     for c in doc["classes"]:
         print(f"  {c['det_id']:6d}  {c['wnid']:9s}  {c['name']:12s}  {c['objects']['train']:7d}  "
               f"{c['objects']['val']:7d}  {', '.join(c['photos'])}")
+    return 0
+
+
+# ---- ircnn proposals -------------------------------------------------------------------------------------
+
+
+def _add_proposals_command(sub) -> None:
+    p = sub.add_parser("proposals", help="region proposals: coarsened selective search + MultiBox, merged",
+                       description="Proposals for images, or with --eval their coverage of a DET set's ground "
+                       "truth per mode: selective search 1x, selective search at --coarsen, MultiBox only, merged.")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or directories (not with --eval)")
+    p.add_argument("--model", help="bundle with a MultiBox network (default: torchvision's GoogLeNet, which has none)")
+    p.add_argument("--selective-search", choices=("fast", "quality", "off"), default="fast")
+    p.add_argument("--coarsen", type=float, default=2.0, help="Felzenszwalb k and min size multiplier (paper: 2)")
+    p.add_argument("--multibox", default="auto",
+                   help="MultiBox boxes to add: a number (the paper: 200; 0 = off) or auto (all of the bundle's "
+                        "MultiBox boxes when it has a network, else none)")
+    p.add_argument("--max-proposals", type=int, default=3000, help="cap on merged proposals per image")
+    p.add_argument("--eval", action="store_true", help="coverage of --annotations/--imageset instead")
+    p.add_argument("--annotations", metavar="DIR", help="Annotations/DET directory (with --eval)")
+    p.add_argument("--imageset", metavar="FILE", help="ImageSets/DET/<set>.txt (with --eval)")
+    p.add_argument("--data", metavar="DIR", help="Data/DET directory (default: beside --annotations)")
+    p.add_argument("--limit", type=int, help="evaluate the first N images of the imageset only")
+    p.add_argument("--plots", metavar="DIR", help="with --eval: write recall_vs_proposals.png into DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_proposals)
+
+
+def _multibox_count(args, multibox) -> int:
+    if args.multibox == "auto":
+        return multibox.config.k if multibox is not None else 0
+    try:
+        n = int(args.multibox)
+    except ValueError:
+        raise CliError(f"--multibox must be a number or auto, got {args.multibox!r}") from None
+    if n < 0:
+        raise CliError(f"--multibox must be >= 0, got {n}")
+    if n and multibox is None:
+        raise CliError("the model bundle has no MultiBox network: train one with `ircnn train multibox`, "
+                       "pass --model with a bundle that has one, or use --multibox 0")
+    if multibox is not None and n > multibox.config.k:
+        raise CliError(f"--multibox {n} is more than the {multibox.config.k} boxes the network predicts")
+    return n
+
+
+def _load_multibox(args):
+    if args.model is None or args.multibox == "0":
+        return None
+    from proposals.multibox import load_multibox
+
+    return load_multibox(args.model)
+
+
+class _TopMultiBox:
+    """A MultiBox network whose proposals are cut to its n most confident boxes."""
+
+    def __init__(self, net, n: int) -> None:
+        self.net, self.n, self.config = net, n, net.config
+
+    def propose(self, images):
+        return [(b[: self.n], s[: self.n]) for b, s in self.net.propose(images)]
+
+
+def _cmd_proposals(args) -> int:
+    from proposals.combine import MergeConfig, ProposalGenerator
+    from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
+
+    if not 0.25 <= args.coarsen <= 16:
+        raise CliError(f"--coarsen must be in 0.25..16, got {args.coarsen}")
+    merge_config = MergeConfig(max_proposals=args.max_proposals)
+    net = _load_multibox(args)
+    n_multibox = _multibox_count(args, net)
+    multibox = _TopMultiBox(net, n_multibox) if n_multibox else None
+    if args.selective_search == "off" and multibox is None:
+        raise CliError("nothing to propose with: --selective-search off and no MultiBox boxes")
+    ss_config = (None if args.selective_search == "off"
+                 else SelectiveSearchConfig(mode=args.selective_search, coarsen=args.coarsen))
+    if args.eval:
+        return _proposals_eval(args, ss_config, multibox, merge_config)
+    if not args.images:
+        raise CliError("give images (or --eval with --annotations and --imageset)")
+    from detector.image import ImageError, list_images, read_image
+
+    runner = SelectiveSearchRunner(ss_config) if ss_config else None
+    failed = 0
+    try:
+        generate = ProposalGenerator(runner, multibox, merge_config)
+        for path in list_images(args.images):
+            try:
+                image = read_image(path)
+                start = time.perf_counter()
+                props, seconds = generate(image)
+                elapsed = time.perf_counter() - start
+            except (ImageError, ValueError) as e:
+                failed += 1
+                if args.json:
+                    _print_json({"image": str(path), "error": str(e)})
+                else:
+                    print(f"{path}: error: {e}", file=sys.stderr)
+                continue
+            h, w = image.shape[:2]
+            if args.json:
+                _print_json({"image": str(path), "width": w, "height": h, "seconds": round(elapsed, 4),
+                             "seconds_by_source": {k: round(v, 4) for k, v in seconds.items()},
+                             "proposals": props.to_json()})
+            else:
+                from proposals.combine import MULTIBOX
+
+                n_mb = int((props.source == MULTIBOX).sum())
+                split = ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in seconds.items())
+                print(f"{path} ({w}x{h}): {len(props)} proposals ({len(props) - n_mb} selective search, "
+                      f"{n_mb} MultiBox) in {elapsed:.2f} s ({split})")
+            sys.stdout.flush()
+    finally:
+        if runner is not None:
+            runner.close()
+    return 1 if failed else 0
+
+
+def _proposals_eval(args, ss_config, multibox, merge_config) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from detector.image import read_image
+    from eval.formats import read_annotations, read_imageset
+    from proposals.combine import Proposals, merge
+    from proposals.recall import CoverageEvaluator, plot_recall_curves
+    from proposals.selective_search import SelectiveSearchRunner
+
+    if args.images:
+        raise CliError("--eval scores an imageset; give --annotations and --imageset instead of images")
+    if not args.annotations or not args.imageset:
+        raise CliError("--eval needs --annotations DIR and --imageset FILE")
+    imageset = read_imageset(args.imageset)
+    names = sorted(imageset, key=imageset.get)[: args.limit]
+    annotations = read_annotations(args.annotations, {n: imageset[n] for n in names})
+    data = Path(args.data) if args.data else Path(args.annotations).parent.parent / "Data" / "DET"
+    if not data.is_dir():
+        raise CliError(f"no image directory {data}; pass --data DIR (the Data/DET directory)")
+    runners = {}
+    if ss_config is not None:
+        import dataclasses
+
+        runners["SS 1x"] = SelectiveSearchRunner(dataclasses.replace(ss_config, coarsen=1.0))
+        runners[f"SS {args.coarsen:g}x"] = SelectiveSearchRunner(ss_config)
+    evaluator = CoverageEvaluator()
+    try:
+        for i, name in enumerate(names):
+            files = sorted(data.glob(name + ".*"))
+            if not files:
+                raise CliError(f"image {name} of {args.imageset} not found under {data}")
+            image = read_image(files[0])
+            gt = torch.as_tensor(annotations[imageset[name]].boxes, dtype=torch.float32)
+            parts, seconds = {}, {}
+            for mode, runner in runners.items():
+                start = time.perf_counter()
+                parts[mode] = Proposals.from_selective_search(runner(image))
+                seconds[mode] = time.perf_counter() - start
+                evaluator.process(mode, parts[mode].boxes, gt, seconds[mode])
+            merged_parts, merged_seconds = [], 0.0
+            if multibox is not None:
+                start = time.perf_counter()
+                (boxes, scores), = multibox.propose([image])
+                mb = Proposals.from_multibox(boxes, scores)
+                merged_seconds += time.perf_counter() - start
+                evaluator.process("MultiBox", mb.boxes, gt, merged_seconds)
+                merged_parts.append(mb)
+            if ss_config is not None:
+                coarse = f"SS {args.coarsen:g}x"
+                merged_parts.append(parts[coarse])
+                merged_seconds += seconds[coarse]
+            if len(merged_parts) == 2:
+                start = time.perf_counter()
+                merged = merge(merged_parts, merge_config)
+                evaluator.process("merged", merged.boxes, gt, merged_seconds + time.perf_counter() - start)
+            if sys.stderr.isatty():
+                print(f"\r{i + 1}/{len(names)} images", end="", file=sys.stderr, flush=True)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    results = evaluator.evaluate()
+    if args.plots:
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        plot_recall_curves(results, str(Path(args.plots) / "recall_vs_proposals.png"))
+    if args.json:
+        _print_json({"images": len(names), "modes": results})
+        return 0
+    print(f"{'mode':<12}{'proposals/img':>14}{'coverage':>10}{'recall@0.7':>12}{'ABO':>8}{'s/img':>8}")
+    for r in results:
+        print(f"{r['mode']:<12}{r['proposals_per_image']:>14.1f}{r['coverage']:>10.3f}{r['recall_0.7']:>12.3f}"
+              f"{r['abo']:>8.3f}{r['seconds_per_image']:>8.3f}")
+    print(f"{len(names)} images, {results[0]['objects'] if results else 0} objects; coverage = objects with a "
+          "proposal at IoU >= 0.5")
     return 0
 
 
