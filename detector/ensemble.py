@@ -2,16 +2,20 @@
 
 Input stays ``uint8`` until the last moment: the ensemble normalises ``Tensor[N, 3, S, S]`` uint8 crops itself,
 in chunks of ``batch_size``, in channels-last layout (about 1.7x faster than the default layout on AVX-512
-CPUs) and optionally under bfloat16 autocast.
+CPUs) and optionally under bfloat16 autocast. ``EnsembleConfig(backend="openvino" | "onnxruntime")`` runs the same
+members exported to ONNX instead (``detector/backends.py``), with the same input and output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detector.backends import BACKENDS, BackendMember
 from detector.bundle import Bundle
 from detector.googlenet import GoogLeNet
 
@@ -23,19 +27,28 @@ class EnsembleConfig:
     batch_size: int = 32  # crops per forward pass; 32 is near the CPU throughput plateau (bench/classify.py)
     channels_last: bool = True  # NHWC convolutions; faster on CPUs with AVX-512 and on GPUs
     precision: str = "fp32"  # "bf16" runs under bfloat16 autocast: faster, probabilities differ by ~1e-2
+    # "torch" (the reference), "onnxruntime" (fp32) or "openvino" (fp32/bf16): the members exported to ONNX with
+    # the normalisation folded in, once, cached by weight hash (detector/backends.py); channels_last is then moot
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 1024:
             raise ValueError(f"batch_size must be in 1..1024, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "onnxruntime" and self.precision != "fp32":
+            raise ValueError("backend onnxruntime runs fp32 only; use backend openvino (or torch) for bf16")
 
 
 class Ensemble(nn.Module):
     """Members' softmax probabilities, averaged. ``forward(Tensor[N, 3, S, S] uint8) -> Tensor[N, K]``."""
 
     def __init__(self, members: list[GoogLeNet], mean: tuple[float, ...], std: tuple[float, ...],
-                 config: EnsembleConfig = EnsembleConfig()) -> None:
+                 config: EnsembleConfig = EnsembleConfig(), size: int | None = None) -> None:
+        """``size``: the input side a backend exports for now (``from_bundle`` passes the bundle's); other sizes,
+        or all when None, are exported on first use. The torch backend ignores it."""
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -47,12 +60,15 @@ class Ensemble(nn.Module):
         self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t,
                              persistent=False)
         self.eval()
-        if config.channels_last:
+        if config.channels_last and config.backend == "torch":
             self.to(memory_format=torch.channels_last)
+        # exported members, one runner each; the torch modules stay as the reference and for `members`
+        self.runners = [] if config.backend == "torch" else [
+            BackendMember(m, mean, std, config.backend, config.precision, size=size) for m in members]
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, config: EnsembleConfig = EnsembleConfig()) -> Ensemble:
-        return cls(bundle.members, bundle.preprocess.mean, bundle.preprocess.std, config)
+        return cls(bundle.members, bundle.preprocess.mean, bundle.preprocess.std, config, size=bundle.preprocess.size)
 
     @property
     def device(self) -> torch.device:
@@ -66,18 +82,33 @@ class Ensemble(nn.Module):
         return x
 
     @torch.inference_mode()
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, members: Sequence[int] | None = None) -> Tensor:
+        """``images`` uint8 ``Tensor[N, 3, S, S]`` -> ``Tensor[N, K]``, the softmax averaged over ``members``
+        (indices; default all), e.g. ``members=[0]`` for a cascade's first stage."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 Tensor[N, 3, S, S], got {images.dtype} {tuple(images.shape)}")
+        chosen = list(range(len(self.members))) if members is None else list(members)
+        if not chosen or any(not 0 <= i < len(self.members) for i in chosen):
+            raise ValueError(f"members must be a non-empty list of indices in 0..{len(self.members) - 1}, got {chosen}")
         probs = []
         for start in range(0, images.shape[0], self.config.batch_size):
-            x = self.normalize(images[start:start + self.config.batch_size])
-            total = None
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-                for member in self.members:
-                    p = member(x).float().softmax(dim=1)  # [n, K]
-                    total = p if total is None else total + p
-            probs.append(total / len(self.members))
+            chunk = images[start:start + self.config.batch_size]
+            total = self._torch_sum(chunk, chosen) if not self.runners else self._backend_sum(chunk, chosen)
+            probs.append(total / len(chosen))
         if not probs:
             return torch.zeros(0, self.members[0].config.num_classes, device=self.device)
         return torch.cat(probs)
+
+    def _torch_sum(self, chunk: Tensor, chosen: list[int]) -> Tensor:
+        x = self.normalize(chunk)
+        total = None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            for i in chosen:
+                p = self.members[i](x).float().softmax(dim=1)  # [n, K]
+                total = p if total is None else total + p
+        return total
+
+    def _backend_sum(self, chunk: Tensor, chosen: list[int]) -> Tensor:
+        pixels = np.ascontiguousarray(chunk.cpu().numpy())
+        total = sum(self.runners[i](pixels) for i in chosen)  # [n, K] float32
+        return torch.from_numpy(total).to(self.device)

@@ -1,0 +1,184 @@
+"""Network throughput: images/s of one full-width GoogLeNet (random weights) at batch 32, per runtime.
+
+Rows: PyTorch eager (default layout fp32, channels_last fp32, channels_last bf16 autocast), ``torch.compile``
+(inductor with freezing, channels_last bf16), and the exported backends of ``detector/backends.py`` (ONNX Runtime
+fp32, OpenVINO fp32 and bf16) where installed. Every row runs through ``Ensemble`` (uint8 in, normalisation,
+softmax), as region scoring does, except ``torch.compile``, which compiles the same normalise -> net -> softmax
+graph (``PixelGraph``) directly. Each row also gives its fraction of the machine's measured matmul peak
+(GoogLeNet's exact multiply-adds x 2 per image, from ``detector.summary``) and its largest probability
+difference from the fp32 eager reference on the same batch.
+
+On a machine shared with other processes, one timing is noise: every configuration is timed ``--repeats`` times
+(default 3), interleaved round-robin so that a busy minute hits all rows alike, and the best is reported. Each
+timing runs in a fresh process, so that no other runtime's thread pool (OpenMP, TBB) is alive beside it.
+
+    python bench/networks.py                    # the table (about 10 minutes on 2 cores, the compile included)
+    python bench/networks.py --no-compile       # without torch.compile (its compile takes minutes)
+    python bench/networks.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+
+from detector.backends import PixelGraph
+from detector.bundle import init_bundle
+from detector.ensemble import Ensemble, EnsembleConfig
+from detector.googlenet import GoogLeNetConfig
+from detector.summary import summarize
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Best FLOP/s of an n x n matmul, the machine's practical peak for that dtype."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+CONFIGS = {
+    "torch fp32 (default layout)": EnsembleConfig(channels_last=False),
+    "torch fp32 channels_last": EnsembleConfig(),
+    "torch bf16 channels_last": EnsembleConfig(precision="bf16"),
+    "onnxruntime fp32": EnsembleConfig(backend="onnxruntime"),
+    "openvino fp32": EnsembleConfig(backend="openvino"),
+    "openvino bf16": EnsembleConfig(backend="openvino", precision="bf16"),
+}
+COMPILED = "torch.compile bf16 channels_last (freezing)"
+
+
+def network_bundle():
+    """One full-width torchvision-variant member, random weights with a spread (Kaiming) so that outputs differ
+    between inputs; seeded, so every process builds the same weights (and finds the same cached export)."""
+    torch.manual_seed(0)
+    bundle = init_bundle(GoogLeNetConfig(variant="torchvision", aux_logits=False))
+    for m in bundle.members[0].modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+    return bundle
+
+
+def compiled(bundle) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` (inductor, freezing) of normalise -> net -> softmax in channels_last bf16."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True  # weights become constants: conv + batch-norm folding, prepacked oneDNN weights
+    pre = bundle.preprocess
+    graph = PixelGraph(bundle.members[0], pre.mean, pre.std).eval().to(memory_format=torch.channels_last)
+    fn = torch.compile(graph)
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(x.contiguous(memory_format=torch.channels_last)).float()
+
+    return run
+
+
+def time_config(name: str, batch: int, batches: int) -> dict:
+    """One timing of one configuration, run in a fresh process (so no other runtime's idle threads are around):
+    build (export and compile are cached after the first time), warm up, time ``batches`` batches."""
+    bundle = network_bundle()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8))
+    start = time.perf_counter()
+    if name == COMPILED:
+        run = compiled(bundle)
+    else:
+        cfg = CONFIGS[name]
+        run = Ensemble.from_bundle(bundle, EnsembleConfig(batch_size=batch, channels_last=cfg.channels_last,
+                                                          precision=cfg.precision, backend=cfg.backend))
+    probs = run(images)  # warm-up (and the compile)
+    setup = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(batches):
+        run(images)
+    return {"images_per_s": batches * batch / (time.perf_counter() - start), "setup_s": setup, "probs": probs.numpy()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=3, help="batches per timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per configuration; the best is reported")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    macs = summarize("torchvision")["total"]["macs"]
+    names = list(CONFIGS) + ([] if args.no_compile else [COMPILED])
+    best = {name: 0.0 for name in names}
+    setup: dict[str, float] = {}
+    outputs: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    peak = {"fp32": 0.0, "bf16": 0.0}
+    # a fresh process per timing: one spawn-context worker that serves a single task and exits
+    context = multiprocessing.get_context("spawn")
+    for _ in range(args.repeats):
+        # the peaks too are best-of-repeats, measured between the rows, so all share the same busy and quiet spells
+        peak = {"fp32": max(peak["fp32"], matmul_peak(torch.float32, seconds=1.0)),
+                "bf16": max(peak["bf16"], matmul_peak(torch.bfloat16, seconds=1.0))}
+        for name in names:
+            if name in skipped:
+                continue
+            with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+                try:
+                    result = pool.submit(time_config, name, args.batch, args.batches).result()
+                except Exception as e:  # a backend that is not installed, a CPU without bf16: reported, not fatal
+                    skipped[name] = str(e)[:300]
+                    continue
+            best[name] = max(best[name], result["images_per_s"])
+            setup.setdefault(name, result["setup_s"])  # the first one includes the export or the compile
+            outputs.setdefault(name, result["probs"])
+    runs = [name for name in names if name not in skipped]
+    reference = torch.from_numpy(outputs["torch fp32 (default layout)"])
+    outputs = {name: torch.from_numpy(p) for name, p in outputs.items()}
+
+    rows = []
+    for name in runs:
+        flops = best[name] * 2 * macs
+        dtype = "bf16" if "bf16" in name else "fp32"
+        rows.append({"config": name, "images_per_s": best[name], "gflops": flops / 1e9, "dtype": dtype,
+                     "fraction_of_own_peak": flops / peak[dtype],
+                     "vs_torch_fp32": best[name] / best["torch fp32 (default layout)"],
+                     "fraction_of_fp32_peak": flops / peak["fp32"], "fraction_of_bf16_peak": flops / peak["bf16"],
+                     "max_prob_diff_vs_fp32": float((outputs[name] - reference).abs().max()),
+                     "same_top1_vs_fp32": float((outputs[name].argmax(1) == reference.argmax(1)).float().mean()),
+                     "setup_s": setup.get(name, 0.0)})
+    doc = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+           "batch": args.batch, "batches_per_timing": args.batches, "repeats": args.repeats,
+           "gmacs_per_image": macs / 1e9, "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+           "rows": rows, "skipped": skipped}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"one GoogLeNet (torchvision variant, {macs / 1e9:.3f} GMAC = {2 * macs / 1e9:.2f} GFLOP per 224 image), "
+          f"batch {args.batch}, {torch.get_num_threads()} threads, best of {args.repeats} x {args.batches} batches; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    print("| configuration | images/s | x torch fp32 | GFLOP/s | of its dtype's matmul peak "
+          "| max abs prob diff vs fp32 | same top-1 as fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['config']} | {r['images_per_s']:.1f} | {r['vs_torch_fp32']:.1f} | {r['gflops']:.0f} "
+              f"| {100 * r['fraction_of_own_peak']:.0f}% ({r['dtype']}) | {r['max_prob_diff_vs_fp32']:.1e} "
+              f"| {100 * r['same_top1_vs_fp32']:.0f}% |")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+
+
+if __name__ == "__main__":
+    main()
