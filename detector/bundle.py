@@ -167,19 +167,43 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
                   provenance=doc.get("provenance") or {}, path=path)
 
 
+def check_det_ids(det_ids: list[int], head: int) -> list[int]:
+    """A ``det200`` head's DET ids: ``head - 1`` distinct ints in 1..200, column ``j`` -> ``det_ids[j - 1]``."""
+    if not isinstance(det_ids, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                          for d in det_ids):
+        raise BundleError(f"det_ids must be a list of int DET ids, got {str(det_ids)[:200]}")
+    if len(det_ids) != head - 1:
+        raise BundleError(f"a {head}-way det200 head (background + {head - 1}) needs {head - 1} det_ids, "
+                          f"got {len(det_ids)}")
+    bad = sorted({d for d in det_ids if not 1 <= d <= 200 or det_ids.count(d) > 1})
+    if bad:
+        raise BundleError(f"det_ids must be distinct ILSVRC DET ids in 1..200; out of range or repeated: {bad}")
+    return list(det_ids)
+
+
 def init_bundle(arch: GoogLeNetConfig, members: int = 1, seed: int = 0, task: str = "cls1000",
-                preprocess: Preprocess | None = None) -> Bundle:
-    """Randomly initialised members (torchvision's init); member ``i`` uses seed ``seed + i``."""
+                preprocess: Preprocess | None = None, det_ids: list[int] | None = None) -> Bundle:
+    """Randomly initialised members (torchvision's init); member ``i`` uses seed ``seed + i``.
+
+    ``det_ids`` (``det200`` only): the DET id of each non-background head column, stored in the provenance
+    (detection needs them unless the head is 201-way, which means 1..200).
+    """
     if not 1 <= members <= MAX_MEMBERS:
         raise BundleError(f"--members must be in 1..{MAX_MEMBERS}, got {members}")
     if task not in TASKS:
         raise BundleError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if det_ids is not None and task != "det200":
+        raise BundleError(f"det_ids are for det200 bundles, not {task}")
+    if det_ids is not None:
+        det_ids = check_det_ids(det_ids, arch.num_classes)
     models = []
     for i in range(members):
         torch.manual_seed(seed + i)
         models.append(GoogLeNet(arch).eval())
-    return Bundle(arch=arch, task=task, members=models, preprocess=preprocess or Preprocess(),
-                  provenance={"source": "random-init", "seed": seed, "member_seeds": [seed + i for i in range(members)]})
+    provenance = {"source": "random-init", "seed": seed, "member_seeds": [seed + i for i in range(members)]}
+    if det_ids is not None:
+        provenance["det_ids"] = det_ids
+    return Bundle(arch=arch, task=task, members=models, preprocess=preprocess or Preprocess(), provenance=provenance)
 
 
 def _sha256(path: Path) -> str:
@@ -190,8 +214,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def import_torchvision(file: str | os.PathLike, input_range: str = "auto") -> Bundle:
+def import_torchvision(file: str | os.PathLike, input_range: str = "auto", task: str | None = None) -> Bundle:
     """A torchvision GoogLeNet checkpoint (a ``state_dict`` saved with ``torch.save``) as a 1-member bundle.
+
+    ``task``: ``None`` gives ``cls1000`` for a 1000-way head (else ``det200``); ``"det200-from-cls1000"`` keeps
+    the same ImageNet weights and marks the bundle as a 200-class detector (DET scores summed from CLS ones).
 
     ``input_range``: ``"unit"`` for weights that expect inputs in [-1, 1] (torchvision's ImageNet checkpoint,
     which torchvision runs with ``transform_input=True``), ``"imagenet"`` for weights trained on
@@ -206,6 +233,8 @@ def import_torchvision(file: str | os.PathLike, input_range: str = "auto") -> Bu
         input_range = "unit" if digest.startswith(TORCHVISION_CHECKPOINT_SHA256_PREFIX) else "imagenet"
     if input_range not in ("unit", "imagenet"):
         raise BundleError(f"input_range must be auto, unit or imagenet, got {input_range!r}")
+    if task not in (None, "cls1000", "det200-from-cls1000"):
+        raise BundleError(f"task must be cls1000 or det200-from-cls1000 for an imported checkpoint, got {task!r}")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -226,7 +255,9 @@ def import_torchvision(file: str | os.PathLike, input_range: str = "auto") -> Bu
         preprocess = Preprocess(mean=UNIT_RANGE_MEAN, std=UNIT_RANGE_STD)
     else:
         preprocess = Preprocess()
-    task = "cls1000" if num_classes == 1000 else "det200"
+    if task is not None and num_classes != 1000:
+        raise BundleError(f"task {task} needs a 1000-way ImageNet head; {file.name} has {num_classes} classes")
+    task = task or ("cls1000" if num_classes == 1000 else "det200")
     return Bundle(arch=arch, task=task, members=[model.eval()], preprocess=preprocess,
                   provenance={"source": "import-torchvision", "file": file.name, "sha256": digest,
                               "input_range": input_range})

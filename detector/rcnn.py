@@ -1,0 +1,300 @@
+"""R-CNN detection as in the paper's section 8: proposals, warped regions classified by an ensemble, per-class NMS.
+
+"The approach is similar to R-CNN, augmented with the Inception model as the region classifier" ... "we did not
+employ bounding box regression". One image goes through
+
+    proposals (selective search 2x + MultiBox, ``proposals.combine``)  ->  warp (``detector.warp``)
+    ->  ensemble softmax averaged over members (``detector.ensemble``)  ->  DET scores  ->  per-class NMS
+
+Two kinds of bundle give DET scores (``RegionScorer``):
+
+- ``det200``: members with a ``K + 1``-way head, column 0 background, column ``j`` the DET id
+  ``provenance["det_ids"][j - 1]`` (default ``1..200`` when ``K = 200``), e.g. fine-tuned by ``ircnn train
+  detector``.
+- ``det200-from-cls1000`` (and plain ``cls1000``, which maps the same way): ImageNet 1000-way classifiers. DET
+  class ``d``'s score is the sum of the ensemble-averaged probabilities of its CLS classes
+  (``eval/data/det200_from_cls1000.tsv``: the CLS synsets that are ``d`` or its WordNet hyponyms; no CLS class
+  belongs to two DET classes), background is ``1 -`` the sum over every mapped CLS class. So torchvision's
+  ImageNet weights detect the 200 classes without training; the 517 CLS classes that no DET class covers count
+  as background.
+
+NMS follows R-CNN: each class on its own, greedy, a box dropped when its IoU with a better one of the same class
+is above ``nms_iou`` (0.3). Then the ``score_threshold`` and the ``max_detections`` best of the image are kept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from detector.bundle import Bundle, Preprocess, check_det_ids
+from detector.ensemble import Ensemble, EnsembleConfig
+from detector.warp import MAX_REGIONS, check_boxes, check_image, warp_regions
+from eval.classes import det200, det200_from_cls1000
+from proposals.combine import MergeConfig, ProposalGenerator, Proposals
+from proposals.multibox import load_multibox
+from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
+
+FROM_CLS_TASKS = ("det200-from-cls1000", "cls1000")  # 1000-way ImageNet heads, mapped to DET classes
+MIN_SIDE = 1.0  # proposals narrower or lower than this (after clipping to the image) are not scored
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    nms_iou: float = 0.3  # per-class NMS overlap, R-CNN's value
+    score_threshold: float = 0.01  # detections scoring below this are dropped
+    max_detections: int = 100  # per image, the best by score over all classes
+    context: int = 16  # px of context around each box at the network's input scale (R-CNN: 16)
+    max_regions: int = 3000  # proposals scored per image, in the proposal generator's priority order
+    cascade_top_k: int | None = None  # None: every member scores every region; K: member 0 scores all, the
+    #                                   others only the K regions of each image that member 0 rates least background
+    warp_chunk: int = 128  # regions warped and scored at a time: 128 x 150 KB of uint8 at 224 px
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        if not 1 <= self.max_detections <= 10_000:
+            raise ValueError(f"max_detections must be in 1..10000, got {self.max_detections}")
+        if not 0 <= self.context <= 64:
+            raise ValueError(f"context must be in 0..64 px, got {self.context}")
+        if not 1 <= self.max_regions <= MAX_REGIONS:
+            raise ValueError(f"max_regions must be in 1..{MAX_REGIONS}, got {self.max_regions}")
+        if self.cascade_top_k is not None and not 1 <= self.cascade_top_k <= MAX_REGIONS:
+            raise ValueError(f"cascade_top_k must be None or in 1..{MAX_REGIONS}, got {self.cascade_top_k}")
+        if not 1 <= self.warp_chunk <= 1024:
+            raise ValueError(f"warp_chunk must be in 1..1024, got {self.warp_chunk}")
+
+
+@dataclass
+class Detections:
+    """One image's detections, best first: ``boxes (Tensor[D, 4])`` float32 x1, y1, x2, y2 in the image's
+    pixels, ``scores (Tensor[D])``, ``det_ids (Tensor[D])`` int64 ILSVRC DET ids 1..200; ``seconds`` per stage
+    (``selective_search``, ``multibox``, ``warp``, ``networks``, ``nms``); ``regions``: proposals scored."""
+
+    boxes: Tensor
+    scores: Tensor
+    det_ids: Tensor
+    seconds: dict[str, float] = field(default_factory=dict)
+    regions: int = 0
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def to_json(self) -> list[dict]:
+        """``[{"box": [x1, y1, x2, y2], "det_id", "wnid", "name", "score"}, ...]`` (DESIGN.md)."""
+        vocab = det200()
+        out = []
+        for box, det_id, score in zip(self.boxes.tolist(), self.det_ids.tolist(), self.scores.tolist()):
+            row = vocab.row_of_id[det_id]
+            out.append({"box": [round(v, 2) for v in box], "det_id": det_id, "wnid": vocab.wnids[row],
+                        "name": vocab.names[row], "score": round(score, 6)})
+        return out
+
+
+def fill_colour(preprocess: Preprocess) -> tuple[int, int, int]:
+    """The uint8 RGB colour that normalises to (almost exactly) zero: ``round(255 * mean)``."""
+    return tuple(int(np.floor(255.0 * m + 0.5)) for m in preprocess.mean)
+
+
+def _det_head(bundle: Bundle) -> tuple[Tensor, Tensor | None]:
+    """``(det_ids Tensor[K] int64, cls_to_det Tensor[1000, K] or None)`` for the bundle's head; raises if the
+    head cannot give DET scores."""
+    k_head = bundle.arch.num_classes
+    if bundle.task in FROM_CLS_TASKS:
+        if k_head != 1000:
+            raise ValueError(f"a {bundle.task} bundle needs a 1000-way head, this one has {k_head} outputs")
+        mapping = det200_from_cls1000()
+        det_ids = torch.tensor(sorted(mapping), dtype=torch.int64)
+        cls_to_det = torch.zeros(1000, len(det_ids))  # [1000, K]: 1 where CLS index c belongs to DET column j
+        for j, det_id in enumerate(det_ids.tolist()):
+            cls_to_det[list(mapping[det_id]), j] = 1.0
+        return det_ids, cls_to_det
+    if bundle.task != "det200":
+        raise ValueError(f"bundle task {bundle.task!r} cannot detect; use a det200 bundle (`ircnn train detector`) "
+                         "or a det200-from-cls1000 one (`ircnn model import-torchvision FILE --task "
+                         "det200-from-cls1000 --out DIR`)")
+    if k_head < 2:
+        raise ValueError(f"a det200 bundle needs a head of K + 1 >= 2 outputs (background + K classes), "
+                         f"this one has {k_head}")
+    det_ids = bundle.provenance.get("det_ids")
+    if det_ids is None:
+        if k_head != 201:
+            raise ValueError(f"this det200 bundle's head has {k_head} outputs but its provenance has no det_ids: a "
+                             f"head other than 201-way (background + 200) must list the DET id of each of its "
+                             f"{k_head - 1} non-background columns in provenance['det_ids']")
+        det_ids = list(range(1, 201))
+    det_ids = check_det_ids(det_ids, k_head)
+    return torch.tensor(det_ids, dtype=torch.int64), None
+
+
+class RegionScorer:
+    """Warped regions of one image -> ``Tensor[R, K + 1]`` DET probabilities, column 0 background, column ``j``
+    the DET id ``det_ids[j - 1]`` (module docstring for the two kinds of bundle)."""
+
+    def __init__(self, bundle: Bundle, config: DetectConfig = DetectConfig()) -> None:
+        self.det_ids, cls_to_det = _det_head(bundle)  # det_ids: Tensor[K]
+        if not 2 * config.context < bundle.preprocess.size:
+            raise ValueError(f"context {config.context} leaves nothing of a {bundle.preprocess.size} px input")
+        self.config = config
+        self.size = bundle.preprocess.size
+        self.fill = fill_colour(bundle.preprocess)
+        device = next(bundle.members[0].parameters()).device  # where load_bundle(..., device) put the members
+        self.ensemble = Ensemble.from_bundle(bundle, config.ensemble).to(device)
+        self.cls_to_det = None if cls_to_det is None else cls_to_det.to(device)  # [1000, K]
+        self.cls_mapped = None if cls_to_det is None else (cls_to_det.sum(1) > 0).to(device)  # [1000]
+
+    def to_det(self, probs: Tensor) -> Tensor:
+        """Head probabilities ``Tensor[N, C]`` -> DET probabilities ``Tensor[N, K + 1]``, column 0 background."""
+        if self.cls_to_det is None:
+            return probs  # a det200 head already is background + K
+        det = probs @ self.cls_to_det  # [N, K]: each DET class sums its CLS classes
+        background = (1.0 - probs[:, self.cls_mapped].sum(dim=1, keepdim=True)).clamp_(min=0.0)  # [N, 1]
+        return torch.cat([background, det], dim=1)
+
+    def __call__(self, image: np.ndarray, boxes: Tensor) -> Tensor:
+        """``image`` uint8 RGB ``[H, W, 3]``, ``boxes (Tensor[R, 4])`` -> ``Tensor[R, K + 1]`` on the CPU."""
+        return self.score_regions(image, boxes)[0]
+
+    @torch.inference_mode()
+    def score_regions(self, image: np.ndarray, boxes: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """As ``__call__``, plus the seconds spent warping and in the networks."""
+        check_image(image)
+        boxes = check_boxes(boxes)
+        if len(boxes) > self.config.max_regions:
+            raise ValueError(f"{len(boxes)} regions; at most max_regions = {self.config.max_regions} per image")
+        seconds = {"warp": 0.0, "networks": 0.0}
+        source = image
+        if self.ensemble.device.type != "cpu":  # warp where the networks run: one upload of the image
+            source = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.ensemble.device)
+        n = len(self.ensemble.members)
+        if self.config.cascade_top_k is None or n == 1:
+            return self._run(source, boxes, seconds), seconds
+        probs = self._run(source, boxes, seconds, members=[0])  # [R, K + 1] of member 0
+        top = probs[:, 0].argsort()[: self.config.cascade_top_k]  # least background first
+        if len(top):
+            rest = self._run(source, boxes[top], seconds, members=list(range(1, n)))
+            probs[top] = (probs[top] + (n - 1) * rest) / n  # the average over all n members
+        return probs, seconds
+
+    def _run(self, source, boxes: Tensor, seconds: dict[str, float], members: list[int] | None = None) -> Tensor:
+        out = []
+        for start in range(0, len(boxes), self.config.warp_chunk):
+            t0 = time.perf_counter()
+            regions = warp_regions(source, boxes[start:start + self.config.warp_chunk], self.size,
+                                   self.config.context, self.fill)  # [n, 3, size, size] uint8
+            t1 = time.perf_counter()
+            out.append(self.to_det(self.ensemble(regions, members)).float().cpu())
+            seconds["warp"] += t1 - t0
+            seconds["networks"] += time.perf_counter() - t1
+        if not out:
+            return torch.zeros(0, len(self.det_ids) + 1)
+        return torch.cat(out)
+
+
+def nms_per_class(boxes: Tensor, probs: Tensor, det_ids: Tensor, config: DetectConfig = DetectConfig()) -> Detections:
+    """Per-class greedy NMS at ``config.nms_iou``, then the score threshold and the per-image cap.
+
+    Args:
+        boxes: ``Tensor[R, 4]`` x1, y1, x2, y2; probs: ``Tensor[R, K + 1]``, column 0 background;
+        det_ids: ``Tensor[K]`` int64, the DET id of columns ``1..K``.
+    Returns:
+        ``Detections`` sorted by score, at most ``config.max_detections``.
+    """
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    probs, det_ids = torch.as_tensor(probs), torch.as_tensor(det_ids)
+    if probs.dim() != 2 or probs.shape[0] != len(boxes) or probs.shape[1] != len(det_ids) + 1:
+        raise ValueError(f"probs must be [R, K + 1] = [{len(boxes)}, {len(det_ids) + 1}] for {len(boxes)} boxes "
+                         f"and {len(det_ids)} det_ids, got {list(probs.shape)}")
+    scores = probs[:, 1:].float()  # [R, K]
+    region, column = (scores >= config.score_threshold).nonzero(as_tuple=True)  # candidate (region, class) pairs
+    candidate_scores = scores[region, column]
+    keep = batched_nms(boxes[region], candidate_scores, column, config.nms_iou)  # sorted by score, descending
+    keep = keep[: config.max_detections]
+    return Detections(boxes=boxes[region[keep]], scores=candidate_scores[keep],
+                      det_ids=det_ids.to(torch.int64)[column[keep]])
+
+
+class Detector:
+    """The whole detector for one image at a time: the function the CLI, the batch runner and the service call.
+
+    ``scorer`` scores warped regions, ``proposals`` makes them; ``config``'s NMS, threshold, cap and
+    ``max_regions`` apply here (the scorer's own config covers warping and the networks). ``close()`` (or
+    ``with``) stops the selective search worker process.
+    """
+
+    def __init__(self, scorer: RegionScorer, proposals: ProposalGenerator,
+                 config: DetectConfig = DetectConfig()) -> None:
+        self.scorer = scorer
+        self.proposals = proposals
+        self.config = config
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, config: DetectConfig = DetectConfig(), selective_search: bool = True,
+                    multibox: bool = True, coarsen: float = 2.0) -> Detector:
+        """Scorer from the bundle's members; proposals from selective search (``coarsen``: the paper's 2x) and the
+        bundle's MultiBox network when ``multibox`` is set and the bundle has one."""
+        scorer = RegionScorer(bundle, config)
+        net = None
+        if multibox and bundle.multibox is not None and bundle.path is not None:
+            net = load_multibox(bundle.path, device=scorer.ensemble.device)
+        if not selective_search and net is None:
+            raise ValueError("no proposal source: selective search is off and the bundle has no MultiBox network "
+                             "(train one with `ircnn train multibox`)")
+        runner = SelectiveSearchRunner(SelectiveSearchConfig(coarsen=coarsen)) if selective_search else None
+        generator = ProposalGenerator(runner, net, MergeConfig(max_proposals=config.max_regions))
+        return cls(scorer, generator, config)
+
+    def _propose(self, image: np.ndarray) -> tuple[Proposals, dict[str, float]]:
+        check_image(image)
+        return self.proposals(image)
+
+    def propose(self, image: np.ndarray) -> Proposals:
+        """``image`` uint8 RGB ``[H, W, 3]`` -> merged proposals (at most ``config.max_regions``)."""
+        return self._propose(image)[0]
+
+    def score(self, image: np.ndarray, proposals: Proposals | Tensor) -> Detections:
+        """Score the first ``config.max_regions`` proposals, clipped to the image, and keep the detections."""
+        h, w = check_image(image)
+        boxes = proposals.boxes if isinstance(proposals, Proposals) else proposals
+        boxes = check_boxes(boxes[: self.config.max_regions])
+        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
+                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
+        boxes = boxes[((boxes[:, 2] - boxes[:, 0]) >= MIN_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_SIDE)]
+        probs, seconds = self.scorer.score_regions(image, boxes)
+        start = time.perf_counter()
+        dets = nms_per_class(boxes, probs, self.scorer.det_ids, self.config)
+        seconds["nms"] = time.perf_counter() - start
+        dets.seconds, dets.regions = seconds, len(boxes)
+        return dets
+
+    def detect(self, image: np.ndarray) -> Detections:
+        """Propose, then score: ``Detections`` with ``seconds`` for every stage."""
+        proposals, seconds = self._propose(image)
+        dets = self.score(image, proposals)
+        dets.seconds = {**seconds, **dets.seconds}
+        return dets
+
+    def close(self) -> None:
+        runner = self.proposals.selective_search
+        if runner is not None and hasattr(runner, "close"):
+            runner.close()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def detection_record(path: str, image: np.ndarray, dets: Detections) -> dict:
+    """DESIGN.md's ``detect`` JSON object: ``{"image", "width", "height", "detections": [...]}``."""
+    h, w = image.shape[:2]
+    return {"image": str(path), "width": int(w), "height": int(h), "detections": dets.to_json()}

@@ -1,0 +1,299 @@
+"""R-CNN detection: region scores for both kinds of bundle, per-class NMS, the detector end to end, its records."""
+
+from __future__ import annotations
+
+import csv
+import json
+from importlib import resources
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision
+from skimage import data
+
+from detector.bundle import Bundle, Preprocess, load_bundle
+from detector.rcnn import (DetectConfig, Detections, Detector, RegionScorer, detection_record, fill_colour,
+                           nms_per_class)
+from detector.warp import warp_regions
+from eval.classes import det200
+from proposals.combine import ProposalGenerator, Proposals
+from proposals.multibox import MultiBox, MultiBoxConfig, save_multibox
+from service.cli import main
+
+SMALL = Preprocess(size=64)  # tiny inputs keep the narrow test networks fast; the arithmetic is the same
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks and warps: one intra-op thread. With two OpenMP threads on a shared, loaded 2-core machine,
+    each op's barrier waits for a descheduled thread and these tests ran 50-100x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return cv2.resize(data.coffee(), (160, 120), interpolation=cv2.INTER_AREA)  # [120, 160, 3] uint8
+
+
+def some_boxes(n: int, width: int, height: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+    wh = 8 + torch.rand(n, 2, generator=g) * torch.tensor([width * 0.5, height * 0.5])
+    return torch.cat([xy, xy + wh], 1)
+
+
+def cls_to_det_table() -> dict[int, list[int]]:
+    """``det_id -> CLS indices``, read straight from the shipped TSV (not through eval.classes)."""
+    text = resources.files("eval.data").joinpath("det200_from_cls1000.tsv").read_text(encoding="utf-8")
+    return {int(r["det_id"]): [int(i) for i in r["cls_indices"].split(",")]
+            for r in csv.DictReader(text.splitlines(), delimiter="\t")}
+
+
+def member_softmax(bundle: Bundle, member: int, regions: torch.Tensor) -> torch.Tensor:
+    """One member's probabilities on uint8 regions, normalised here in NCHW float32 (independent of Ensemble)."""
+    mean = torch.tensor(bundle.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.preprocess.std).view(1, 3, 1, 1)
+    x = (regions.float().contiguous() / 255.0 - mean) / std
+    with torch.no_grad():
+        return bundle.members[member].eval()(x).softmax(dim=1)
+
+
+def test_fill_is_zero_after_normalisation(tiny_bundle, photo):
+    for pre in (Preprocess(), Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))):
+        bundle = tiny_bundle(task="det200-from-cls1000")
+        bundle.preprocess = pre
+        scorer = RegionScorer(bundle)
+        assert scorer.fill == fill_colour(pre) == tuple(round(255 * m) for m in pre.mean)
+        # a box far outside the image warps to pure fill, which the ensemble's normalisation maps to ~0
+        regions = warp_regions(photo, torch.tensor([[-300.0, -300.0, -200.0, -200.0]]), fill=scorer.fill)
+        x = scorer.ensemble.normalize(regions)
+        assert x.abs().max() <= 0.5 / (255 * min(pre.std)) + 1e-6
+
+
+def test_det200_from_cls1000_bundle_from_a_torchvision_checkpoint_sums_cls_probabilities(tmp_path, spread, photo,
+                                                                                         capsys):
+    tv = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False)
+    spread(tv, 3)  # spread weights: the softmax is far from uniform, so a wrong index sum shows
+    torch.save(tv.state_dict(), tmp_path / "googlenet.pth")
+    assert main(["model", "import-torchvision", str(tmp_path / "googlenet.pth"), "--task", "det200-from-cls1000",
+                 "--out", str(tmp_path / "bundle"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "det200-from-cls1000"
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.task == "det200-from-cls1000" and bundle.arch.variant == "torchvision"
+
+    boxes = some_boxes(3, 160, 120)
+    scorer = RegionScorer(bundle)
+    probs = scorer(photo, boxes)  # [3, 201]
+    assert probs.shape == (3, 201) and scorer.det_ids.tolist() == list(range(1, 201))
+
+    fill = tuple(round(255 * m) for m in bundle.preprocess.mean)
+    regions = warp_regions(photo, boxes, size=224, context=16, fill=fill)
+    cls = member_softmax(bundle, 0, regions)  # [3, 1000]
+    assert cls.max() > 0.05  # not a near-uniform softmax
+    table = cls_to_det_table()
+    expected = torch.stack([cls[:, table[d]].sum(1) for d in range(1, 201)], 1)  # [3, 200]
+    mapped = sorted({i for v in table.values() for i in v})
+    assert torch.allclose(probs[:, 1:], expected, atol=2e-5)
+    assert torch.allclose(probs[:, 0], 1 - cls[:, mapped].sum(1), atol=2e-5)
+    assert torch.allclose(probs.sum(1), torch.ones(3), atol=1e-5)
+    assert probs[:, 1:].max() > 0.01
+
+
+def test_from_cls_scores_average_the_members_before_summing(tiny_bundle, photo):
+    bundle = tiny_bundle(members=2, task="det200-from-cls1000")
+    bundle.preprocess = SMALL
+    boxes = some_boxes(4, 160, 120, seed=1)
+    probs = RegionScorer(bundle, DetectConfig(warp_chunk=3))(photo, boxes)  # two chunks
+    regions = warp_regions(photo, boxes, size=64, context=16, fill=fill_colour(SMALL))
+    p0, p1 = member_softmax(bundle, 0, regions), member_softmax(bundle, 1, regions)
+    assert (p0 - p1).abs().max() > 0.05  # the members disagree
+    cls = (p0 + p1) / 2
+    table = cls_to_det_table()
+    assert torch.allclose(probs[:, 1:], torch.stack([cls[:, table[d]].sum(1) for d in range(1, 201)], 1),
+                          atol=2e-5)
+
+
+def test_det200_head_maps_columns_to_det_ids(tiny_bundle, photo):
+    bundle = tiny_bundle(num_classes=4, task="det200")
+    bundle.preprocess = SMALL
+    bundle.provenance["det_ids"] = [7, 3, 150]
+    scorer = RegionScorer(bundle)
+    assert scorer.det_ids.tolist() == [7, 3, 150]
+    boxes = some_boxes(5, 160, 120)
+    probs = scorer(photo, boxes)
+    regions = warp_regions(photo, boxes, size=64, context=16, fill=fill_colour(SMALL))
+    assert torch.allclose(probs, member_softmax(bundle, 0, regions), atol=2e-5)  # column 0 is background
+    dets = nms_per_class(boxes, probs, scorer.det_ids, DetectConfig(score_threshold=0.0, nms_iou=1.0))
+    assert len(dets) == 15 and set(dets.det_ids.tolist()) == {7, 3, 150}
+    for d in dets.to_json():
+        row = det200().row_of_id[d["det_id"]]
+        assert (d["wnid"], d["name"]) == (det200().wnids[row], det200().names[row])
+    best = probs[:, 1:].flatten().argmax()
+    assert dets.det_ids[0] == [7, 3, 150][best % 3] and torch.equal(dets.boxes[0], boxes[best // 3])
+    # a 201-way head without det_ids means all 200 classes in order
+    assert RegionScorer(tiny_bundle(num_classes=201, task="det200")).det_ids.tolist() == list(range(1, 201))
+
+
+@pytest.mark.parametrize("classes, task, det_ids, message", [
+    (5, "det200", None, "no det_ids"),
+    (4, "det200", [1, 2], "needs 3 det_ids"),
+    (4, "det200", [1, 2, 2], "repeated"),
+    (4, "det200", [1, 2, 201], "1..200"),
+    (4, "det200", [1, 2, "3"], "list of int DET ids"),
+    (1, "det200", None, "K \\+ 1 >= 2"),
+    (201, "det200-from-cls1000", None, "1000-way head"),
+    (201, "cls1000", None, "1000-way head"),
+    (7, "classes", None, "cannot detect"),
+])
+def test_scorer_rejects_heads_it_cannot_read(tiny_bundle, classes, task, det_ids, message):
+    bundle = tiny_bundle(num_classes=classes, task=task, width=0.125)
+    if det_ids is not None:
+        bundle.provenance["det_ids"] = det_ids
+    with pytest.raises(ValueError, match=message):
+        RegionScorer(bundle)
+
+
+def test_cascade_rescores_only_the_top_regions_with_the_other_members(tiny_bundle, photo):
+    bundle = tiny_bundle(members=3, num_classes=4, task="det200")
+    bundle.preprocess = SMALL
+    bundle.provenance["det_ids"] = [1, 2, 3]
+    boxes = some_boxes(6, 160, 120, seed=2)
+    full = RegionScorer(bundle)(photo, boxes)
+    cascade = RegionScorer(bundle, DetectConfig(cascade_top_k=2))(photo, boxes)
+    first = Bundle(bundle.arch, "det200", bundle.members[:1], SMALL, provenance=bundle.provenance)
+    member0 = RegionScorer(first)(photo, boxes)
+    top = member0[:, 0].argsort()[:2]
+    rest = torch.ones(6, dtype=torch.bool)
+    rest[top] = False
+    assert torch.allclose(cascade[top], full[top], atol=1e-5)
+    assert torch.allclose(cascade[rest], member0[rest], atol=1e-6)
+    assert not torch.allclose(full[rest], member0[rest], atol=1e-3)
+
+
+A, B, C = [0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [20.0, 20.0, 30.0, 30.0]  # IoU(A, B) = 90 / 110
+
+
+def test_nms_is_per_class():
+    boxes = torch.tensor([A, B, C])
+    probs = torch.tensor([[0.05, 0.90, 0.05],   # A: det 5 0.9, det 9 0.05
+                          [0.00, 0.30, 0.70],   # B: det 5 0.3, det 9 0.7
+                          [0.38, 0.02, 0.60]])  # C: det 5 0.02, det 9 0.6
+    dets = nms_per_class(boxes, probs, torch.tensor([5, 9]), DetectConfig(nms_iou=0.3, score_threshold=0.01))
+    # det 5: A wins, B (IoU 0.82 with A) goes, C stays; det 9: B wins, A goes, C stays. A and B overlap but are
+    # both kept, for different classes.
+    assert dets.boxes.tolist() == [A, B, C, C]
+    assert dets.det_ids.tolist() == [5, 9, 9, 5]
+    assert torch.allclose(dets.scores, torch.tensor([0.9, 0.7, 0.6, 0.02]))
+    assert dets.boxes.dtype == torch.float32 and dets.det_ids.dtype == torch.int64
+
+    capped = nms_per_class(boxes, probs, torch.tensor([5, 9]), DetectConfig(max_detections=2))
+    assert capped.boxes.tolist() == [A, B] and capped.det_ids.tolist() == [5, 9]
+    above = nms_per_class(boxes, probs, torch.tensor([5, 9]), DetectConfig(score_threshold=0.65))
+    assert above.scores.tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_nms_threshold_is_an_iou_above_which_boxes_go():
+    d, e, f = [0.0, 0.0, 10.0, 10.0], [6.0, 0.0, 16.0, 10.0], [0.0, 5.0, 10.0, 15.0]  # IoU(d, e) 0.25, (d, f) 1/3
+    probs = torch.tensor([[0.0, 0.9], [0.0, 0.8], [0.0, 0.7]])
+    dets = nms_per_class(torch.tensor([d, e, f]), probs, torch.tensor([1]), DetectConfig(nms_iou=0.3))
+    assert dets.boxes.tolist() == [d, e]
+    dets = nms_per_class(torch.tensor([d, e, f]), probs, torch.tensor([1]), DetectConfig(nms_iou=0.5))
+    assert dets.boxes.tolist() == [d, e, f]
+
+
+def test_nms_of_nothing_and_bad_shapes():
+    dets = nms_per_class(torch.zeros(0, 4), torch.zeros(0, 3), torch.tensor([1, 2]))
+    assert dets.boxes.shape == (0, 4) and dets.scores.shape == (0,) and dets.det_ids.shape == (0,)
+    assert dets.to_json() == []
+    with pytest.raises(ValueError, match="K \\+ 1"):
+        nms_per_class(torch.tensor([A]), torch.tensor([[0.5, 0.5]]), torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("field, value", [("nms_iou", 0.0), ("score_threshold", 1.5), ("max_detections", 0),
+                                          ("max_regions", 20_000), ("cascade_top_k", 0), ("context", -1)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        DetectConfig(**{field: value})
+
+
+def test_detector_clips_proposals_and_caps_regions(tiny_bundle, photo):
+    bundle = tiny_bundle(num_classes=4, task="det200")
+    bundle.preprocess = SMALL
+    bundle.provenance["det_ids"] = [1, 2, 3]
+    fixed = np.array([[-20, -10, 50, 60], [100, 80, 400, 300], [10, 10, 10.5, 50], [5, 5, 80, 90]], np.float32)
+    config = DetectConfig(score_threshold=0.0, max_regions=3)
+    detector = Detector(RegionScorer(bundle, config), ProposalGenerator(selective_search=lambda im: fixed), config)
+    dets = detector.detect(photo)
+    assert dets.regions == 2  # the 4th proposal is over max_regions, the 3rd is under 1 px wide
+    assert set(map(tuple, dets.boxes.tolist())) == {(0.0, 0.0, 50.0, 60.0), (100.0, 80.0, 160.0, 120.0)}
+    assert set(dets.seconds) == {"selective_search", "warp", "networks", "nms"}
+    empty = detector.score(photo, Proposals.from_selective_search(np.zeros((0, 4))))
+    assert len(empty) == 0 and empty.regions == 0
+
+
+def test_detector_end_to_end_on_a_photo_with_selective_search(tiny_bundle, tmp_path):
+    image = cv2.resize(data.astronaut(), (200, 200), interpolation=cv2.INTER_AREA)
+    bundle = tiny_bundle(num_classes=4, task="det200", width=0.125)
+    bundle.preprocess = SMALL
+    bundle.provenance["det_ids"] = [26, 124, 2]
+    from detector.bundle import save_bundle
+
+    save_bundle(tmp_path, bundle)
+    save_multibox(tmp_path, MultiBox(MultiBoxConfig(k=5, width=0.125, size=64)))
+    bundle = load_bundle(tmp_path)
+    config = DetectConfig(score_threshold=0.05, max_detections=10, max_regions=60)
+    with Detector.from_bundle(bundle, config) as detector:
+        dets = detector.detect(image)
+    assert isinstance(dets, Detections) and 1 <= len(dets) <= 10 and dets.regions > 5
+    assert set(dets.seconds) == {"selective_search", "multibox", "warp", "networks", "nms"}
+    b = dets.boxes
+    assert ((b[:, 0] >= 0) & (b[:, 1] >= 0) & (b[:, 2] <= 200) & (b[:, 3] <= 200)).all()
+    assert ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all()
+    assert (dets.scores >= 0.05).all() and (dets.scores[:-1] >= dets.scores[1:]).all()
+    assert set(dets.det_ids.tolist()) <= {26, 124, 2}
+
+    record = detection_record("photos/astronaut.png", image, dets)
+    assert list(record) == ["image", "width", "height", "detections"]
+    assert record["image"] == "photos/astronaut.png" and (record["width"], record["height"]) == (200, 200)
+    first = record["detections"][0]
+    assert list(first) == ["box", "det_id", "wnid", "name", "score"] and len(first["box"]) == 4
+    assert first["det_id"] in (26, 124, 2) and first["name"] == det200().names[det200().row_of_id[first["det_id"]]]
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_detector_needs_a_proposal_source(tiny_bundle):
+    bundle = tiny_bundle(num_classes=201, task="det200", width=0.125)
+    with pytest.raises(ValueError, match="no proposal source"):
+        Detector.from_bundle(bundle, selective_search=False)
+
+
+def test_model_init_writes_det_ids_and_import_task_is_checked(tmp_path, capsys):
+    assert main(["model", "init", "--out", str(tmp_path / "d"), "--task", "det200", "--det-ids", "3,1,200",
+                 "--width", "0.125", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["classes"] == 4 and info["provenance"]["det_ids"] == [3, 1, 200]
+    bundle = load_bundle(tmp_path / "d")
+    assert RegionScorer(bundle).det_ids.tolist() == [3, 1, 200]
+    assert main(["model", "info", str(tmp_path / "d")]) == 0
+    assert "det200 (3 DET classes + background)" in capsys.readouterr().out
+    assert main(["model", "init", "--out", str(tmp_path / "e"), "--task", "det200", "--det-ids", "1,1"]) == 2
+    assert "repeated" in capsys.readouterr().err
+    assert main(["model", "init", "--out", str(tmp_path / "e"), "--det-ids", "1"]) == 2
+    assert "--task det200" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_scorer_on_the_gpu_matches_the_cpu(tiny_bundle, photo):
+    bundle = tiny_bundle(members=2, task="det200-from-cls1000")
+    bundle.preprocess = SMALL
+    boxes = some_boxes(5, 160, 120)
+    on_cpu = RegionScorer(bundle)(photo, boxes)
+    for m in bundle.members:
+        m.cuda()
+    on_gpu = RegionScorer(bundle)(photo, boxes)
+    assert on_gpu.device.type == "cpu" and torch.allclose(on_gpu, on_cpu, atol=5e-3)
