@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_proposals_command(sub)
     _add_classify_command(sub)
+    _add_detect_command(sub)
+    _add_serve_command(sub)
+    _add_quickstart_command(sub)
     return parser
 
 
@@ -68,6 +71,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--task", choices=("cls1000", "det200", "det200-from-cls1000"), default="cls1000")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the paper's network)")
     p.add_argument("--seed", type=int, default=0, help="member i is initialised with seed + i")
+    p.add_argument("--det-ids", metavar="IDS", help="det200 only: comma-separated DET ids (1..200) of the head's "
+                   "non-background columns, e.g. 1,2,3 for a 4-way head (default: all 200)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_model_init)
 
@@ -77,6 +82,9 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--input-range", choices=("auto", "unit", "imagenet"), default="auto",
                    help="unit: weights expect [-1, 1] inputs (torchvision's ImageNet checkpoint, found by its "
                         "hash under auto); imagenet: ImageNet mean/std normalised inputs")
+    p.add_argument("--task", choices=("cls1000", "det200-from-cls1000"), default=None,
+                   help="det200-from-cls1000: the same ImageNet weights as a 200-class detector (a DET class scores "
+                        "the sum of its CLS classes' probabilities); default cls1000 for a 1000-way checkpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_model_import)
 
@@ -93,7 +101,12 @@ def _print_bundle(bundle, as_json: bool) -> None:
         return
     arch = info["arch"]
     print(f"bundle      {info['path']}")
-    print(f"task        {info['task']} ({info['classes']} classes)")
+    if info["task"] == "det200":
+        print(f"task        det200 ({info['classes'] - 1} DET classes + background)")
+    elif info["task"] == "det200-from-cls1000":
+        print(f"task        det200-from-cls1000 ({info['classes']} CLS classes summed into 200 DET classes)")
+    else:
+        print(f"task        {info['task']} ({info['classes']} classes)")
     print(f"arch        GoogLeNet {arch['variant']} variant, width {arch['width']}, aux heads {arch['aux_logits']}")
     print(f"members     {info['members']} x {info['parameters_per_member']:,} parameters")
     pre = info["preprocess"]
@@ -117,9 +130,17 @@ def _cmd_model_init(args) -> int:
     from detector.bundle import init_bundle, save_bundle
     from detector.googlenet import GoogLeNetConfig
 
-    classes = 201 if args.task == "det200" else 1000
+    det_ids = None
+    if args.det_ids is not None:
+        if args.task != "det200":
+            raise CliError("--det-ids is for --task det200")
+        try:
+            det_ids = [int(d) for d in args.det_ids.split(",")]
+        except ValueError:
+            raise CliError(f"--det-ids must be comma-separated integers, got {args.det_ids!r}") from None
+    classes = (len(det_ids) + 1 if det_ids else 201) if args.task == "det200" else 1000
     arch = GoogLeNetConfig(variant=args.variant, num_classes=classes, width=args.width)
-    bundle = init_bundle(arch, members=args.members, seed=args.seed, task=args.task)
+    bundle = init_bundle(arch, members=args.members, seed=args.seed, task=args.task, det_ids=det_ids)
     save_bundle(args.out, bundle)
     _print_bundle(bundle, args.json)
     return 0
@@ -128,7 +149,7 @@ def _cmd_model_init(args) -> int:
 def _cmd_model_import(args) -> int:
     from detector.bundle import import_torchvision, save_bundle
 
-    bundle = import_torchvision(args.file, input_range=args.input_range)
+    bundle = import_torchvision(args.file, input_range=args.input_range, task=args.task)
     save_bundle(args.out, bundle)
     _print_bundle(bundle, args.json)
     return 0
@@ -217,6 +238,59 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON line per epoch, then a summary document")
     p.set_defaults(func=_cmd_train_multibox)
 
+    p = sub.add_parser("detector", help="fine-tune region classifiers with R-CNN's sampling (section 8)",
+                       description="Train an ensemble of GoogLeNet region classifiers on ILSVRC-format data "
+                       "(ROOT/Data/DET, Annotations/DET, ImageSets/DET/train.txt). Head: background + the DET "
+                       "classes present in the training annotations. Proposals (2x coarsened selective search, plus "
+                       "MultiBox with --multibox-from) are computed once per image and cached; a proposal with IoU "
+                       ">= 0.5 to a ground-truth box takes its class, the rest are background, ground-truth boxes "
+                       "are positives too; batches of 128 warped windows, 32 of them foreground; SGD momentum 0.9; "
+                       "the bundle gets the Polyak-averaged weights. Members differ in seed, context, flips and "
+                       "background range (written into the bundle's provenance). Ctrl-C leaves a checkpoint that "
+                       "--resume continues. Runs under `torchrun --nproc_per_node=N` too.")
+    p.add_argument("--data", required=True, metavar="ROOT", help="ILSVRC-format root (e.g. `ircnn data synth`)")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write (task det200)")
+    p.add_argument("--imageset", default="ImageSets/DET/train.txt", metavar="FILE",
+                   help="training images, relative to ROOT (default ImageSets/DET/train.txt)")
+    p.add_argument("--from", dest="init", metavar="BUNDLE", help="classifier bundle whose weights start every "
+                   "member (trunk copied, new head); default: random weights")
+    p.add_argument("--members", type=int, default=6, help="ensemble members (default 6, the paper's)")
+    p.add_argument("--variant", choices=VARIANTS, help="a new network's variant (default paper)")
+    p.add_argument("--width", type=float, help="a new network's channel multiplier (default 1.0)")
+    p.add_argument("--no-aux-heads", action="store_true", help="a new network without the auxiliary heads")
+    p.add_argument("--size", type=int, default=224, help="network input side (default 224); the context "
+                   "(16 px at 224) scales with it")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the foreground windows (default 10)")
+    p.add_argument("--iterations", type=int, default=0, metavar="STEPS",
+                   help="steps per member, overriding --epochs (default 0: use --epochs)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop each member after this many minutes of "
+                   "training (default 0: no limit)")
+    p.add_argument("--batch", type=int, default=128, help="windows per step (default 128, R-CNN's)")
+    p.add_argument("--fg-per-batch", type=int, default=32, help="foreground windows per step (default 32)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.001 with --from, 0.01 from random weights)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not biases (default 5e-4)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="Polyak averaging decay (default 0.999)")
+    p.add_argument("--same-sampling", action="store_true", help="every member samples as member 0 (only the "
+                   "seed differs)")
+    p.add_argument("--seed", type=int, default=0, help="member i uses seed + i (default 0)")
+    p.add_argument("--coarsen", type=float, default=2.0, help="selective search superpixel factor (default 2.0)")
+    p.add_argument("--selective-search-width", type=int, default=500, metavar="PX",
+                   help="selective search segments images resized to this width (default 500, R-CNN's)")
+    p.add_argument("--no-selective-search", action="store_true", help="MultiBox proposals only")
+    p.add_argument("--multibox-from", metavar="BUNDLE", help="add this bundle's MultiBox boxes to the proposals "
+                   "(the network is copied into the new bundle)")
+    p.add_argument("--max-proposals", type=int, default=3000, help="per image, after merging (default 3000)")
+    p.add_argument("--proposals-cache", metavar="DIR", help="default BUNDLE_DIR/.proposals")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if there is one")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="default BUNDLE_DIR/.detector-checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS",
+                   help="mid-epoch checkpoint interval (0: epoch ends only; default 200)")
+    p.add_argument("--workers", type=int, default=2, help="window loading processes (default 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--json", action="store_true", help="JSON lines: the proposal summary, one per epoch, then "
+                   "the bundle's description")
+    p.set_defaults(func=_cmd_train_detector)
+
 
 def _cmd_train_classifier(args) -> int:
     from detector.train import TrainConfig, train
@@ -242,6 +316,52 @@ def _cmd_train_classifier(args) -> int:
         sys.stdout.flush()
 
     bundle = train(cfg, on_epoch=report)
+    if bundle is not None:  # rank 0
+        _print_bundle(bundle, args.json)
+    return 0
+
+
+def _cmd_train_detector(args) -> int:
+    from detector.train_detector import DetectorTrainConfig, train_detector
+
+    if args.init and (args.variant is not None or args.width is not None or args.no_aux_heads):
+        raise CliError("--variant, --width and --no-aux-heads describe a new network; with --from the bundle's "
+                       "architecture is used, so drop them")
+    cfg = DetectorTrainConfig(
+        data=args.data, out=args.out, imageset=args.imageset, init=args.init, members=args.members,
+        variant=args.variant or "paper", width=1.0 if args.width is None else args.width,
+        aux_logits=not args.no_aux_heads, size=args.size, epochs=args.epochs, iterations=args.iterations,
+        max_minutes=args.max_minutes,
+        batch_size=args.batch, fg_per_batch=args.fg_per_batch, lr=args.lr, weight_decay=args.weight_decay,
+        ema_decay=args.ema_decay, vary_members=not args.same_sampling, seed=args.seed,
+        selective_search=not args.no_selective_search, coarsen=args.coarsen,
+        selective_search_width=args.selective_search_width, multibox_from=args.multibox_from,
+        max_proposals=args.max_proposals, proposals_cache=args.proposals_cache, resume=args.resume,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, workers=args.workers,
+        device=args.device)
+
+    def proposals(s: dict) -> None:
+        if args.json:
+            _print_json({"proposals": s})
+        else:
+            print(f"proposals: {s['images']} images ({s['cached']} cached, {s['computed']} computed"
+                  f"{', %d unreadable files redone' % s['repaired'] if s['repaired'] else ''}) in "
+                  f"{s['seconds']:.1f} s, {s['proposals_per_image']:.0f} per image, recall@0.5 of the "
+                  f"{s['objects']} objects {100 * s['recall']:.1f}%; {s['foreground']} foreground and "
+                  f"{s['background']} background windows, {s['classes']} classes")
+        sys.stdout.flush()
+
+    def report(r: dict) -> None:
+        if args.json:
+            _print_json(r)
+        else:
+            part = "" if r["complete"] else " (partial epoch)"
+            print(f"member {r['member']} epoch {r['epoch']}/{r['epochs']}  step {r['step']}/{r['steps']}  loss "
+                  f"{r['train_loss']:.4f}  fg acc {100 * r['fg_accuracy']:.1f}%  bg acc "
+                  f"{100 * r['bg_accuracy']:.1f}%  lr {r['lr']:.4g}  {r['regions_per_s']:.0f} regions/s{part}")
+        sys.stdout.flush()
+
+    bundle = train_detector(cfg, on_epoch=report, on_proposals=proposals)
     if bundle is not None:  # rank 0
         _print_bundle(bundle, args.json)
     return 0
@@ -676,6 +796,236 @@ def _cmd_classify(args) -> int:
                 print(f"  {t['prob']:7.4f}  {t['index']:4d}  {t['wnid']}  {t['name']}")
         sys.stdout.flush()
     return 1 if failed else 0
+
+
+# ---- ircnn detect ----------------------------------------------------------------------------------------
+
+# Literals so that building the parser does not import torch; tests/service/test_detect.py checks them against
+# service.batch.FORMATS and detector.rcnn.DetectConfig's defaults.
+DETECT_FORMATS = ("jsonl", "coco", "ilsvrc")
+DETECT_DEFAULTS = {"score_threshold": 0.01, "max_detections": 100, "nms_iou": 0.3}
+
+
+def _add_detect_command(sub) -> None:
+    p = sub.add_parser("detect", help="R-CNN detection of the 200 ILSVRC DET classes in images and directories",
+                       description="Detect objects of the 200 ILSVRC DET classes: proposals (coarsened selective "
+                       "search + the bundle's MultiBox boxes), each warped to the network input and scored by the "
+                       "ensemble, per-class NMS. One record per image, in input order; a file that cannot be used "
+                       "gives an error record and the run goes on (exit code 1 at the end). Output formats: jsonl "
+                       "(one object per image), coco (a COCO results list; image ids in OUT.images.json), ilsvrc "
+                       "(devkit submission lines). Interrupted runs continue with --resume.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories (searched recursively)")
+    p.add_argument("--model", help="bundle directory, task det200 or det200-from-cls1000 (default: torchvision's "
+                   "ImageNet GoogLeNet, its 1000 classes summed into the 200 DET classes)")
+    p.add_argument("--out", metavar="FILE", help="output file (default: JSON lines to stdout; coco and ilsvrc "
+                   "need a file)")
+    p.add_argument("--format", choices=DETECT_FORMATS, default="jsonl",
+                   help="jsonl (default), coco (results list, category_id = DET id, bbox xywh) or ilsvrc (devkit "
+                   "lines '<image_index> <det_id> <confidence> <xmin> <ymin> <xmax> <ymax>')")
+    p.add_argument("--imageset", metavar="FILE", help="coco/ilsvrc: image ids from this ILSVRC imageset "
+                   "(ImageSets/DET/val.txt), for `ircnn eval det`; default: 1-based position in the input list")
+    p.add_argument("--resume", action="store_true", help="continue --out: skip the images it already holds "
+                   "(detections or errors), drop a line cut off by a crash")
+    p.add_argument("--score-threshold", type=float, default=DETECT_DEFAULTS["score_threshold"], metavar="T",
+                   help=f"keep detections scoring at least T (default {DETECT_DEFAULTS['score_threshold']})")
+    p.add_argument("--max-detections", type=int, default=DETECT_DEFAULTS["max_detections"], metavar="N",
+                   help=f"best N detections per image (default {DETECT_DEFAULTS['max_detections']})")
+    p.add_argument("--nms-iou", type=float, default=DETECT_DEFAULTS["nms_iou"], metavar="IOU",
+                   help=f"per-class NMS overlap (default {DETECT_DEFAULTS['nms_iou']}, R-CNN's)")
+    p.add_argument("--save-vis", metavar="DIR", help="write copies of the images with the detections drawn, "
+                   "at the inputs' relative paths (files already inside DIR are not inputs)")
+    p.add_argument("--vis-threshold", type=float, default=0.3, metavar="T",
+                   help="draw detections scoring at least T (default 0.3)")
+    p.add_argument("--selective-search", choices=("on", "off"), default="on")
+    p.add_argument("--coarsen", type=float, default=2.0, help="superpixel size multiplier of selective search "
+                   "(the paper: 2)")
+    p.add_argument("--multibox", choices=("auto", "off"), default="auto",
+                   help="auto: add the bundle's MultiBox boxes when it has a MultiBox network")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bfloat16 autocast, faster on CPUs with AVX-512 BF16 / AMX")
+    p.add_argument("--batch-size", type=int, default=32, help="regions per forward pass (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: an actor pool on a Ray cluster, each worker loading the "
+                   "bundle once (pip install 'inception-rcnn[ray]'); jsonl records then come in the order workers "
+                   "finish them, coco and ilsvrc files are the same as local")
+    p.add_argument("--ray-address", metavar="ADDR", help="--engine ray: an existing cluster (auto, HOST:6379, "
+                   "ray://HOST:10001); default: a local Ray instance for this run. The bundle and the images must "
+                   "be readable at the same paths on every node")
+    p.add_argument("--ray-workers", type=int, metavar="N", help="--engine ray: actor pool size (default: as many as "
+                   "the cluster's CPUs, or GPUs with --ray-gpus-per-worker, hold)")
+    p.add_argument("--ray-gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="--engine ray: GPUs each worker reserves and runs the networks on (default 0: CPU; 0.25: "
+                   "four workers share a GPU, keeping it busy while they run selective search on CPUs)")
+    p.add_argument("--json", action="store_true", help="no progress bar; with --out, a JSON summary on stdout")
+    p.set_defaults(func=_cmd_detect)
+
+
+def _check_detect_args(args) -> None:
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise CliError(f"--score-threshold must be in 0..1, got {args.score_threshold}")
+    if not 1 <= args.max_detections <= 10_000:
+        raise CliError(f"--max-detections must be in 1..10000, got {args.max_detections}")
+    if not 0.0 < args.nms_iou <= 1.0:
+        raise CliError(f"--nms-iou must be in (0, 1], got {args.nms_iou}")
+    if not 0.0 <= args.vis_threshold <= 1.0:
+        raise CliError(f"--vis-threshold must be in 0..1, got {args.vis_threshold}")
+    if not 0.25 <= args.coarsen <= 16:
+        raise CliError(f"--coarsen must be in 0.25..16, got {args.coarsen}")
+    if not 1 <= args.batch_size <= 1024:
+        raise CliError(f"--batch-size must be in 1..1024, got {args.batch_size}")
+    if args.out is None and args.format != "jsonl":
+        raise CliError(f"--format {args.format} needs --out FILE (only jsonl can go to stdout)")
+    if args.out is None and args.resume:
+        raise CliError("--resume continues an output file: give it with --out FILE")
+    if args.imageset and args.format == "jsonl":
+        raise CliError("--imageset numbers images of coco and ilsvrc outputs; jsonl names them by path")
+    if args.engine != "ray" and (args.ray_address or args.ray_workers is not None or args.ray_gpus_per_worker):
+        raise CliError("--ray-address, --ray-workers and --ray-gpus-per-worker are for --engine ray")
+
+
+def _cmd_detect(args) -> int:
+    _check_detect_args(args)
+    from detector.ensemble import EnsembleConfig
+    from detector.rcnn import DetectConfig
+    from service.batch import BatchConfig, DetectorSpec, run_batch
+
+    config = DetectConfig(score_threshold=args.score_threshold, max_detections=args.max_detections,
+                          nms_iou=args.nms_iou,
+                          ensemble=EnsembleConfig(batch_size=args.batch_size, precision=args.precision))
+    spec = DetectorSpec(args.model, config, selective_search=args.selective_search == "on",
+                        multibox=args.multibox == "auto", coarsen=args.coarsen)
+    engine, engine_errors = None, ()
+    if args.engine == "ray":
+        from service.ray_engine import RayConfig, RayEngine, RayEngineError
+
+        engine, engine_errors = RayEngine(spec, RayConfig(address=args.ray_address, workers=args.ray_workers,
+                                                          gpus_per_worker=args.ray_gpus_per_worker),
+                                          device=args.device), (RayEngineError,)
+    # With Ray the workers load their own copies on their devices; loading one here checks the bundle first.
+    bundle = spec.load("cpu" if engine else args.device)
+    if args.selective_search == "off" and (args.multibox == "off" or bundle.multibox is None):
+        raise CliError("nothing to propose with: --selective-search off and no MultiBox network (the bundle has "
+                       "none, or --multibox off)")
+
+    def make_detector():
+        return spec.build(bundle)
+
+    batch = BatchConfig(out=args.out, format=args.format, resume=args.resume, imageset=args.imageset,
+                        save_vis=args.save_vis, vis_threshold=args.vis_threshold,
+                        progress=sys.stderr.isatty() and not args.json, report_errors=not args.json)
+    try:
+        summary = run_batch(make_detector, args.paths, batch, engine=engine)
+    except engine_errors as e:
+        raise CliError(str(e)) from e
+    except KeyboardInterrupt:
+        if args.out:
+            kept = args.out if args.format == "jsonl" else args.out + ".partial.jsonl"
+            print(f"ircnn: detections so far are in {kept}; add --resume to the same command to continue",
+                  file=sys.stderr)
+        raise
+    failed = summary.failed + summary.failed_before
+    if args.json:
+        if args.out:
+            _print_json(summary.to_json())
+        return 1 if failed else 0
+    doc = summary.to_json()
+    to = sys.stdout if args.out else sys.stderr
+    rate = f", {doc['images_per_s']:.3g} images/s" if doc["images_per_s"] else ""
+    print(f"detected {summary.detected} images in {summary.seconds:.1f} s{rate}: {summary.detections} detections, "
+          f"{summary.failed} failed", file=to)
+    if summary.skipped:
+        print(f"skipped {summary.skipped} images already in the output ({summary.failed_before} of them failed)",
+              file=to)
+    if doc["seconds_per_image_by_stage"]:
+        print("seconds per image: " + ", ".join(f"{k} {v:.3f}" for k, v in doc["seconds_per_image_by_stage"].items())
+              + " (decode and proposals overlap the networks)", file=to)
+    if doc["regions_per_s_networks"]:
+        print(f"regions: {doc['regions_per_image']:g} per image, {doc['regions_per_s_networks']:g}/s through the "
+              "networks", file=to)
+    if args.out:
+        extra = "" if args.format == "jsonl" else f", image ids in {doc['images_file']}; journal {doc['journal']}"
+        print(f"wrote {args.out} ({args.format}){extra}", file=to)
+    if args.save_vis:
+        print(f"drawn copies in {args.save_vis}", file=to)
+    return 1 if failed else 0
+
+
+# ---- ircnn serve -----------------------------------------------------------------------------------------
+
+
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="the REST service: /v1/detect, /v1/classify, /v1/models, /metrics, web page",
+                       description="Serve DESIGN.md's HTTP contract with uvicorn. Every IRCNN_* setting "
+                       "(service/settings.py) is read from the environment; these flags override them. SIGTERM "
+                       "or Ctrl-C stops taking connections, finishes the requests in flight, then exits 0.")
+    p.add_argument("--host", help="address to listen on (default IRCNN_HOST or 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="default IRCNN_PORT or 8000")
+    p.add_argument("--model", help="bundle directory (default IRCNN_MODEL, else torchvision's ImageNet GoogLeNet)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="longest wait for in-flight requests at shutdown (default 30)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import signal
+
+    import uvicorn
+
+    from detector.bundle import read_manifest
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
+    settings = Settings(**overrides)
+    if settings.model is not None:
+        read_manifest(settings.model)  # a wrong path fails here with its message, before uvicorn starts
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            timeout_graceful_shutdown=args.graceful_timeout, log_level=args.log_level)
+    server = uvicorn.Server(config)
+    # uvicorn finishes the requests in flight on SIGTERM, then re-raises the signal to the handler installed
+    # before it ran; the default one would end the process "killed by SIGTERM". A completed graceful shutdown is
+    # a clean exit (status 0, what supervisors and `docker stop` expect), so that re-raise does nothing here.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    if not server.started:
+        raise CliError("the service did not start (see the log above)")
+    return 0
+
+
+# ---- ircnn quickstart ------------------------------------------------------------------------------------
+
+
+def _add_quickstart_command(sub) -> None:
+    p = sub.add_parser("quickstart", help="the whole system offline in minutes: synthetic data, training, "
+                       "detection, mAP, pictures",
+                       description="Make a synthetic ILSVRC-format set, train a small detector ensemble and MultiBox "
+                       "on it, detect on its held-out images, score them with the devkit's rules and draw them. "
+                       "Each step is an ircnn command, printed before it runs. About 8 minutes on 2 cores with the "
+                       "defaults; no network needed.")
+    p.add_argument("--out", required=True, metavar="DIR", help="where everything goes (created)")
+    p.add_argument("--images", type=int, default=300, help="synthetic images; the last 20%% are held out")
+    p.add_argument("--classes", type=int, default=3, help="DET classes in the set, 1..5 (default 3)")
+    p.add_argument("--members", type=int, default=2, help="detector ensemble members (default 2)")
+    p.add_argument("--width", type=float, default=0.25, help="GoogLeNet channel multiplier (default 0.25)")
+    p.add_argument("--minutes", type=float, default=2.0, help="training minutes per detector member (default 2)")
+    p.add_argument("--multibox-epochs", type=int, default=6, help="MultiBox training epochs (default 6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_quickstart)
+
+
+def _cmd_quickstart(args) -> int:
+    from service.quickstart import QuickstartConfig, report, run_quickstart
+
+    config = QuickstartConfig(images=args.images, classes=args.classes, members=args.members, width=args.width,
+                              detector_minutes=args.minutes, multibox_epochs=args.multibox_epochs, seed=args.seed)
+    try:
+        result = run_quickstart(args.out, config, main)
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
+    print(report(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,556 @@
+"""Batch detection over files and directories: the single-machine runner behind ``ircnn detect``, and its output
+files, written so that an interrupted run resumes without loss or duplicates.
+
+The pieces are separate so that the Ray engine (``service.ray_engine``) reuses them: its actors run
+``detect_paths`` and ``run_batch`` writes the records they send back, as it writes the local engine's.
+
+- ``detect_one(detector, path) -> record``: read, propose, score. A file that cannot be used gives the error record
+  ``{"image", "error"}`` instead of raising. ``prepare`` (decode + proposals) and ``finish`` (networks + NMS) are
+  its two halves; ``detect_paths`` runs them one image apart, so that decoding and selective search of image i+1
+  (OpenCV in its own worker process; the waiting thread holds no GIL) overlap the networks scoring image i.
+- ``DetectOutput``: every record is appended to a JSON-lines *journal* and flushed at once. For ``jsonl`` the
+  journal is the output itself; for ``coco`` and ``ilsvrc`` it is ``OUT.partial.jsonl``, the source of truth from
+  which ``finish`` writes OUT atomically (temporary file + ``os.replace``) at the end of the run, plus
+  ``OUT.images.json``, the image id of every input. ``resume=True`` keeps the journal: images it already holds
+  (detections or error lines) are skipped, and a last line cut off by a crash is dropped, so the image is redone.
+- ``run_batch``: the loop of ``ircnn detect``: input list, image ids, resume, progress bar, ``--save-vis``.
+
+Image ids of ``coco`` and ``ilsvrc`` files: the imageset index when an imageset is given (ILSVRC ``val.txt``;
+an image matches the entry named by its path relative to the imageset's root, without suffix, else by file name as
+``ircnn eval det`` matches), otherwise the 1-based position in the input list (``list_images`` order: arguments in
+the order given, directories sorted), so resuming needs the same PATH arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from detector.image import IMAGE_SUFFIXES, list_images, read_image
+from eval.classes import det200
+from eval.formats import ImageLookup, read_imageset, to_devkit_ints, to_xywh
+
+if TYPE_CHECKING:
+    from detector.rcnn import DetectConfig
+
+FORMATS = ("jsonl", "coco", "ilsvrc")
+JOURNAL_SUFFIX = ".partial.jsonl"  # beside a coco / ilsvrc output
+IMAGES_SUFFIX = ".images.json"  # beside a coco / ilsvrc output: file_name -> id, width, height
+
+
+# ---- one image -------------------------------------------------------------------------------------------
+
+
+def error_record(path: str | os.PathLike, error: Exception | str) -> dict:
+    return {"image": str(path), "error": str(error)}
+
+
+@dataclass
+class Prepared:
+    """An image decoded and proposed, waiting for the networks: ``image`` uint8 ``[H, W, 3]``."""
+
+    path: str
+    image: np.ndarray
+    proposals: object  # proposals.combine.Proposals
+    seconds: dict[str, float]
+
+
+@dataclass
+class Result:
+    """``record`` as written to the output; ``image`` uint8 ``[H, W, 3]`` (None for an error record)."""
+
+    record: dict
+    image: np.ndarray | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    regions: int = 0  # proposals the networks scored
+
+
+def prepare(detector, path: str | os.PathLike) -> Prepared | dict:
+    """Decode and propose; an unusable file (``ImageError``, ``ProposalError`` and other ``ValueError``, or an
+    ``OSError`` reading it) gives its error record."""
+    try:
+        start = time.perf_counter()
+        image = read_image(path)
+        decoded = time.perf_counter()
+        proposals = detector.propose(image)
+        return Prepared(str(path), image, proposals, {"decode": decoded - start,
+                                                      "proposals": time.perf_counter() - decoded})
+    except (ValueError, OSError) as e:
+        return error_record(path, e)
+
+
+def finish(detector, prepared: Prepared | dict) -> Result:
+    """Score the proposals of a prepared image (networks + NMS) into its record."""
+    from detector.rcnn import detection_record
+
+    if isinstance(prepared, dict):
+        return Result(prepared, None)
+    try:
+        dets = detector.score(prepared.image, prepared.proposals)
+    except ValueError as e:
+        return Result(error_record(prepared.path, e), None, prepared.seconds)
+    seconds = {**prepared.seconds, **dets.seconds}  # + warp, networks, nms
+    return Result(detection_record(prepared.path, prepared.image, dets), prepared.image, seconds, dets.regions)
+
+
+def detect_one(detector, path: str | os.PathLike) -> dict:
+    """The record of one file: ``{"image", "width", "height", "detections": [...]}`` or ``{"image", "error"}``."""
+    return finish(detector, prepare(detector, path)).record
+
+
+def detect_paths(detector, paths: Iterable[str | os.PathLike]) -> Iterator[Result]:
+    """``detect_one`` over ``paths`` in order, with the next image decoded and proposed in a background thread
+    while the networks score the current one."""
+    paths = list(paths)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ircnn-prepare")
+    try:
+        pending = pool.submit(prepare, detector, paths[0]) if paths else None
+        for i in range(len(paths)):
+            prepared = pending.result()
+            pending = pool.submit(prepare, detector, paths[i + 1]) if i + 1 < len(paths) else None
+            yield finish(detector, prepared)
+    finally:
+        # An interrupted run must not wait for the next image's proposals; the detector's close() does.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- the journal -----------------------------------------------------------------------------------------
+
+
+def _check_record(doc, where: str) -> str:
+    if not (isinstance(doc, dict) and isinstance(doc.get("image"), str)
+            and ("error" in doc or isinstance(doc.get("detections"), list))):
+        raise ValueError(f"{where}: not an `ircnn detect` record ({{\"image\", \"detections\"}} or "
+                         "{\"image\", \"error\"}); --resume continues only files that `ircnn detect` wrote: pass "
+                         "another --out, or leave out --resume to start over")
+    return doc["image"]
+
+
+def iter_journal(path: str | os.PathLike) -> Iterator[dict]:
+    """The records of a JSON-lines detections file in file order, the first of each image only.
+
+    A last line without its newline (a crash mid-write) is skipped; a complete line that is not a detect record
+    raises ValueError naming the file and line.
+    """
+    return (doc for _, doc in _journal_records(path))
+
+
+def _journal_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``iter_journal`` with the byte offset of each record's line."""
+    seen: set[str] = set()
+    offset = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                doc = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: invalid JSON ({e})") from None
+            image = _check_record(doc, where)
+            if image not in seen:
+                seen.add(image)
+                yield start, doc
+
+
+def journal_offsets(path: str | os.PathLike) -> dict[str, int]:
+    """Image -> byte offset of its record (``iter_journal``'s) in a journal: one int per image, not the records."""
+    return {doc["image"]: start for start, doc in _journal_records(path)}
+
+
+def read_records(path: str | os.PathLike, offsets: Iterable[int]) -> Iterator[dict]:
+    """The records at ``offsets`` (from ``journal_offsets``) of a journal, in that order."""
+    with open(path, "rb") as f:
+        for start in offsets:
+            f.seek(start)
+            yield json.loads(f.readline())
+
+
+def repair_journal(path: str | os.PathLike) -> tuple[set[str], set[str]]:
+    """Make a journal appendable after a crash: cut a partial last line and drop repeated images (first kept).
+
+    Returns (images recorded, those of them with an error record). Reads line by line: a journal of millions of
+    images is never held in memory, only the set of its image names.
+    """
+    images: set[str] = set()
+    failed: set[str] = set()
+    complete = 0  # bytes up to the end of the last complete line
+    duplicates = False
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break
+            complete += len(line)
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                doc = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: invalid JSON ({e}); --resume continues only files that `ircnn detect` "
+                                 "wrote: pass another --out, or leave out --resume to start over") from None
+            image = _check_record(doc, where)
+            if image in images:
+                duplicates = True
+                continue
+            images.add(image)
+            if "error" in doc:
+                failed.add(image)
+    if duplicates:  # not written by one run of ours (two runs into one file?): rewrite without them
+        _atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in iter_journal(path)))
+    elif complete < os.path.getsize(path):
+        os.truncate(path, complete)
+    return images, failed
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable) -> None:
+    """Write a file through ``write(file)`` into a temporary beside it, then rename it over ``path``."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageId:
+    id: int  # COCO image_id / devkit image_index
+    file_name: str  # imageset name, or path relative to the inputs' common folder
+
+
+class DetectOutput:
+    """Where the records of a run go (module docstring): ``out`` None writes JSON lines to stdout.
+
+    ``done`` holds the images recorded by an earlier run (with ``resume``); ``write`` appends one record and
+    flushes it; ``finish`` writes a coco / ilsvrc file from the journal.
+    """
+
+    def __init__(self, out: str | os.PathLike | None, fmt: str = "jsonl", resume: bool = False) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if out is None and (fmt != "jsonl" or resume):
+            raise ValueError(f"{'--resume' if resume else '--format ' + fmt} needs --out FILE")
+        self.out, self.format = (None if out is None else str(out)), fmt
+        self.done: set[str] = set()
+        self.failed_before: set[str] = set()  # images of ``done`` with an error record
+        if out is None:
+            self.journal_path, self._file = None, sys.stdout
+            return
+        if os.path.isdir(self.out):
+            raise ValueError(f"--out {self.out} is a directory; give a file name")
+        parent = os.path.dirname(os.path.abspath(self.out))
+        if not os.path.isdir(parent):
+            raise ValueError(f"--out {self.out}: folder {parent} does not exist")
+        self.journal_path = self.out if fmt == "jsonl" else self.out + JOURNAL_SUFFIX
+        if resume and os.path.exists(self.journal_path):
+            self.done, self.failed_before = repair_journal(self.journal_path)
+        elif resume and fmt != "jsonl" and os.path.exists(self.out):
+            raise ValueError(f"cannot resume {self.out}: its journal {self.journal_path} is gone; leave out --resume "
+                             "to start over")
+        self._file = open(self.journal_path, "a" if resume else "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not sys.stdout and not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> DetectOutput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def finish(self, ids: dict[str, ImageId]) -> dict:
+        """Write the coco / ilsvrc file (and ``OUT.images.json``) from the journal, for the images in ``ids``
+        (image path as recorded -> id); a no-op for jsonl. Returns counts of what was written."""
+        self.close()
+        if self.format == "jsonl":
+            return {}
+        images, failed, rows = [], [], 0
+        vocab = det200()
+        categories = [{"id": i, "name": n, "wnid": w} for i, n, w in zip(vocab.ids, vocab.names, vocab.wnids)]
+        # Written in input order, whichever order the journal has (the Ray engine's: as its workers finished).
+        offsets = journal_offsets(self.journal_path)
+        skipped = sum(image not in ids for image in offsets)  # recorded by a run over other inputs
+
+        def write(f) -> None:
+            nonlocal rows
+            if self.format == "coco":
+                f.write("[")
+            for record in read_records(self.journal_path, (offsets[i] for i in ids if i in offsets)):
+                image_id = ids[record["image"]]
+                entry = {"id": image_id.id, "file_name": image_id.file_name, "path": record["image"]}
+                if "error" in record:
+                    failed.append({**entry, "error": record["error"]})
+                    continue
+                images.append({**entry, "width": record["width"], "height": record["height"]})
+                dets = record["detections"]
+                if not dets:
+                    continue
+                boxes = np.array([d["box"] for d in dets], dtype=np.float64)
+                if self.format == "coco":
+                    f.write(("," if rows else "") + ",".join(
+                        json.dumps({"image_id": image_id.id, "category_id": d["det_id"], "bbox": b,
+                                    "score": d["score"]}) for d, b in zip(dets, to_xywh(boxes).tolist())))
+                else:  # the devkit's integers exactly as eval.formats.write_submission writes them
+                    f.writelines(f"{image_id.id} {d['det_id']} {float(d['score'])!r} {b[0]} {b[1]} {b[2]} {b[3]}\n"
+                                 for d, b in zip(dets, to_devkit_ints(boxes).tolist()))
+                rows += len(dets)
+            if self.format == "coco":
+                f.write("]\n")
+
+        _atomic_write(self.out, write)
+        images.sort(key=lambda e: e["id"])
+        failed.sort(key=lambda e: e["id"])
+        # A COCO ground-truth skeleton: read_coco_gt reads it, a user fills in "annotations" or matches by name.
+        _atomic_write(self.out + IMAGES_SUFFIX, lambda f: json.dump(
+            {"images": images, "failed": failed, "annotations": [], "categories": categories}, f))
+        return {"rows": rows, "images_file": self.out + IMAGES_SUFFIX, "journal_records_not_in_inputs": skipped}
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------
+
+
+def input_files(inputs: list[str | os.PathLike]) -> list[Path]:
+    """``list_images`` of the PATH arguments, each file once (the first spelling kept)."""
+    seen: set[str] = set()
+    out = []
+    for p in list_images(inputs):
+        key = os.path.abspath(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def relative_names(inputs: list[str | os.PathLike], files: list[Path]) -> dict[str, str]:
+    """Each file's path relative to the common folder of the inputs (directories, and files' folders), '/'-joined:
+    ``photos/`` gives ``a/b.jpg``; ``photos/ more/`` gives ``photos/a/b.jpg`` and ``more/c.png``."""
+    if not files:
+        return {}
+    roots = [os.path.abspath(p) if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in inputs]
+    common = os.path.commonpath(roots)
+    return {str(f): Path(os.path.relpath(os.path.abspath(f), common)).as_posix() for f in files}
+
+
+def position_ids(files: list[Path], names: dict[str, str]) -> dict[str, ImageId]:
+    return {str(f): ImageId(i, names[str(f)]) for i, f in enumerate(files, 1)}
+
+
+def imageset_ids(files: list[Path], imageset_path: str) -> dict[str, ImageId]:
+    """Imageset index of every file: the entry named by the path's trailing components without suffix, longest
+    first (``.../Data/DET/val/x.JPEG`` -> ``val/x`` in ``val.txt``), else by file name (``ImageLookup``).
+
+    Raises ValueError if a file is not in the imageset or two files are the same entry.
+    """
+    imageset = read_imageset(imageset_path)
+    lookup = ImageLookup(imageset)
+    index_name = {i: n for n, i in imageset.items()}
+    ids: dict[str, ImageId] = {}
+    missing = []
+    owner: dict[int, str] = {}
+    for f in files:
+        parts = list(Path(f).with_suffix("").parts)
+        index = next((imageset["/".join(parts[k:])] for k in range(len(parts)) if "/".join(parts[k:]) in imageset),
+                     None)
+        if index is None:
+            index = lookup(str(f))
+        if index < 0:
+            missing.append(str(f))
+            continue
+        if index in owner:
+            raise ValueError(f"{f} and {owner[index]} are both image {index_name[index]!r} of {imageset_path}")
+        owner[index] = str(f)
+        ids[str(f)] = ImageId(index, index_name[index])
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(files)} images are not in --imageset {imageset_path} (first: "
+                         f"{missing[0]}); give only the imageset's images, or leave out --imageset to number images "
+                         "by their position")
+    return ids
+
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """How ``ircnn detect`` builds its ``Detector``: small and picklable, so that each Ray worker builds its own
+    from the bundle's path (``service.ray_engine``) exactly as the local engine builds one in this process."""
+
+    model: str | None  # bundle directory; None: torchvision's ImageNet GoogLeNet (``resolve_bundle``)
+    config: DetectConfig  # NMS, threshold, cap, ensemble batch size and precision
+    selective_search: bool = True
+    multibox: bool = True  # add the bundle's MultiBox boxes when it has a MultiBox network
+    coarsen: float = 2.0  # selective search superpixel size multiplier (the paper: 2)
+
+    def load(self, device: str = "cpu"):
+        """The bundle, its members on ``device``."""
+        from detector.bundle import resolve_bundle
+
+        return resolve_bundle(self.model, device=device)
+
+    def build(self, bundle):
+        """A ``Detector`` over ``bundle`` (loaded by ``load``) with these options."""
+        from detector.rcnn import Detector
+
+        return Detector.from_bundle(bundle, self.config, selective_search=self.selective_search,
+                                    multibox=self.multibox, coarsen=self.coarsen)
+
+
+def local_engine(make_detector: Callable[[], object], todo: list[Path]) -> Generator[Result, None, None]:
+    """``run_batch``'s default engine: one detector in this process, ``detect_paths`` over ``todo`` in order."""
+    detector = make_detector()
+    try:
+        yield from detect_paths(detector, todo)
+    finally:
+        detector.close()
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    out: str | None = None  # None: JSON lines to stdout
+    format: str = "jsonl"  # one of FORMATS
+    resume: bool = False  # skip images already in the output (or its journal)
+    imageset: str | None = None  # ILSVRC val.txt: image ids of coco / ilsvrc outputs
+    save_vis: str | None = None  # folder for copies of the images with their detections drawn
+    vis_threshold: float = 0.3  # draw detections scoring at least this
+    progress: bool = False  # tqdm bar on stderr
+    report_errors: bool = True  # "path: error: message" on stderr for each failed image
+
+
+@dataclass
+class BatchSummary:
+    images: int  # inputs
+    skipped: int  # already in the output (resume)
+    detected: int  # run now, including failures
+    failed: int  # error records written now
+    failed_before: int  # error records of skipped images
+    detections: int  # written now
+    seconds: float
+    stage_seconds: dict[str, float]
+    out: str | None
+    format: str
+    files: dict = field(default_factory=dict)
+    regions: int = 0  # proposals scored by the networks, all images of this run
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "skipped": self.skipped, "detected": self.detected, "failed": self.failed,
+                "failed_before": self.failed_before, "detections": self.detections,
+                "seconds": round(self.seconds, 3),
+                "images_per_s": round(self.detected / self.seconds, 4) if self.seconds > 0 else None,
+                "seconds_per_image_by_stage": {k: round(v / max(1, self.detected), 4)
+                                               for k, v in self.stage_seconds.items()},
+                "regions_per_image": round(self.regions / max(1, self.detected - self.failed), 1),
+                "regions_per_s_networks": (round(self.regions / self.stage_seconds["networks"], 1)
+                                           if self.stage_seconds.get("networks") else None),
+                "out": self.out, "format": self.format, **self.files}
+
+
+def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], config: BatchConfig,
+              engine: Callable[[list[Path]], Generator[Result, None, None]] | None = None) -> BatchSummary:
+    """``ircnn detect``: every image under ``inputs`` -> one record in ``config.out`` (module docstring).
+
+    ``make_detector()`` returns a ``detector.rcnn.Detector`` (closed at the end); it is called only when there is
+    an image left to detect. ``engine(todo)``, when given, replaces that in-process loop (``local_engine``): it
+    yields the ``Result`` of every path of ``todo`` (the inputs not in the output yet), in any order
+    (``service.ray_engine.RayEngine``); ``make_detector`` is then not used. Raises ValueError before any work for bad inputs (no images, an image outside the
+    imageset, a --save-vis copy that would overwrite an input, an output --resume cannot continue).
+    """
+    files = input_files(inputs)
+    note = ""
+    if config.save_vis:  # earlier drawn copies (`ircnn detect . --save-vis vis`) are not inputs
+        vis_root = os.path.join(os.path.abspath(config.save_vis), "")
+        files = [f for f in files if not os.path.abspath(f).startswith(vis_root)]
+        note = "; files inside the --save-vis folder are left out"
+    if not files:
+        raise ValueError(f"no images found in {' '.join(map(str, inputs))} (looked for "
+                         f"{', '.join(IMAGE_SUFFIXES)}{note})")
+    names = relative_names(inputs, files)
+    ids = None
+    if config.format != "jsonl":
+        ids = imageset_ids(files, config.imageset) if config.imageset else position_ids(files, names)
+    vis = None
+    if config.save_vis:
+        from service.vis import VisWriter
+
+        vis = VisWriter(config.save_vis, names, files, config.vis_threshold)
+    stages: dict[str, float] = {}
+    regions = 0
+    with DetectOutput(config.out, config.format, config.resume) as output:
+        todo = [f for f in files if str(f) not in output.done]
+        failed = detections = 0
+        start = time.perf_counter()
+        if todo:
+            bar = _progress_bar(len(todo), len(files) - len(todo), config.progress)
+            results = engine(todo) if engine is not None else local_engine(make_detector, todo)
+            try:
+                for result in results:
+                    record = result.record
+                    output.write(record)
+                    for k, v in result.seconds.items():
+                        stages[k] = stages.get(k, 0.0) + v
+                    regions += result.regions
+                    if "error" in record:
+                        failed += 1
+                        if config.report_errors:
+                            _message(f"{record['image']}: error: {record['error']}", bar)
+                    else:
+                        detections += len(record["detections"])
+                        if vis is not None:  # an engine elsewhere (Ray) sends records, not pixels
+                            vis.write(record, read_image(record["image"]) if result.image is None else result.image)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(failed=failed, refresh=False)
+            finally:
+                results.close()  # the local engine closes its detector; Ray stops the workers
+                if bar is not None:
+                    bar.close()
+        seconds = time.perf_counter() - start
+        files_written = output.finish(ids) if ids is not None else {}
+    if config.format != "jsonl":
+        files_written = {"journal": output.journal_path, **files_written}
+    return BatchSummary(images=len(files), skipped=len(files) - len(todo), detected=len(todo), failed=failed,
+                        failed_before=len(output.failed_before & set(map(str, files))),
+                        detections=detections, seconds=seconds, stage_seconds=stages, out=config.out,
+                        format=config.format, files=files_written, regions=regions)
+
+
+def _progress_bar(total: int, skipped: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    desc = f"detect ({skipped} done before)" if skipped else "detect"
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+
+def _message(text: str, bar) -> None:
+    if bar is not None:
+        bar.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,423 @@
+"""`ircnn detect` and its batch runner: output formats, resume after a crash, image ids, drawn copies."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval.formats import (
+    Detections,
+    ImageLookup,
+    read_coco_gt,
+    read_coco_results,
+    read_jsonl_detections,
+    read_predictions,
+    read_submission,
+    to_devkit_ints,
+    write_coco_results,
+    write_submission,
+)
+from service import batch
+from service.batch import DetectOutput, imageset_ids, input_files, relative_names, repair_journal
+from service.vis import VisWriter, draw_detections, vis_name
+
+CAT, PERSON = (59, "n02121808", "domestic cat"), (124, "n00007846", "person")
+
+
+def record(image, dets=(), width=80, height=60):
+    return {"image": image, "width": width, "height": height,
+            "detections": [{"box": list(b), "det_id": c[0], "wnid": c[1], "name": c[2], "score": s}
+                           for b, c, s in dets]}
+
+
+RECORDS = [
+    record("d/a.jpg", [((1.4, 2.5, 30.6, 40.49), CAT, 0.9), ((0.0, 0.0, 80.0, 60.0), PERSON, 0.25)]),
+    {"image": "d/broken.jpg", "error": "image data is truncated"},
+    record("d/sub/b.png"),  # no detections
+    record("d/sub/c.png", [((10.5, 10.5, 20.5, 21.0), PERSON, 0.5)]),
+]
+
+
+def read_lines(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+# ---- the journal and resume ------------------------------------------------------------------------------
+
+
+def test_jsonl_resume_drops_a_cut_line_and_skips_recorded_images(tmp_path):
+    out = tmp_path / "dets.jsonl"
+    with DetectOutput(out) as o:
+        for r in RECORDS[:3]:
+            o.write(r)
+    assert read_lines(out) == RECORDS[:3]
+    with open(out, "a") as f:  # a crash while writing the 4th line
+        f.write(json.dumps(RECORDS[3])[:25])
+    with DetectOutput(out, resume=True) as o:
+        assert o.done == {"d/a.jpg", "d/broken.jpg", "d/sub/b.png"} and o.failed_before == {"d/broken.jpg"}
+        o.write(RECORDS[3])
+    assert read_lines(out) == RECORDS
+    with DetectOutput(out) as o:  # without --resume: start over
+        assert o.done == set()
+    assert out.read_text() == ""
+
+
+def test_repair_journal_drops_repeated_images_and_refuses_foreign_lines(tmp_path):
+    path = tmp_path / "j.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS + RECORDS[:2]) + '{"image": "d/x.jpg", "det')
+    images, failed = repair_journal(path)
+    assert images == {r["image"] for r in RECORDS} and failed == {"d/broken.jpg"}
+    assert read_lines(path) == RECORDS
+    path.write_text(json.dumps(RECORDS[0]) + "\n" + '{"score": 1}\n')
+    with pytest.raises(ValueError, match=r"j.jsonl:2: not an `ircnn detect` record"):
+        repair_journal(path)
+    path.write_text("1 62 0.5 1 2 3 4\n")
+    with pytest.raises(ValueError, match=r"j.jsonl:1: invalid JSON"):
+        DetectOutput(path, resume=True)
+
+
+def test_output_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="needs --out"):
+        DetectOutput(None, "coco")
+    with pytest.raises(ValueError, match="needs --out"):
+        DetectOutput(None, resume=True)
+    with pytest.raises(ValueError, match="is a directory"):
+        DetectOutput(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        DetectOutput(tmp_path / "no" / "x.jsonl")
+    (tmp_path / "x.txt").write_text("")
+    with pytest.raises(ValueError, match="journal .* is gone"):
+        DetectOutput(tmp_path / "x.txt", "ilsvrc", resume=True)
+
+
+def flat(records, ids):
+    """Records -> eval.formats.Detections, the way an independent writer would see them."""
+    rows = [(ids[r["image"]], d["det_id"], d["score"], d["box"]) for r in records if "error" not in r
+            for d in r["detections"]]
+    image, det_id, score, boxes = zip(*rows)
+    return Detections(np.array(image), np.array(det_id), np.array(score), np.array(boxes, dtype=np.float64))
+
+
+def test_coco_and_ilsvrc_files_equal_eval_formats_writers(tmp_path):
+    files = [batch.Path(r["image"]) for r in RECORDS]
+    ids = batch.position_ids(files, relative_names(["d"], files))
+    number = {k: v.id for k, v in ids.items()}
+    for fmt, writer in (("coco", write_coco_results), ("ilsvrc", write_submission)):
+        out = tmp_path / f"dets.{fmt}"
+        with DetectOutput(out, fmt) as o:
+            for r in RECORDS:
+                o.write(r)
+        assert not out.exists()  # only the journal until the run ends
+        info = o.finish(ids)
+        assert info["rows"] == 3 and info["journal_records_not_in_inputs"] == 0
+        writer(str(tmp_path / f"reference.{fmt}"), flat(RECORDS, number))
+        if fmt == "coco":
+            assert json.loads(out.read_text()) == json.loads((tmp_path / "reference.coco").read_text())
+        else:  # byte for byte: the devkit integers xmin = round(x1), xmax = round(x2) - 1
+            assert out.read_text() == (tmp_path / "reference.ilsvrc").read_text()
+            assert read_submission(str(out)).boxes[0].tolist() == [1, 3, 31, 40]
+        assert read_lines(str(out) + ".partial.jsonl") == RECORDS
+        imageset, gt = read_coco_gt(str(out) + ".images.json")  # a COCO ground-truth skeleton
+        assert imageset == {"d/a.jpg": 1, "d/sub/b.png": 3, "d/sub/c.png": 4} and gt[1].width == 80
+        doc = json.loads((tmp_path / f"dets.{fmt}.images.json").read_text())
+        assert doc["failed"] == [{"id": 2, "file_name": "d/broken.jpg", "path": "d/broken.jpg",
+                                  "error": "image data is truncated"}]
+
+
+def test_coco_resume_after_interruption_has_no_duplicates(tmp_path):
+    files = [batch.Path(r["image"]) for r in RECORDS]
+    ids = batch.position_ids(files, relative_names(["d"], files))
+    out = tmp_path / "dets.json"
+    with DetectOutput(out, "coco") as o:
+        o.write(RECORDS[0])
+        o.write(RECORDS[1])  # ... interrupted: no finish()
+    with open(str(out) + ".partial.jsonl", "a") as f:
+        f.write('{"image": "d/sub/b.png", "wid')
+    with DetectOutput(out, "coco", resume=True) as o:
+        assert o.done == {"d/a.jpg", "d/broken.jpg"}
+        for r in RECORDS[2:]:
+            o.write(r)
+    o.finish(ids)
+    results = read_coco_results(str(out), ImageLookup({}))
+    assert len(results) == 3 and sorted(results.image.tolist()) == [1, 1, 4]
+    # a journal record of an image outside this run's inputs is left out of the file, and counted
+    with DetectOutput(out, "coco", resume=True) as o:
+        o.write(record("elsewhere.jpg", [((0, 0, 5, 5), CAT, 0.7)]))
+    assert o.finish(ids)["journal_records_not_in_inputs"] == 1
+    assert len(read_coco_results(str(out), ImageLookup({}))) == 3
+
+
+# ---- inputs and image ids --------------------------------------------------------------------------------
+
+
+def test_inputs_are_listed_once_and_named_relative_to_their_common_folder(tmp_path):
+    (tmp_path / "p" / "s").mkdir(parents=True)
+    (tmp_path / "q").mkdir()
+    for name in ("p/a.jpg", "p/s/b.png", "q/c.png"):
+        (tmp_path / name).write_bytes(b"")
+    p, q = str(tmp_path / "p"), str(tmp_path / "q")
+    files = input_files([p, os.path.join(p, "s", "b.png"), p + "/"])
+    assert [f.name for f in files] == ["a.jpg", "b.png"]
+    assert list(relative_names([p], files).values()) == ["a.jpg", "s/b.png"]
+    files = input_files([p, q])
+    assert list(relative_names([p, q], files).values()) == ["p/a.jpg", "p/s/b.png", "q/c.png"]
+    assert list(relative_names([str(tmp_path / "q" / "c.png")], files[2:]).values()) == ["c.png"]
+
+
+def test_imageset_ids_match_trailing_path_then_file_name(tmp_path):
+    imageset = tmp_path / "val.txt"
+    imageset.write_text("val/x_1 7\nval/x_2 3\nother/x_3 5\n")
+    files = [batch.Path(p) for p in ("/data/Data/DET/val/x_2.JPEG", "/data/Data/DET/val/x_1.JPEG",
+                                     "/elsewhere/x_3.png")]
+    ids = imageset_ids(files, str(imageset))
+    assert [(ids[str(f)].id, ids[str(f)].file_name) for f in files] == [(3, "val/x_2"), (7, "val/x_1"),
+                                                                        (5, "other/x_3")]
+    with pytest.raises(ValueError, match=r"1 of 2 images are not in --imageset .*x_9"):
+        imageset_ids([files[0], batch.Path("/d/x_9.jpg")], str(imageset))
+    with pytest.raises(ValueError, match="are both image 'val/x_1'"):
+        imageset_ids([files[1], batch.Path("/e/val/x_1.png")], str(imageset))
+
+
+# ---- drawn copies ----------------------------------------------------------------------------------------
+
+
+def test_draw_detections_marks_boxes_and_labels_only():
+    image = np.full((120, 160, 3), 90, np.uint8)
+    before = image.copy()
+    dets = record("x", [((20, 40, 100, 110), CAT, 0.87), ((5, 5, 15, 15), PERSON, 0.1)])["detections"]
+    drawn = np.asarray(draw_detections(image, dets, min_score=0.3))
+    assert np.array_equal(image, before)  # input not mutated
+    assert drawn.shape == image.shape
+    changed = (drawn != image).any(axis=2)
+    assert changed[40:110, 20].all() and changed[40:110, 99].all() and changed[109, 20:100].all()  # the box
+    assert changed[:40, 20:100].any()  # its label, above it
+    assert not changed[60:100, 30:90].any()  # the inside of the box
+    assert not changed[5:15, 5:15].any()  # the detection below min_score is not drawn
+    assert not changed[45:, 110:].any()  # far from both
+    edge = draw_detections(image, record("x", [((-10, -10, 500, 500), CAT, 0.9)])["detections"])
+    assert np.asarray(edge).shape == image.shape  # boxes beyond the image are clipped
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        draw_detections(image[..., 0], dets)
+
+
+def test_vis_writer_mirrors_paths_and_never_overwrites_inputs(tmp_path):
+    assert [vis_name(n) for n in ("a/b.JPG", "c.png", "d.webp", "e.tif")] == ["a/b.JPG", "c.png", "d.webp.png",
+                                                                                "e.tif.png"]
+    src = tmp_path / "in"
+    (src / "s").mkdir(parents=True)
+    files = [src / "a.jpg", src / "s" / "b.bmp"]
+    for f in files:
+        f.write_bytes(b"")
+    names = relative_names([str(src)], files)
+    writer = VisWriter(tmp_path / "vis", names, files)
+    image = np.zeros((30, 40, 3), np.uint8)
+    for f in files:
+        writer.write(record(str(f), [((2, 2, 20, 20), CAT, 0.9)]), image)
+    assert Image.open(tmp_path / "vis" / "a.jpg").format == "JPEG"
+    drawn = Image.open(tmp_path / "vis" / "s" / "b.bmp.png")
+    assert drawn.format == "PNG" and drawn.size == (40, 30) and np.asarray(drawn).any()
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        VisWriter(src, names, files)
+    (src / "s" / "b.bmp.png").write_bytes(b"")
+    files.append(src / "s" / "b.bmp.png")
+    with pytest.raises(ValueError, match="would both be drawn to"):
+        VisWriter(tmp_path / "vis2", relative_names([str(src)], files), files)
+
+
+# ---- the command, end to end (tiny random networks, real selective search) -------------------------------
+
+from service.cli import main  # noqa: E402
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def scene(rng, h, w):
+    """A few flat rectangles on a flat background: real images for selective search, few proposals."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = rng.integers(0, 256, 3)
+    for _ in range(3):
+        x, y = rng.integers(0, w - 20), rng.integers(0, h - 20)
+        img[y:y + rng.integers(15, h // 2), x:x + rng.integers(15, w // 2)] = rng.integers(0, 256, 3)
+    return img
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """JPEG, PNG, grayscale PNG, RGBA PNG (nested) and a truncated JPEG."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "images"
+    (d / "sub" / "deeper").mkdir(parents=True)
+    Image.fromarray(scene(rng, 120, 160)).save(d / "a.jpg", quality=92)
+    Image.fromarray(scene(rng, 100, 140)).save(d / "b.png")
+    Image.fromarray(scene(rng, 90, 120)[..., 0]).save(d / "sub" / "gray.png")
+    rgba = np.dstack([scene(rng, 110, 100), np.full((110, 100), 200, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(d / "sub" / "deeper" / "rgba.png")
+    (d / "broken.jpg").write_bytes((d / "a.jpg").read_bytes()[:300])
+    return d
+
+
+ORDER = ["a.jpg", "b.png", "broken.jpg", "sub/deeper/rgba.png", "sub/gray.png"]  # list_images: sorted, recursive
+GOOD = [name for name in ORDER if name != "broken.jpg"]
+
+
+@pytest.fixture
+def model(tmp_path, tiny_bundle):
+    """A random det200-from-cls1000 bundle of one narrow member on 64 px regions (fast; the pooling adapts)."""
+    from detector.bundle import Preprocess, save_bundle
+
+    bundle = tiny_bundle(width=0.125, task="det200-from-cls1000")
+    bundle.preprocess = Preprocess(size=64, mean=bundle.preprocess.mean, std=bundle.preprocess.std)
+    save_bundle(tmp_path / "model", bundle)
+    return tmp_path / "model"
+
+
+def names_of(records, root):
+    return [os.path.relpath(r["image"], root) for r in records]
+
+
+def test_parser_literals_agree_with_the_code():
+    from detector.rcnn import DetectConfig
+    from service import cli
+
+    assert cli.DETECT_FORMATS == batch.FORMATS
+    assert {k: getattr(DetectConfig(), k) for k in cli.DETECT_DEFAULTS} == cli.DETECT_DEFAULTS
+
+
+def test_detect_directory_jsonl_with_an_error_line_and_exit_code_1(tmp_path, capsys, model, image_dir):
+    out_file = tmp_path / "out.jsonl"
+    code, out, err = run(capsys, "detect", image_dir, "--model", model, "--max-detections", 5, "--out", out_file)
+    assert code == 1, err
+    assert "detected 5 images" in out and "1 failed" in out and f"wrote {out_file} (jsonl)" in out
+    assert "broken.jpg: error: image data is truncated" in err
+    records = read_lines(out_file)
+    assert names_of(records, image_dir) == ORDER  # input order, nested folders found
+    assert set(records[2]) == {"image", "error"}
+    sizes = {"a.jpg": (160, 120), "b.png": (140, 100), "sub/gray.png": (120, 90), "sub/deeper/rgba.png": (100, 110)}
+    for r in records[:2] + records[3:]:
+        assert (r["width"], r["height"]) == sizes[os.path.relpath(r["image"], image_dir)]
+        assert 1 <= len(r["detections"]) <= 5
+        for d in r["detections"]:
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 < x2 <= r["width"] and 0 <= y1 < y2 <= r["height"] and 0.01 <= d["score"] <= 1
+    dets, failed = read_jsonl_detections(str(out_file), ImageLookup({}))  # eval's reader accepts it
+    assert len(failed) == 1 and len(dets) == sum(len(r.get("detections", ())) for r in records)
+
+    # the per-image function a Ray actor calls gives the same records
+    from detector.bundle import load_bundle
+    from detector.rcnn import DetectConfig, Detector
+
+    with Detector.from_bundle(load_bundle(model), DetectConfig(max_detections=5)) as detector:
+        assert batch.detect_one(detector, records[3]["image"]) == records[3]
+        assert batch.detect_one(detector, records[2]["image"]) == records[2]
+        assert batch.detect_one(detector, image_dir / "missing.jpg")["error"].startswith("no such file")
+
+
+def interrupt_after(monkeypatch, n):
+    """Make the run stop with Ctrl-C as the networks start on image n + 1."""
+    calls = []
+    real = batch.finish
+
+    def finish(detector, prepared):
+        calls.append(1)
+        if len(calls) > n:
+            raise KeyboardInterrupt
+        return real(detector, prepared)
+
+    monkeypatch.setattr(batch, "finish", finish)
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_output(tmp_path, capsys, model, image_dir, monkeypatch):
+    common = ["detect", image_dir, "--model", model, "--max-detections", 5]
+    full, part = tmp_path / "full.json", tmp_path / "part.json"
+    code, _, err = run(capsys, *common, "--format", "coco", "--out", full)
+    assert code == 1, err
+    results = read_coco_results(str(full), ImageLookup({}))
+    imageset, _ = read_coco_gt(str(full) + ".images.json")
+    assert imageset == {name: ORDER.index(name) + 1 for name in GOOD}  # ids: positions in the input list
+    assert sorted(set(results.image.tolist())) == [1, 2, 4, 5] and 4 <= len(results) <= 20
+
+    # coco: Ctrl-C after 2 images, then --resume
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 2)
+        code, _, err = run(capsys, *common, "--format", "coco", "--out", part)
+    assert code == 130 and "--resume" in err and not part.exists()
+    assert len(read_lines(str(part) + ".partial.jsonl")) == 2
+    code, out, err = run(capsys, *common, "--format", "coco", "--out", part, "--resume", "--json")
+    assert code == 1 and json.loads(out)["skipped"] == 2 and json.loads(out)["detected"] == 3
+    assert json.loads(part.read_text()) == json.loads(full.read_text())
+    assert read_lines(str(part) + ".partial.jsonl") == read_lines(str(full) + ".partial.jsonl")
+
+    # jsonl: a crash mid-line (the file cut inside its 4th line), then --resume
+    lines = (tmp_path / "full.json.partial.jsonl").read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    code, out, err = run(capsys, *common, "--out", cut, "--resume")
+    assert code == 1 and "skipped 3 images" in out and "(1 of them failed)" in out
+    assert cut.read_text() == "".join(lines)
+    code, out, _ = run(capsys, *common, "--out", cut, "--resume")  # nothing left to do
+    assert code == 1 and "detected 0 images" in out and cut.read_text() == "".join(lines)
+
+
+def test_ilsvrc_submission_scores_with_eval_det(tmp_path, capsys, model):
+    from eval.synth import SynthConfig, write_synth_set
+
+    root = tmp_path / "synth"
+    write_synth_set(str(root), SynthConfig(images=3, val_fraction=1.0, size=128))
+    val = root / "ImageSets" / "DET" / "val.txt"
+    sub = tmp_path / "sub.txt"
+    code, _, err = run(capsys, "detect", root / "Data" / "DET" / "val", "--model", model, "--format", "ilsvrc",
+                       "--imageset", val, "--out", sub, "--max-detections", 10)
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", "det", "--annotations", root / "Annotations" / "DET", "--imageset", val,
+                         "--predictions", sub, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["images"] == 3 and doc["predictions_format"] == "ilsvrc" and 0 <= doc["map"] <= 1
+    # image indices and devkit integers agree with the journal as `ircnn eval det` reads JSON lines
+    submitted = read_submission(str(sub))
+    journal = read_predictions(str(sub) + ".partial.jsonl", {n: i for i, n in
+                                                            enumerate(["val/ILSVRC2014_synth_00000001",
+                                                                       "val/ILSVRC2014_synth_00000002",
+                                                                       "val/ILSVRC2014_synth_00000003"], 1)})
+    assert 3 <= len(submitted) <= 30 and submitted.image.tolist() == journal.detections.image.tolist()
+    assert submitted.det_id.tolist() == journal.detections.det_id.tolist()
+    assert np.array_equal(to_devkit_ints(submitted.boxes), to_devkit_ints(journal.detections.boxes))
+    # an image outside the imageset is refused before any work
+    shutil.copy(root / "Data" / "DET" / "val" / "ILSVRC2014_synth_00000001.JPEG", tmp_path / "extra.jpg")
+    code, _, err = run(capsys, "detect", root / "Data" / "DET" / "val", tmp_path / "extra.jpg", "--model", model,
+                       "--format", "ilsvrc", "--imageset", val, "--out", sub)
+    assert code == 2 and "1 of 4 images are not in --imageset" in err
+
+
+def test_save_vis_draws_boxes_on_copies_of_the_inputs(tmp_path, capsys, model, image_dir):
+    from detector.image import read_image
+    from service.vis import colour_of
+
+    vis = tmp_path / "vis"
+    code, out, err = run(capsys, "detect", image_dir, "--model", model, "--max-detections", 3, "--save-vis", vis,
+                         "--vis-threshold", 0, "--json")
+    assert code == 1, err
+    records = {os.path.relpath(r["image"], image_dir): r for r in map(json.loads, out.splitlines())}
+    assert sorted(str(p.relative_to(vis)) for p in vis.rglob("*") if p.is_file()) == sorted(GOOD)
+    for name in GOOD:
+        copy = Image.open(vis / name)
+        assert copy.format == ("JPEG" if name.endswith(".jpg") else "PNG") and copy.mode == "RGB"
+        r = records[name]
+        assert copy.size == (r["width"], r["height"])
+        drawn, original = np.asarray(copy).astype(int), read_image(image_dir / name).astype(int)
+        top = max(r["detections"], key=lambda d: d["score"])  # drawn last, on top
+        x1, y1, x2, y2 = (int(round(v)) for v in top["box"])
+        edge = drawn[(y1 + y2) // 2, max(x1, 0)]
+        if name.endswith(".png"):
+            assert edge.tolist() == list(colour_of(top["det_id"]))
+        assert np.abs(drawn - original).max() > 40  # JPEG copies: boxes, not compression noise
+    assert (image_dir / "a.jpg").read_bytes()[:300] == (image_dir / "broken.jpg").read_bytes()  # inputs untouched
+    code, _, err = run(capsys, "detect", image_dir, "--model", model, "--save-vis", image_dir)
+    assert code == 2 and "files inside the --save-vis folder are left out" in err
