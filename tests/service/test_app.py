@@ -1,0 +1,447 @@
+"""The REST app in-process (TestClient) with tiny injected models: the HTTP contract, errors, auth, readiness,
+backpressure, metrics, and the micro-batcher underneath."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from starlette.requests import Request
+
+import service.app as app_module
+from detector.classify import Classifier
+from service.app import ApiError, ClassifyJob, _limited_stream, create_app
+from service.batching import Job, MicroBatcher, QueueFull
+from service.settings import Settings
+
+
+def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt)
+    return buf.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk (valid CRC) claiming ``width x height`` RGB pixels, then a stub IDAT."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+
+
+@pytest.fixture
+def photo() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:90, 0:120]
+    img = np.stack([x * 2, y * 2, (x + y)], axis=-1) % 256
+    return (img + rng.integers(0, 40, img.shape)).clip(0, 255).astype(np.uint8)
+
+
+class GatedClassifier(Classifier):
+    """A real classifier whose forward waits while ``gate`` is closed (to hold the worker busy on demand)."""
+
+    def __init__(self, bundle) -> None:
+        super().__init__(bundle)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def probabilities(self, images, crops=1):
+        self.entered.set()
+        assert self.gate.wait(60), "test gate never opened"
+        return super().probabilities(images, crops)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def serve(tiny_bundle):
+    """Factory: a started TestClient over ``create_app`` with a tiny classifier, ready (warm) on return."""
+    clients = []
+
+    def make(settings: Settings | None = None, classifier=None, detector=None, wait_ready: bool = True,
+             **kwargs) -> TestClient:
+        if classifier is None and detector is None:
+            classifier = Classifier(tiny_bundle(width=0.125))
+        app = create_app(settings or Settings(), classifier=classifier, detector=detector)
+        client = TestClient(app, **kwargs)
+        client.__enter__()
+        clients.append(client)
+        if wait_ready:
+            wait_until(lambda: client.get("/readyz").status_code == 200, what="/readyz")
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+def assert_error(r, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"], body
+    return body["error"]
+
+
+# ---- the contract ------------------------------------------------------------------------------------------
+
+
+def test_classify_answers_what_the_classifier_answers(serve, tiny_bundle, photo):
+    clf = Classifier(tiny_bundle(width=0.125, members=2))
+    client = serve(classifier=clf)
+    data = encode(photo)
+    multipart = client.post("/v1/classify?top_k=3&crops=10", files={"image": ("cat.png", data, "image/png")})
+    raw = client.post("/v1/classify?top_k=3&crops=10", content=data, headers={"content-type": "image/png"})
+    assert multipart.status_code == raw.status_code == 200, multipart.text
+    direct = clf.classify([photo], crops=10, top_k=3)[0]
+    for r, name in ((multipart, "cat.png"), (raw, None)):
+        body = r.json()
+        assert (body["image"], body["width"], body["height"], body["crops"], body["members"]) == (name, 120, 90, 10, 2)
+        assert [t["index"] for t in body["top_k"]] == [t["index"] for t in direct["top_k"]]
+        assert [t["prob"] for t in body["top_k"]] == pytest.approx([t["prob"] for t in direct["top_k"]], abs=1e-6)
+        assert body["top_k"][0]["wnid"].startswith("n") and body["top_k"][0]["name"]
+    # the content type's subtype is not trusted: the format is sniffed from the bytes
+    jpeg_as_png = client.post("/v1/classify", content=encode(photo, "JPEG"), headers={"content-type": "image/png"})
+    assert jpeg_as_png.status_code == 200
+
+
+def test_bad_uploads_get_4xx_json(serve, photo):
+    client = serve(Settings(max_upload_bytes=50_000, max_pixels=200_000))
+    png, jpeg = encode(photo), encode(photo, "JPEG")
+    raw = lambda body, ct="image/png", q="": client.post("/v1/classify" + q, content=body,  # noqa: E731
+                                                        headers={"content-type": ct})
+    assert_error(raw(b""), 400, "empty")
+    assert_error(raw(b"\x00" * 100), 415, "not_an_image")
+    assert_error(raw(b"GIF89a" + b"\x00" * 50), 415, "not_an_image")  # a real format, not an allowed one
+    assert_error(raw(png[: len(png) // 2]), 400, "truncated")
+    assert_error(raw(jpeg[: len(jpeg) // 3]), 400, "truncated")
+    assert_error(raw(png, "text/plain"), 415, "unsupported_media_type")
+    assert_error(client.post("/v1/classify", content=png), 415, "unsupported_media_type")  # no content type
+    assert_error(raw(b"\x01" * 60_000), 413, "too_large")
+    assert_error(raw(encode(np.zeros((500, 500, 3), np.uint8))), 413, "too_many_pixels")
+    assert_error(raw(encode(np.zeros((2, 300, 3), np.uint8))), 400, "bad_aspect")
+    assert_error(client.post("/v1/classify", files={"picture": ("x.png", png, "image/png")}), 400, "missing_image")
+    assert_error(client.post("/v1/classify", data={"image": "not a file"}, files={"x": ("x", b"1")}), 400,
+                 "missing_image")
+    assert_error(raw(b"--xx\r\nnonsense", "multipart/form-data; boundary=xx"), 400, "missing_image")
+    assert_error(raw(png, "multipart/form-data"), 400, "bad_multipart")  # no boundary
+    for q in ("?crops=7", "?crops=abc", "?top_k=0", "?top_k=1001", "?top_k=1e9", "?top_k=-1"):
+        assert_error(raw(png, q=q), 422, "invalid_query")
+    assert client.post("/v1/classify?top_k=1000", content=png, headers={"content-type": "image/png"}).status_code == 200
+    assert_error(client.get("/v1/classify"), 405, "method_not_allowed")
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    assert_error(client.post("/v1/detect", content=png, headers={"content-type": "image/png"}), 404, "no_detector")
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_a_png_claiming_100000_by_100000_pixels_is_refused_from_its_header(serve):
+    client = serve()
+    start = time.perf_counter()
+    r = client.post("/v1/classify", files={"image": ("bomb.png", png_header(100_000, 100_000), "image/png")})
+    err = assert_error(r, 413, "too_many_pixels")
+    assert "100000x100000" in err["message"] and time.perf_counter() - start < 5
+
+
+def test_declared_content_length_over_the_limit_is_refused_before_reading(serve):
+    client = serve(Settings(max_upload_bytes=1000))
+    received = []
+
+    def body():
+        for _ in range(100):
+            received.append(1)
+            yield b"\x00" * 1000
+
+    r = client.post("/v1/classify", content=body(), headers={"content-type": "image/png", "content-length": "100000"})
+    assert_error(r, 413, "too_large")
+
+
+def test_the_byte_limit_stops_reading_the_body_at_the_limit():
+    pulled = []
+
+    async def receive():
+        pulled.append(1)
+        return {"type": "http.request", "body": b"\x00" * 1000, "more_body": len(pulled) < 1000}
+
+    async def read_all():
+        request = Request({"type": "http", "method": "POST", "headers": [], "path": "/"}, receive)
+        async for _ in _limited_stream(request, 4500):
+            pass
+
+    with pytest.raises(ApiError) as e:
+        asyncio.run(read_all())
+    assert e.value.status == 413 and len(pulled) == 5  # 5 chunks of 1000 bytes, not the 1000 sent
+
+
+def test_bearer_token_guards_every_v1_route(serve, photo):
+    client = serve(Settings(api_token="s3cret"))
+    png = encode(photo)
+    for method, path in (("post", "/v1/classify"), ("post", "/v1/detect"), ("get", "/v1/models")):
+        r = getattr(client, method)(path)
+        assert_error(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert_error(getattr(client, method)(path, headers={"authorization": "Bearer wrong"}), 401, "unauthorized")
+    ok = client.post("/v1/classify", content=png, headers={"content-type": "image/png",
+                                                           "authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert client.get("/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
+    for path in ("/healthz", "/readyz", "/metrics"):  # probes and scrapers need no token
+        assert client.get(path).status_code == 200
+
+
+def test_models_route_describes_the_bundle(serve, tiny_bundle):
+    client = serve(classifier=Classifier(tiny_bundle(width=0.125, members=2)))
+    (model,) = client.get("/v1/models").json()["models"]
+    assert model["task"] == "cls1000" and model["members"] == 2 and model["classes"] == 1000
+    assert model["serves"] == ["classify"] and model["arch"]["width"] == 0.125
+    assert model["preprocess"]["size"] == 224
+
+
+def test_openapi_documents_routes_bodies_and_examples(serve):
+    schema = serve().get("/openapi.json").json()
+    assert {"/v1/detect", "/v1/classify", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+    classify = schema["paths"]["/v1/classify"]["post"]
+    assert set(classify["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
+    assert {p["name"] for p in classify["parameters"]} == {"top_k", "crops"}
+    assert {"400", "401", "413", "415", "422", "503"} <= set(classify["responses"])
+    comps = schema["components"]["schemas"]
+    assert comps["DetectResponse"]["examples"][0]["detections"][0]["det_id"] == 26
+    assert comps["ErrorResponse"]["examples"][0]["error"]["code"] == "not_an_image"
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_root_serves_the_web_page_when_installed(serve, tmp_path, monkeypatch):
+    client = serve()
+    monkeypatch.setattr(app_module, "STATIC_DIR", tmp_path)
+    assert_error(client.get("/"), 404, "not_found")
+    (tmp_path / "index.html").write_text("<!doctype html><title>ircnn</title>")
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and "ircnn" in r.text
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("IRCNN_QUEUE_SIZE", "3")
+    monkeypatch.setenv("IRCNN_API_TOKEN", "tok-9f2e")
+    monkeypatch.setenv("IRCNN_MAX_UPLOAD_BYTES", "1234")
+    s = Settings()
+    assert (s.queue_size, s.api_token.get_secret_value(), s.max_upload_bytes) == (3, "tok-9f2e", 1234)
+    assert "tok-9f2e" not in repr(s)  # the token is a secret
+    monkeypatch.setenv("IRCNN_QUEUE_SIZE", "0")
+    with pytest.raises(ValueError, match="queue_size"):
+        Settings()
+
+
+class SlidingWindows:
+    """Proposals for any image: a 3 x 3 grid of half-size windows and the whole image (in place of selective
+    search, which would dominate the time of these tests)."""
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        boxes = [[x * w / 4, y * h / 4, x * w / 4 + w / 2, y * h / 4 + h / 2] for y in range(3) for x in range(3)]
+        return np.array(boxes + [[0, 0, w, h]], dtype=np.float32)  # [10, 4]
+
+
+@pytest.fixture
+def both(tiny_bundle):
+    """A classifier and a detector over one tiny det200-from-cls1000 bundle (as an imported torchvision model)."""
+    from detector.rcnn import DetectConfig, Detector, RegionScorer
+    from proposals.combine import ProposalGenerator
+
+    bundle = tiny_bundle(width=0.125, task="det200-from-cls1000")
+    config = DetectConfig(score_threshold=0.0001)
+    detector = Detector(RegionScorer(bundle, config), ProposalGenerator(selective_search=SlidingWindows()), config)
+    return Classifier(bundle), detector
+
+
+def test_detect_answers_what_the_detector_answers(serve, both, photo):
+    classifier, detector = both
+    client = serve(classifier=classifier, detector=detector)
+    data = encode(photo)
+    want = detector.detect(photo).to_json()
+    assert len(want) > 3
+    r = client.post("/v1/detect", files={"image": ("birds.png", data, "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["image"], body["width"], body["height"]) == ("birds.png", 120, 90)
+    assert [d["det_id"] for d in body["detections"]] == [d["det_id"] for d in want]
+    for got, ref in zip(body["detections"], want):
+        assert got["box"] == pytest.approx(ref["box"], abs=1e-3) and got["score"] == pytest.approx(ref["score"])
+        assert set(got) == {"box", "det_id", "wnid", "name", "score"}
+    assert want[2]["score"] > want[3]["score"]
+    threshold = (want[2]["score"] + want[3]["score"]) / 2
+    r = client.post(f"/v1/detect?score_threshold={threshold}", content=data, headers={"content-type": "image/png"})
+    assert [d["score"] for d in r.json()["detections"]] == [d["score"] for d in want[:3]]
+    r = client.post("/v1/detect?max_detections=2", content=data, headers={"content-type": "image/png"})
+    assert [d["det_id"] for d in r.json()["detections"]] == [d["det_id"] for d in want[:2]]
+    for q in ("?score_threshold=nan", "?score_threshold=-0.1", "?score_threshold=1.5", "?score_threshold=inf",
+              "?max_detections=0", "?max_detections=1001", "?max_detections=1e3", "?score_threshold=0x1"):
+        assert_error(client.post("/v1/detect" + q, content=data, headers={"content-type": "image/png"}), 422,
+                     "invalid_query")
+    assert_error(client.post("/v1/detect", content=data[:200], headers={"content-type": "image/png"}), 400, "truncated")
+    (model,) = client.get("/v1/models").json()["models"]
+    assert model["task"] == "det200-from-cls1000" and model["serves"] == ["classify", "detect"]
+    text = client.get("/metrics").text
+    for stage in ("decode", "queue", "selective_search", "warp", "networks", "nms"):
+        assert f'ircnn_stage_seconds_count{{stage="{stage}",task="detect"}}' in text
+
+
+# ---- readiness, backpressure, failures ----------------------------------------------------------------------
+
+
+def test_readyz_waits_for_the_warm_up_forward(serve, tiny_bundle, photo):
+    clf = GatedClassifier(tiny_bundle(width=0.125))
+    clf.gate.clear()
+    client = serve(classifier=clf, wait_ready=False)
+    assert clf.entered.wait(30)  # the warm-up is running (and held)
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False and "retry-after" in r.headers
+    assert client.get("/healthz").status_code == 200
+    r = client.post("/v1/classify", content=encode(photo), headers={"content-type": "image/png"})
+    assert_error(r, 503, "not_ready")
+    clf.gate.set()
+    wait_until(lambda: client.get("/readyz").status_code == 200, what="/readyz")
+    assert client.get("/readyz").json()["ready"] is True
+
+
+def test_full_queue_answers_503_with_retry_after_then_recovers(serve, tiny_bundle, photo):
+    clf = GatedClassifier(tiny_bundle(width=0.125))
+    client = serve(Settings(queue_size=1, max_batch=1, retry_after_s=2), classifier=clf)
+    batcher = client.app.state.service.batcher
+    post = lambda: client.post("/v1/classify", content=encode(photo),  # noqa: E731
+                               headers={"content-type": "image/png"})
+    clf.entered.clear()
+    clf.gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post)
+        assert clf.entered.wait(30)
+        queued = pool.submit(post)
+        wait_until(lambda: batcher.depth == 1, what="a queued job")
+        r = post()
+        assert_error(r, 503, "queue_full")
+        assert r.headers["retry-after"] == "2"
+        clf.gate.set()
+        assert running.result().status_code == queued.result().status_code == 200
+    assert post().status_code == 200
+    assert 'status="503"' in client.get("/metrics").text
+
+
+def test_a_bug_in_inference_is_a_json_500_and_the_service_goes_on(serve, tiny_bundle, photo):
+    class Broken(Classifier):
+        fail = False
+
+        def probabilities(self, images, crops=1):
+            if self.fail:
+                raise RuntimeError("a real bug")
+            return super().probabilities(images, crops)
+
+    clf = Broken(tiny_bundle(width=0.125))
+    client = serve(classifier=clf, raise_server_exceptions=False)
+    clf.fail = True
+    r = client.post("/v1/classify", content=encode(photo), headers={"content-type": "image/png"})
+    assert_error(r, 500, "internal")
+    clf.fail = False
+    assert client.post("/v1/classify", content=encode(photo), headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_metrics_count_requests_stages_queue_and_model(serve, photo):
+    client = serve()
+    client.post("/v1/classify", content=encode(photo), headers={"content-type": "image/png"})
+    client.post("/v1/classify", content=b"junk", headers={"content-type": "image/png"})
+    text = client.get("/metrics").text
+    assert 'ircnn_requests_total{method="POST",route="/v1/classify",status="200"} 1.0' in text
+    assert 'ircnn_requests_total{method="POST",route="/v1/classify",status="415"} 1.0' in text
+    assert 'ircnn_request_seconds_bucket{le="0.005",method="POST",route="/v1/classify",status="200"}' in text
+    for stage in ("decode", "queue", "network"):
+        assert f'ircnn_stage_seconds_count{{stage="{stage}",task="classify"}}' in text
+    assert "ircnn_queue_depth 0.0" in text and "ircnn_inflight_jobs 0.0" in text
+    assert 'ircnn_model_info{' in text and 'task="cls1000"' in text
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+
+
+# ---- the micro-batcher ---------------------------------------------------------------------------------------
+
+
+def test_requests_that_arrive_together_run_in_one_batch_with_the_same_results(serve, tiny_bundle, photo):
+    clf = GatedClassifier(tiny_bundle(width=0.125))
+    client = serve(Settings(max_batch=4, batch_wait_ms=50), classifier=clf)
+    service = client.app.state.service
+    images = [np.ascontiguousarray(np.roll(photo, 17 * i, axis=1)) for i in range(4)]
+    clf.entered.clear()
+    clf.gate.clear()  # hold the worker on the first job so that the next ones queue up together
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(client.post, "/v1/classify?top_k=2", content=encode(photo),
+                            headers={"content-type": "image/png"})
+        assert clf.entered.wait(30)
+        rest = [pool.submit(client.post, f"/v1/classify?top_k=2&crops={c}", content=encode(im),
+                            headers={"content-type": "image/png"}) for im, c in zip(images, (1, 10, 1, 1))]
+        wait_until(lambda: service.batcher.depth == 4, what="4 queued jobs")
+        clf.gate.set()
+        answers = [f.result().json() for f in rest]
+        assert first.result().status_code == 200
+    for im, c, got in zip(images, (1, 10, 1, 1), answers):
+        want = clf.classify([im], crops=c, top_k=2)[0]["top_k"]
+        assert [t["index"] for t in got["top_k"]] == [t["index"] for t in want]
+        assert [t["prob"] for t in got["top_k"]] == pytest.approx([t["prob"] for t in want], rel=1e-4, abs=1e-6)
+    sizes = service.metrics.registry.get_sample_value("ircnn_batch_size_sum", {"task": "classify"})
+    count = service.metrics.registry.get_sample_value("ircnn_batch_size_count", {"task": "classify"})
+    assert (sizes, count) == (1 + 4, 2)  # the first job, then the 4 waiting ones in one batch
+
+
+def test_batcher_drops_cancelled_jobs_and_isolates_failures():
+    seen = []
+    release = threading.Event()
+
+    def handler(jobs):
+        seen.append([j.payload for j in jobs])
+        if jobs[0].payload == "hold":
+            release.wait(10)
+        if any(j.payload == "bad" for j in jobs):
+            raise ValueError("bad job")
+        return [j.payload.upper() for j in jobs]
+
+    b = MicroBatcher({"x": handler}, queue_size=3, max_batch=8, batch_wait_ms=0)
+    b.start()
+    try:
+        hold = b.submit("x", "hold")
+        wait_until(lambda: b.inflight == 1, what="the held job")
+        gone, bad, ok = b.submit("x", "gone"), b.submit("x", "bad"), b.submit("x", "ok")
+        with pytest.raises(QueueFull):
+            b.submit("x", "one too many")
+        assert gone.cancel()
+        release.set()
+        assert hold.result(10) == "HOLD" and ok.result(10) == "OK"
+        with pytest.raises(ValueError, match="bad job"):
+            bad.result(10)
+        assert b.dropped == 1 and all("gone" not in batch for batch in seen)
+        assert ["bad", "ok"] in seen and ["ok"] in seen  # the batch failed, then each job ran alone
+        assert b.depth == 0 and b.inflight == 0
+    finally:
+        b.stop()
+    with pytest.raises(QueueFull, match="shutting down"):
+        b.submit("x", "late")
+
+
+def test_classify_batch_mixes_crop_counts(serve, tiny_bundle, photo):
+    clf = Classifier(tiny_bundle(width=0.125))
+    service = serve(classifier=clf).app.state.service
+    jobs = [Job("classify", ClassifyJob(photo, c, 3)) for c in (1, 10, 1)]
+    out = service._classify_batch(jobs)
+    assert [o["crops"] for o in out] == [1, 10, 1]
+    probs = clf.probabilities([photo], 10)
+    assert out[1]["top_k"][0]["prob"] == pytest.approx(float(probs.max()), rel=1e-4)
+    assert out[0] == out[2]
