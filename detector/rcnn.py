@@ -49,7 +49,9 @@ class DetectConfig:
     nms_iou: float = 0.3  # per-class NMS overlap, R-CNN's value
     score_threshold: float = 0.01  # detections scoring below this are dropped
     max_detections: int = 100  # per image, the best by score over all classes
-    context: int = 16  # px of context around each box at the network's input scale (R-CNN: 16)
+    # px of context around each box at the network's input scale; None: R-CNN's 16 px at 224, scaled to the
+    # bundle's input size (round(16 * size / 224)), as `ircnn train detector` scales it
+    context: int | None = None
     max_regions: int = 3000  # proposals scored per image, in the proposal generator's priority order
     cascade_top_k: int | None = None  # None: every member scores every region; K: member 0 scores all, the
     #                                   others only the K regions of each image that member 0 rates least background
@@ -63,7 +65,7 @@ class DetectConfig:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         if not 1 <= self.max_detections <= 10_000:
             raise ValueError(f"max_detections must be in 1..10000, got {self.max_detections}")
-        if not 0 <= self.context <= 64:
+        if self.context is not None and not 0 <= self.context <= 64:
             raise ValueError(f"context must be in 0..64 px, got {self.context}")
         if not 1 <= self.max_regions <= MAX_REGIONS:
             raise ValueError(f"max_regions must be in 1..{MAX_REGIONS}, got {self.max_regions}")
@@ -141,10 +143,11 @@ class RegionScorer:
 
     def __init__(self, bundle: Bundle, config: DetectConfig = DetectConfig()) -> None:
         self.det_ids, cls_to_det = _det_head(bundle)  # det_ids: Tensor[K]
-        if not 2 * config.context < bundle.preprocess.size:
-            raise ValueError(f"context {config.context} leaves nothing of a {bundle.preprocess.size} px input")
-        self.config = config
         self.size = bundle.preprocess.size
+        self.context = round(16 * self.size / 224) if config.context is None else config.context
+        if not 2 * self.context < self.size:
+            raise ValueError(f"context {self.context} leaves nothing of a {self.size} px input")
+        self.config = config
         self.fill = fill_colour(bundle.preprocess)
         device = next(bundle.members[0].parameters()).device  # where load_bundle(..., device) put the members
         self.ensemble = Ensemble.from_bundle(bundle, config.ensemble).to(device)
@@ -189,7 +192,7 @@ class RegionScorer:
         for start in range(0, len(boxes), self.config.warp_chunk):
             t0 = time.perf_counter()
             regions = warp_regions(source, boxes[start:start + self.config.warp_chunk], self.size,
-                                   self.config.context, self.fill)  # [n, 3, size, size] uint8
+                                   self.context, self.fill)  # [n, 3, size, size] uint8
             t1 = time.perf_counter()
             out.append(self.to_det(self.ensemble(regions, members)).float().cpu())
             seconds["warp"] += t1 - t0

@@ -109,7 +109,7 @@ def test_from_cls_scores_average_the_members_before_summing(tiny_bundle, photo):
     bundle.preprocess = SMALL
     boxes = some_boxes(4, 160, 120, seed=1)
     probs = RegionScorer(bundle, DetectConfig(warp_chunk=3))(photo, boxes)  # two chunks
-    regions = warp_regions(photo, boxes, size=64, context=16, fill=fill_colour(SMALL))
+    regions = warp_regions(photo, boxes, size=64, context=5, fill=fill_colour(SMALL))  # 16 px at 224, scaled
     p0, p1 = member_softmax(bundle, 0, regions), member_softmax(bundle, 1, regions)
     assert (p0 - p1).abs().max() > 0.05  # the members disagree
     cls = (p0 + p1) / 2
@@ -124,9 +124,10 @@ def test_det200_head_maps_columns_to_det_ids(tiny_bundle, photo):
     bundle.provenance["det_ids"] = [7, 3, 150]
     scorer = RegionScorer(bundle)
     assert scorer.det_ids.tolist() == [7, 3, 150]
+    assert scorer.context == 5 and RegionScorer(bundle, DetectConfig(context=16)).context == 16
     boxes = some_boxes(5, 160, 120)
     probs = scorer(photo, boxes)
-    regions = warp_regions(photo, boxes, size=64, context=16, fill=fill_colour(SMALL))
+    regions = warp_regions(photo, boxes, size=64, context=5, fill=fill_colour(SMALL))
     assert torch.allclose(probs, member_softmax(bundle, 0, regions), atol=2e-5)  # column 0 is background
     dets = nms_per_class(boxes, probs, scorer.det_ids, DetectConfig(score_threshold=0.0, nms_iou=1.0))
     assert len(dets) == 15 and set(dets.det_ids.tolist()) == {7, 3, 150}
