@@ -59,6 +59,7 @@ class Ensemble(nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
         self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t,
                              persistent=False)
+        self.to(next(members[0].parameters()).device)  # the buffers go where the members are (a bundle on cuda)
         self.eval()
         if config.channels_last and config.backend == "torch":
             self.to(memory_format=torch.channels_last)
