@@ -10,7 +10,10 @@ from torch import nn
 
 # Tests never download: default_bundle() stops with its message instead of asking torchvision.
 os.environ["IRCNN_OFFLINE"] = "1"
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: the test networks are tiny, and the suite shares its 2 cores with the processes it starts
+# (selective search workers, uvicorn, Ray). With two OpenMP threads each op's barrier waits for a descheduled
+# thread whenever anything else runs, and tiny-network tests ran 50-100x slower (measured).
+torch.set_num_threads(1)
 
 
 def spread_weights(model: nn.Module, seed: int) -> nn.Module:

@@ -25,16 +25,6 @@ from service.cli import main
 SMALL = Preprocess(size=64)  # tiny inputs keep the narrow test networks fast; the arithmetic is the same
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks and warps: one intra-op thread. With two OpenMP threads on a shared, loaded 2-core machine,
-    each op's barrier waits for a descheduled thread and these tests ran 50-100x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
     return cv2.resize(data.coffee(), (160, 120), interpolation=cv2.INTER_AREA)  # [120, 160, 3] uint8
