@@ -35,19 +35,7 @@ from detector.backends import PixelGraph
 from detector.bundle import init_bundle
 from detector.ensemble import Ensemble, EnsembleConfig
 from detector.googlenet import GoogLeNetConfig
-from detector.summary import summarize
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    """Best FLOP/s of an n x n matmul, the machine's practical peak for that dtype."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best, start = 0.0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
+from detector.summary import matmul_peak, summarize
 
 
 CONFIGS = {

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -101,11 +102,9 @@ def export_onnx(member: GoogLeNet, mean: tuple[float, ...], std: tuple[float, ..
     path = directory / f"{export_key(member, mean, std, size)}.onnx"
     if path.is_file():
         return path
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter needs it; say so before torch fails obscurely)
-    except ImportError:
+    if importlib.util.find_spec("onnxscript") is None:  # the dynamo exporter needs it; say so before torch does
         raise BackendError("exporting to ONNX needs onnx and onnxscript, which both extras install: "
-                           f"{_INSTALL['onnxruntime']} or {_INSTALL['openvino']}") from None
+                           f"{_INSTALL['onnxruntime']} or {_INSTALL['openvino']}")
     directory.mkdir(parents=True, exist_ok=True)
     graph = PixelGraph(member, mean, std)
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)

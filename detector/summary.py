@@ -8,6 +8,8 @@ multiply-add per weight per output position.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -143,3 +145,16 @@ def format_summary(doc: dict) -> str:
                  f"{diff(t['macs'], tt['macs']):>8}")
     lines.append(f"params = weights only (Table 1's convention); with biases and batch norm: {t['params_all']:,}")
     return "\n".join(lines)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Best FLOP/s of an n x n matmul: the machine's practical peak for that dtype, which the benchmarks report
+    their throughput against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best

@@ -64,7 +64,7 @@ from detector.image import read_image
 from detector.rcnn import fill_colour
 from detector.train import EMA, Dist, _seed, _sum_over_processes, setup_dist
 from eval.classes import det200
-from eval.formats import read_annotations, read_imageset
+from eval.formats import read_split
 
 STATE_FORMAT = 1
 STATE_NAME = "state.json"
@@ -183,15 +183,9 @@ class DetImage:
 def read_detection_split(root: str | os.PathLike, imageset: str) -> list[DetImage]:
     """The images of an ILSVRC-format imageset with their ground truth, in imageset order."""
     root = Path(root)
-    path = Path(imageset) if os.path.isabs(imageset) else root / imageset
-    if not path.is_file():
-        raise ValueError(f"imageset {path} does not exist; --data must be an ILSVRC-format root with "
-                         "ImageSets/DET/<split>.txt (e.g. made by `ircnn data synth`)")
-    names = read_imageset(str(path))
-    annotations = read_annotations(str(root / "Annotations" / "DET"), names)
     return [DetImage(root / "Data" / "DET" / (name + IMAGE_SUFFIX), a.width, a.height,
                      a.boxes.astype(np.float32).reshape(-1, 4), a.det_ids.astype(np.int64))
-            for name, index in names.items() for a in [annotations[index]]]
+            for name, a in read_split(str(root), imageset)]
 
 
 # ---- proposal cache --------------------------------------------------------------------------------------

@@ -270,6 +270,21 @@ def read_annotations(ann_dir: str, imageset: dict[str, int]) -> dict[int, ImageA
 # ---- blacklist -------------------------------------------------------------------------------------------
 
 
+def read_split(root: str | os.PathLike, imageset: str) -> list[tuple[str, ImageAnnotation]]:
+    """``(image name, annotation)`` of every image of an ILSVRC-format root's imageset, in imageset order.
+
+    ``imageset`` is relative to ``root`` (``ImageSets/DET/train.txt``) or absolute; names are relative to
+    ``root/Annotations/DET`` and ``root/Data/DET``.
+    """
+    path = imageset if os.path.isabs(imageset) else os.path.join(root, imageset)
+    if not os.path.isfile(path):
+        raise ValueError(f"imageset {path} does not exist; --data must be an ILSVRC-format root with "
+                         "ImageSets/DET/<split>.txt (e.g. made by `ircnn data synth`)")
+    names = read_imageset(str(path))
+    annotations = read_annotations(os.path.join(root, "Annotations", "DET"), names)
+    return [(name, annotations[index]) for name, index in names.items()]
+
+
 def read_blacklist(path: str) -> set[tuple[int, int]]:
     """The devkit blacklist, lines ``<image index> <wnid or DET id>`` -> {(image index, DET id)}.
 

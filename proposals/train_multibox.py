@@ -47,7 +47,7 @@ from detector.bundle import load_bundle, read_manifest
 from detector.googlenet import VARIANTS
 from detector.image import read_image
 from detector.train import CHECKPOINT_FORMAT, EMA, load_checkpoint, save_checkpoint
-from eval.formats import read_annotations, read_imageset
+from eval.formats import read_split as read_det_split
 from proposals.multibox import (ALPHA, MultiBox, MultiBoxConfig, kmeans_priors, multibox_loss,
                                 resize_image, save_multibox)
 from proposals.recall import best_overlaps
@@ -120,19 +120,11 @@ class Sample:
 
 def read_split(root: str | os.PathLike, imageset: str) -> list[Sample]:
     """The images of an imageset with their normalised ground truth, in imageset order."""
-    root = Path(root)
-    path = Path(imageset) if os.path.isabs(imageset) else root / imageset
-    if not path.is_file():
-        raise ValueError(f"imageset {path} does not exist; --data must be an ILSVRC-format root with "
-                         "ImageSets/DET/<split>.txt (e.g. made by `ircnn data synth`)")
-    names = read_imageset(str(path))
-    annotations = read_annotations(str(root / "Annotations" / "DET"), names)
     samples = []
-    for name, index in names.items():
-        a = annotations[index]
+    for name, a in read_det_split(str(root), imageset):
         scale = np.array([a.width, a.height, a.width, a.height], dtype=np.float64)
         boxes = np.clip(a.boxes / scale, 0.0, 1.0).astype(np.float32).reshape(-1, 4)
-        samples.append(Sample(root / "Data" / "DET" / (name + IMAGE_SUFFIX), boxes))
+        samples.append(Sample(Path(root) / "Data" / "DET" / (name + IMAGE_SUFFIX), boxes))
     return samples
 
 
