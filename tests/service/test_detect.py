@@ -421,3 +421,33 @@ def test_save_vis_draws_boxes_on_copies_of_the_inputs(tmp_path, capsys, model, i
     assert (image_dir / "a.jpg").read_bytes()[:300] == (image_dir / "broken.jpg").read_bytes()  # inputs untouched
     code, _, err = run(capsys, "detect", image_dir, "--model", model, "--save-vis", image_dir)
     assert code == 2 and "files inside the --save-vis folder are left out" in err
+
+
+def test_backend_and_cascade_flags_reach_the_detector(tmp_path, capsys, tiny_bundle, image_dir, monkeypatch):
+    """`--backend onnxruntime` gives torch's detections (fp32, within 1e-4); `--cascade K` with one member changes
+    nothing and with two members scores with member 0 outside each image's top K."""
+    from detector.bundle import Preprocess, save_bundle
+
+    monkeypatch.setenv("IRCNN_CACHE_DIR", str(tmp_path / "cache"))
+    bundle = tiny_bundle(members=2, width=0.125, task="det200-from-cls1000")
+    bundle.preprocess = Preprocess(size=64, mean=bundle.preprocess.mean, std=bundle.preprocess.std)
+    model = save_bundle(tmp_path / "model", bundle)
+    image = image_dir / "a.jpg"
+
+    def detect(*flags):
+        code, out, err = run(capsys, "detect", image, "--model", model, "--score-threshold", 0, *flags)
+        assert code == 0, err
+        return json.loads(out)["detections"]
+
+    reference = detect()
+    assert not (tmp_path / "cache").exists()
+    onnx = detect("--backend", "onnxruntime")
+    assert len(list((tmp_path / "cache").rglob("*.onnx"))) == 2  # both members exported: the flag took effect
+    for got in (onnx, detect("--cascade", 3000)):
+        assert [d["det_id"] for d in got] == [d["det_id"] for d in reference]
+        np.testing.assert_allclose([d["score"] for d in got], [d["score"] for d in reference], atol=1e-4)
+        np.testing.assert_allclose([d["box"] for d in got], [d["box"] for d in reference], atol=1e-3)
+    cascaded = detect("--cascade", 1)  # only the best region gets member 1's opinion
+    assert [d["score"] for d in cascaded] != [d["score"] for d in reference]
+    code, _, err = run(capsys, "detect", image, "--model", model, "--backend", "onnxruntime", "--precision", "bf16")
+    assert code == 2 and "onnxruntime runs fp32 only" in err
