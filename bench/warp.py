@@ -1,7 +1,7 @@
 """Regions/s of R-CNN's warp (``detector/warp.py``): its two backends against per-box loops, 1000 random boxes on
 a 500x375 photo, best of 3.
 
-    python -P bench/warp.py [--threads N]
+    python bench/warp.py [--threads N]
 
 The per-box ``cv2.warpAffine`` backend (the CPU default) against the batched ``grid_sample`` one (used for images
 on a GPU), a per-box loop over the batched code (what batching saves), and pad + crop the rounded box +

@@ -6,12 +6,12 @@ does not depend on its weights, so a randomly initialised full-width network sta
 a bundle with a trained one. The images are scikit-image's bundled photos resized to 500 px wide (R-CNN's
 working size, so selective search does no further resizing).
 
-    python -P bench/proposals.py                 # about half a minute on 2 cores
-    python -P bench/proposals.py --model BUNDLE  # the bundle's MultiBox network
-    python -P bench/proposals.py --json
+    python bench/proposal_speed.py                 # about half a minute on 2 cores
+    python bench/proposal_speed.py --model BUNDLE  # the bundle's MultiBox network
+    python bench/proposal_speed.py --json
 
-``-P`` keeps this file's folder off ``sys.path``; without it ``import proposals`` would find this file instead
-of the package.
+(Issue 4 named this file ``bench/proposals.py``; that name would shadow the ``proposals`` package for every script
+in ``bench/``, which Python runs with ``bench/`` first on ``sys.path``.)
 """
 
 from __future__ import annotations
@@ -19,12 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-
-if not sys.flags.safe_path:
-    sys.exit("run this benchmark as `python -P bench/proposals.py`: without -P, `import proposals` finds this "
-             "file instead of the package")
 
 import numpy as np
 import torch
