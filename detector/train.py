@@ -332,6 +332,16 @@ def load_checkpoint(path: Path, run: dict) -> dict:
 # ---- training --------------------------------------------------------------------------------------------
 
 
+def restore_training(doc: dict, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, sched) -> tuple[int, int, int]:
+    """Load a checkpoint's model, averaged weights, optimiser and schedule; returns (epoch, step in epoch, step)."""
+    model.load_state_dict(doc["model"])
+    ema.model.load_state_dict(doc["ema"])
+    ema.updates = doc["ema_updates"]
+    opt.load_state_dict(doc["optimizer"])
+    sched.load_state_dict(doc["scheduler"])
+    return doc["epoch"], doc["step_in_epoch"], doc["step"]
+
+
 def top1(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
     """Fraction of images whose highest-scoring output is their class; ``model`` maps ``Tensor[B, 3, S, S]``
     to ``Tensor[B, C]`` in eval mode."""
@@ -369,12 +379,7 @@ def train_member(cfg: TrainConfig, member: int, arch: GoogLeNetConfig, data: Fol
     sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # [loss sum, steps] of this epoch so far
     history: list[dict] = []
     if resume_doc is not None:
-        model.load_state_dict(resume_doc["model"])
-        ema.model.load_state_dict(resume_doc["ema"])
-        ema.updates = resume_doc["ema_updates"]
-        opt.load_state_dict(resume_doc["optimizer"])
-        sched.load_state_dict(resume_doc["scheduler"])
-        epoch, step_in_epoch, step = resume_doc["epoch"], resume_doc["step_in_epoch"], resume_doc["step"]
+        epoch, step_in_epoch, step = restore_training(resume_doc, model, ema, opt, sched)
         history = list(resume_doc["history"])
         if d.main:  # the other processes' shares are in the saved sum already
             sums = resume_doc["loss_sums"].to(d.device, torch.float64)
@@ -451,6 +456,24 @@ def train_member(cfg: TrainConfig, member: int, arch: GoogLeNetConfig, data: Fol
     return {k: v.detach().cpu().contiguous() for k, v in ema.model.state_dict().items()}, history
 
 
+def save_member(ckpt_dir: Path, member: int, weights: dict[str, Tensor], history: list[dict]) -> None:
+    """A finished member's averaged weights and its per-epoch records, kept until every member is done."""
+    save_file(weights, str(ckpt_dir / f"member{member}.safetensors"), metadata={"history": json.dumps(history)})
+
+
+def load_members(ckpt_dir: Path, count: int, arch: GoogLeNetConfig) -> list[tuple[GoogLeNet, list[dict]]]:
+    """The ``count`` members ``save_member`` wrote, as eval-mode networks with their per-epoch records."""
+    out = []
+    for member in range(count):
+        file = str(ckpt_dir / f"member{member}.safetensors")
+        with safe_open(file, "pt") as f:
+            history = json.loads(f.metadata()["history"])
+        net = GoogLeNet(arch)
+        net.load_state_dict(load_file(file))
+        out.append((net.eval(), history))
+    return out
+
+
 def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] = lambda record: None) -> Bundle | None:
     """Train ``cfg.members`` GoogLeNets on ``cfg.data`` and write their averaged weights as a bundle.
 
@@ -495,20 +518,14 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] = lambda record: No
             weights, history = train_member(cfg, member, arch, data, val, d, run, ckpt_path, init,
                                             doc if member == first else None, on_epoch)
             if d.main:  # finished members wait here for the bundle; the checkpoint moves on to the next
-                save_file(weights, str(ckpt_dir / f"member{member}.safetensors"),
-                          metadata={"history": json.dumps(history)})
+                save_member(ckpt_dir, member, weights, history)
         if not d.main:
             return None
         members, records = [], []
-        for member in range(cfg.members):
-            file = str(ckpt_dir / f"member{member}.safetensors")
-            with safe_open(file, "pt") as f:
-                history = json.loads(f.metadata()["history"])
+        for member, (net, history) in enumerate(load_members(ckpt_dir, cfg.members, arch)):
             curve = [{k: r[k] for k in ("epoch", "step", "complete", "train_loss", "val_top1", "lr")} for r in history]
             records.append({"member": member, "seed": cfg.seed + member, "epochs": curve})
-            m = GoogLeNet(arch)
-            m.load_state_dict(load_file(file))
-            members.append(m.eval())
+            members.append(net)
         provenance = {
             "source": "train-classifier", "data": str(cfg.data), "data_classes": len(classes.folders),
             "member_seeds": [cfg.seed + i for i in range(cfg.members)],

@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -58,11 +57,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from detector.bundle import MAX_MEMBERS, Bundle, Preprocess, load_bundle, save_bundle
+from detector.bundle import MAX_MEMBERS, Bundle, Preprocess, file_sha256, load_bundle, save_bundle
 from detector.googlenet import VARIANTS, GoogLeNet, GoogLeNetConfig, googlenet_loss
 from detector.image import read_image
 from detector.rcnn import fill_colour
-from detector.train import EMA, Dist, _seed, _sum_over_processes, setup_dist
+from detector.train import EMA, Dist, _seed, _sum_over_processes, load_members, save_member, setup_dist
 from eval.classes import det200
 from eval.formats import read_split
 
@@ -286,17 +285,9 @@ def proposal_settings(cfg: DetectorTrainConfig) -> dict:
         if name is None:
             raise ValueError(f"--multibox-from {cfg.multibox_from} has no MultiBox network; train one with "
                              f"`ircnn train multibox --out {cfg.multibox_from}`")
-        multibox = {"sha256": _file_sha256(Path(cfg.multibox_from) / name)}
+        multibox = {"sha256": file_sha256(Path(cfg.multibox_from) / name)}
     return {"format": 1, "selective_search": ss, "multibox": multibox,
             "merge": dataclasses.asdict(MergeConfig(max_proposals=cfg.max_proposals))}
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def compute_proposals(cfg: DetectorTrainConfig, images: list[DetImage], cache: ProposalCache, d: Dist,
@@ -733,21 +724,15 @@ def train_detector(cfg: DetectorTrainConfig, on_epoch: Callable[[dict], None] = 
             weights, history = train_member(cfg, member, images, windows, d, run, ckpt_dir,
                                             resume if index == first else None, on_epoch)
             if d.main:  # finished members wait here for the bundle
-                save_file(weights, str(ckpt_dir / f"member{index}.safetensors"),
-                          metadata={"history": json.dumps(history)})
+                save_member(ckpt_dir, index, weights, history)
         if not d.main:
             return None
         members, records = [], []
-        for index in range(cfg.members):
-            file = str(ckpt_dir / f"member{index}.safetensors")
-            with safe_open(file, "pt") as f:
-                history = json.loads(f.metadata()["history"])
+        for index, (net, history) in enumerate(load_members(ckpt_dir, cfg.members, arch)):
             curve = [{k: r[k] for k in ("epoch", "step", "complete", "train_loss", "fg_accuracy", "bg_accuracy",
                                         "lr")} for r in history]
             records.append({**member_variant(cfg, index), "epochs": curve})
-            net = GoogLeNet(arch)
-            net.load_state_dict(load_file(file))
-            members.append(net.eval())
+            members.append(net)
         vocab = det200()
         provenance = {
             "source": "train-detector", "data": str(cfg.data), "imageset": cfg.imageset,

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from detector.bundle import load_bundle, read_manifest
 from detector.googlenet import VARIANTS
 from detector.image import read_image
-from detector.train import CHECKPOINT_FORMAT, EMA, load_checkpoint, save_checkpoint
+from detector.train import CHECKPOINT_FORMAT, EMA, load_checkpoint, restore_training, save_checkpoint
 from eval.formats import read_split as read_det_split
 from proposals.multibox import (ALPHA, MultiBox, MultiBoxConfig, kmeans_priors, multibox_loss,
                                 resize_image, save_multibox)
@@ -270,12 +270,7 @@ def train_multibox(cfg: MultiBoxTrainConfig, on_epoch: Callable[[dict], None] = 
     sums = np.zeros(4)  # this epoch so far: loss, location, confidence, matched (sums over steps)
     history: list[dict] = []
     if doc is not None:
-        model.load_state_dict(doc["model"])
-        ema.model.load_state_dict(doc["ema"])
-        ema.updates = doc["ema_updates"]
-        opt.load_state_dict(doc["optimizer"])
-        sched.load_state_dict(doc["scheduler"])
-        epoch, step_in_epoch, step = doc["epoch"], doc["step_in_epoch"], doc["step"]
+        epoch, step_in_epoch, step = restore_training(doc, model, ema, opt, sched)
         sums = doc["sums"].numpy().copy()
         history = list(doc["history"])
 
