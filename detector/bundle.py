@@ -206,7 +206,8 @@ def init_bundle(arch: GoogLeNetConfig, members: int = 1, seed: int = 0, task: st
     return Bundle(arch=arch, task=task, members=models, preprocess=preprocess or Preprocess(), provenance=provenance)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -228,7 +229,7 @@ def import_torchvision(file: str | os.PathLike, input_range: str = "auto", task:
     file = Path(file)
     if not file.is_file():
         raise BundleError(f"{file} does not exist; download torchvision's {TORCHVISION_CHECKPOINT} or pass its path")
-    digest = _sha256(file)
+    digest = file_sha256(file)
     if input_range == "auto":
         input_range = "unit" if digest.startswith(TORCHVISION_CHECKPOINT_SHA256_PREFIX) else "imagenet"
     if input_range not in ("unit", "imagenet"):
