@@ -144,9 +144,10 @@ def iter_journal(path: str | os.PathLike) -> Iterator[dict]:
     return (doc for _, doc in _journal_records(path))
 
 
-def _journal_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """``iter_journal`` with the byte offset of each record's line."""
-    seen: set[str] = set()
+def _journal_lines(path: str | os.PathLike, hint: str = "") -> Iterator[tuple[int, int, str, dict]]:
+    """``(start, end, image, record)`` of every complete line of a journal, repeats included; stops at a last
+    line without its newline. A line that is not a detect record raises ValueError naming the file, the line and
+    ``hint``."""
     offset = 0
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
@@ -159,11 +160,17 @@ def _journal_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             try:
                 doc = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            image = _check_record(doc, where)
-            if image not in seen:
-                seen.add(image)
-                yield start, doc
+                raise ValueError(f"{where}: invalid JSON ({e}){hint}") from None
+            yield start, offset, _check_record(doc, where), doc
+
+
+def _journal_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``iter_journal`` with the byte offset of each record's line."""
+    seen: set[str] = set()
+    for start, _, image, doc in _journal_lines(path):
+        if image not in seen:
+            seen.add(image)
+            yield start, doc
 
 
 def journal_offsets(path: str | os.PathLike) -> dict[str, int]:
@@ -187,28 +194,17 @@ def repair_journal(path: str | os.PathLike) -> tuple[set[str], set[str]]:
     """
     images: set[str] = set()
     failed: set[str] = set()
-    complete = 0  # bytes up to the end of the last complete line
+    complete = 0  # bytes up to the end of the last complete record (a cut line or trailing blank lines go)
     duplicates = False
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
-                break
-            complete += len(line)
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                doc = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{where}: invalid JSON ({e}); --resume continues only files that `ircnn detect` "
-                                 "wrote: pass another --out, or leave out --resume to start over") from None
-            image = _check_record(doc, where)
-            if image in images:
-                duplicates = True
-                continue
-            images.add(image)
-            if "error" in doc:
-                failed.add(image)
+    hint = ("; --resume continues only files that `ircnn detect` wrote: pass another --out, or leave out --resume "
+            "to start over")
+    for _, complete, image, doc in _journal_lines(path, hint):
+        if image in images:
+            duplicates = True
+            continue
+        images.add(image)
+        if "error" in doc:
+            failed.add(image)
     if duplicates:  # not written by one run of ours (two runs into one file?): rewrite without them
         _atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in iter_journal(path)))
     elif complete < os.path.getsize(path):
