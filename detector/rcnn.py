@@ -20,10 +20,18 @@ Two kinds of bundle give DET scores (``RegionScorer``):
 
 NMS follows R-CNN: each class on its own, greedy, a box dropped when its IoU with a better one of the same class
 is above ``nms_iou`` (0.3). Then the ``score_threshold`` and the ``max_detections`` best of the image are kept.
+
+Whole objects (``DetectConfig.whole_objects``, not in the paper): an ImageNet classifier used without detection
+training scores an object's most telling part (a cat's face) above the whole object, and NMS keeps both because
+their IoU is small. For such bundles the detector, by default, (1) scores the ``context_frames`` likeliest regions
+again on their context frame (ContextLocNet's contrast: the box blanked, its surroundings shown) and keeps
+``p(box) * (1 - p(frame))``, and (2) after NMS drops a detection lying mostly inside a larger, nearly as confident
+one of its class. ``bench/transfer_detector.py`` measures each step on real photos and a synthetic set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -34,13 +42,14 @@ from torchvision.ops import batched_nms
 
 from detector.bundle import Bundle, Preprocess, check_det_ids
 from detector.ensemble import Ensemble, EnsembleConfig
-from detector.warp import MAX_REGIONS, check_boxes, check_image, warp_regions
+from detector.warp import MAX_REGIONS, check_boxes, check_image, warp_frames, warp_regions
 from eval.classes import det200, det200_from_cls1000
 from proposals.combine import MergeConfig, ProposalGenerator, Proposals
 from proposals.multibox import load_multibox
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
 FROM_CLS_TASKS = ("det200-from-cls1000", "cls1000")  # 1000-way ImageNet heads, mapped to DET classes
+WHOLE_OBJECTS = ("auto", "on", "off")
 MIN_SIDE = 1.0  # proposals narrower or lower than this (after clipping to the image) are not scored
 
 
@@ -56,6 +65,20 @@ class DetectConfig:
     cascade_top_k: int | None = None  # None: every member scores every region; K: member 0 scores all, the
     #                                   others only the K regions of each image that member 0 rates least background
     warp_chunk: int = 128  # regions warped and scored at a time: 128 x 150 KB of uint8 at 224 px
+    # Whole objects over their parts, for classifiers that never learnt a background class (``det200-from-cls1000``
+    # bundles): their most confident windows are an object's most telling parts (a cat's face). "auto": on for
+    # such bundles, off for det200 detectors fine-tuned with a background class; "on", "off". Two steps:
+    whole_objects: str = "auto"
+    # 1. context frames (``contrast_frames``): the ``context_frames`` regions least likely background are scored
+    #    again on their surrounding frame (the box ``frame_scale`` times larger, the box blanked); a class keeps
+    #    p(box) * (1 - p(frame)), since a part has more of its object around it than the whole has. Only those
+    #    regions can become detections.
+    context_frames: int = 300
+    frame_scale: float = 1.8
+    # 2. parts (``suppress_parts``): after NMS, a detection with ``part_overlap`` of its area inside a larger
+    #    same-class detection scoring at least ``part_ratio`` times as high is dropped.
+    part_overlap: float = 0.8
+    part_ratio: float = 0.8
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def __post_init__(self) -> None:
@@ -73,6 +96,16 @@ class DetectConfig:
             raise ValueError(f"cascade_top_k must be None or in 1..{MAX_REGIONS}, got {self.cascade_top_k}")
         if not 1 <= self.warp_chunk <= 1024:
             raise ValueError(f"warp_chunk must be in 1..1024, got {self.warp_chunk}")
+        if self.whole_objects not in WHOLE_OBJECTS:
+            raise ValueError(f"whole_objects must be one of {', '.join(WHOLE_OBJECTS)}, got {self.whole_objects!r}")
+        if not 0.0 < self.part_overlap <= 1.0:
+            raise ValueError(f"part_overlap must be in (0, 1], got {self.part_overlap}")
+        if not 0.0 < self.part_ratio <= 10.0:
+            raise ValueError(f"part_ratio must be in (0, 10], got {self.part_ratio}")
+        if not 1 <= self.context_frames <= MAX_REGIONS:
+            raise ValueError(f"context_frames must be in 1..{MAX_REGIONS}, got {self.context_frames}")
+        if not 1.0 < self.frame_scale <= 4.0:
+            raise ValueError(f"frame_scale must be in (1, 4], got {self.frame_scale}")
 
 
 @dataclass
@@ -187,12 +220,21 @@ class RegionScorer:
             probs[top] = (probs[top] + (n - 1) * rest) / n  # the average over all n members
         return probs, seconds
 
-    def _run(self, source, boxes: Tensor, seconds: dict[str, float], members: list[int] | None = None) -> Tensor:
+    @torch.inference_mode()
+    def score_frames(self, image: np.ndarray, boxes: Tensor, seconds: dict[str, float] | None = None) -> Tensor:
+        """``boxes (Tensor[R, 4])`` -> ``Tensor[R, K + 1]``, the DET probabilities of each box's context frame
+        (``detector.warp.warp_frames``, ``config.frame_scale``), averaged over all members."""
+        seconds = {"warp": 0.0, "networks": 0.0} if seconds is None else seconds
+        return self._run(image, check_boxes(boxes), seconds, frames=True)
+
+    def _run(self, source, boxes: Tensor, seconds: dict[str, float], members: list[int] | None = None,
+             frames: bool = False) -> Tensor:
         out = []
         for start in range(0, len(boxes), self.config.warp_chunk):
             t0 = time.perf_counter()
-            regions = warp_regions(source, boxes[start:start + self.config.warp_chunk], self.size,
-                                   self.context, self.fill)  # [n, 3, size, size] uint8
+            chunk = boxes[start:start + self.config.warp_chunk]
+            regions = (warp_frames(source, chunk, self.size, self.config.frame_scale, self.fill) if frames else
+                       warp_regions(source, chunk, self.size, self.context, self.fill))  # [n, 3, size, size] uint8
             t1 = time.perf_counter()
             out.append(self.to_det(self.ensemble(regions, members)).float().cpu())
             seconds["warp"] += t1 - t0
@@ -200,6 +242,49 @@ class RegionScorer:
         if not out:
             return torch.zeros(0, len(self.det_ids) + 1)
         return torch.cat(out)
+
+
+def contrast_frames(probs: Tensor, frame_probs: Tensor) -> Tensor:
+    """``probs``, ``frame_probs``: ``Tensor[R, K + 1]`` of the boxes and of their context frames -> the boxes'
+    class scores ``p(box) * (1 - p(frame))`` (column 0, background, is kept as it was)."""
+    out = probs.clone()
+    out[:, 1:] = probs[:, 1:] * (1.0 - frame_probs[:, 1:]).clamp(min=0.0)
+    return out
+
+
+def suppress_parts(dets: Detections, overlap: float, ratio: float) -> Detections:
+    """Drop each detection that is a part of a same-class detection: at least ``overlap`` of its box's area lies
+    inside a larger box of its class that scores at least ``ratio`` times as high. Weakly supervised localisation
+    sees this failure throughout (a classifier's most confident window is the most discriminative part: a cat's
+    face, a mug's handle); per-class NMS keeps such parts because their IoU with the whole is small. ``dets`` sorted
+    by score stays sorted."""
+    if len(dets) < 2:
+        return dets
+    boxes = dets.boxes
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [D]
+    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])  # [D, D, 2]
+    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)  # [D, D]: part i, whole j
+    inside = inter / area.clamp(min=1e-6)[:, None] >= overlap
+    larger = area[None, :] > area[:, None]
+    same = dets.det_ids[:, None] == dets.det_ids[None, :]
+    strong = dets.scores[None, :] >= ratio * dets.scores[:, None]
+    part = (inside & larger & same & strong).any(dim=1)  # [D]
+    keep = ~part
+    return Detections(boxes=dets.boxes[keep], scores=dets.scores[keep], det_ids=dets.det_ids[keep],
+                      seconds=dets.seconds, regions=dets.regions)
+
+
+def postprocess(boxes: Tensor, probs: Tensor, det_ids: Tensor, config: DetectConfig = DetectConfig(),
+                whole_objects: bool = False) -> Detections:
+    """Per-class NMS, then (``whole_objects``) part suppression, then the per-image cap: what ``Detector.score``
+    does with one image's scored regions (``boxes (Tensor[R, 4])``, ``probs (Tensor[R, K + 1])``)."""
+    if not whole_objects:
+        return nms_per_class(boxes, probs, det_ids, config)
+    wide = dataclasses.replace(config, max_detections=10_000)  # parts go first, then the cap
+    dets = suppress_parts(nms_per_class(boxes, probs, det_ids, wide), config.part_overlap, config.part_ratio)
+    n = config.max_detections
+    return Detections(boxes=dets.boxes[:n], scores=dets.scores[:n], det_ids=dets.det_ids[:n])
 
 
 def nms_per_class(boxes: Tensor, probs: Tensor, det_ids: Tensor, config: DetectConfig = DetectConfig()) -> Detections:
@@ -238,6 +323,9 @@ class Detector:
         self.scorer = scorer
         self.proposals = proposals
         self.config = config
+        # whole objects over parts for classifiers mapped to DET classes (no background class of their own)
+        self.whole_objects = config.whole_objects == "on" or (config.whole_objects == "auto"
+                                                              and scorer.cls_to_det is not None)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, config: DetectConfig = DetectConfig(), selective_search: bool = True,
@@ -272,10 +360,14 @@ class Detector:
                              boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
         boxes = boxes[((boxes[:, 2] - boxes[:, 0]) >= MIN_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_SIDE)]
         probs, seconds = self.scorer.score_regions(image, boxes)
+        regions = len(boxes)
+        if self.whole_objects and len(boxes):
+            top = probs[:, 0].argsort()[: self.config.context_frames]  # least background first
+            boxes, probs = boxes[top], contrast_frames(probs[top], self.scorer.score_frames(image, boxes[top], seconds))
         start = time.perf_counter()
-        dets = nms_per_class(boxes, probs, self.scorer.det_ids, self.config)
+        dets = postprocess(boxes, probs, self.scorer.det_ids, self.config, self.whole_objects)
         seconds["nms"] = time.perf_counter() - start
-        dets.seconds, dets.regions = seconds, len(boxes)
+        dets.seconds, dets.regions = seconds, regions
         return dets
 
     def detect(self, image: np.ndarray) -> Detections:

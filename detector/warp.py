@@ -172,3 +172,23 @@ def _warp_torch(image: Tensor, dilated: Tensor, size: int, fill: tuple[int, int,
         out[start:start + n] = warped.clamp_(0, 255.5)
     return out
 
+
+
+def warp_frames(image: np.ndarray | Tensor, boxes: Tensor, size: int = 224, scale: float = 1.8,
+                fill: tuple[int, int, int] = (124, 116, 104)) -> Tensor:
+    """Each box's context frame (ContextLocNet, Kantorov et al. 2016): the box enlarged ``scale`` times in width
+    and height around its centre, warped to ``size x size``, with the box itself filled with ``fill`` (zero after
+    normalisation), so that the network sees only what surrounds the box.
+
+    ``boxes (Tensor[R, 4])`` -> uint8 ``Tensor[R, 3, size, size]`` (as ``warp_regions``).
+    """
+    if not 1.0 < scale <= 4.0:
+        raise ValueError(f"scale must be in (1, 4], got {scale}")
+    boxes = check_boxes(boxes)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # [R, 2]
+    half = (boxes[:, 2:] - boxes[:, :2]) * (scale / 2)  # [R, 2]
+    frames = warp_regions(image, torch.cat([centre - half, centre + half], dim=1), size, 0, fill)
+    inner = round(size * (1 - 1 / scale) / 2)  # the box's margin inside the warped frame
+    frames[:, :, inner:size - inner, inner:size - inner] = torch.tensor(fill, dtype=torch.uint8,
+                                                                         device=frames.device).view(1, 3, 1, 1)
+    return frames

@@ -267,7 +267,8 @@ def _build_detector(bundle, ensemble, settings: Settings):
     from detector.rcnn import DetectConfig, Detector
 
     try:
-        config = DetectConfig(max_detections=MAX_DETECTIONS, max_regions=settings.max_regions, ensemble=ensemble)
+        config = DetectConfig(max_detections=MAX_DETECTIONS, max_regions=settings.max_regions,
+                              whole_objects=settings.whole_objects, ensemble=ensemble)
         return Detector.from_bundle(bundle, config, selective_search=settings.selective_search)
     except ValueError as e:
         log.info("detection off: %s", e)

@@ -892,6 +892,11 @@ def _add_detect_command(sub) -> None:
                    "at the inputs' relative paths (files already inside DIR are not inputs)")
     p.add_argument("--vis-threshold", type=float, default=0.3, metavar="T",
                    help="draw detections scoring at least T (default 0.3)")
+    p.add_argument("--whole-objects", choices=("auto", "on", "off"), default="auto",
+                   help="prefer whole objects over their parts: each likely region is scored against its surrounding "
+                        "frame and detections inside a larger, nearly as confident one of their class are dropped "
+                        "(auto: on for det200-from-cls1000 bundles, whose ImageNet classifiers know no background; "
+                        "off for det200 detectors trained with one)")
     p.add_argument("--selective-search", choices=("on", "off"), default="on")
     p.add_argument("--coarsen", type=float, default=2.0, help="superpixel size multiplier of selective search "
                    "(the paper: 2)")
@@ -952,7 +957,7 @@ def _cmd_detect(args) -> int:
     from service.batch import BatchConfig, DetectorSpec, run_batch
 
     config = DetectConfig(score_threshold=args.score_threshold, max_detections=args.max_detections,
-                          nms_iou=args.nms_iou, cascade_top_k=args.cascade,
+                          nms_iou=args.nms_iou, cascade_top_k=args.cascade, whole_objects=args.whole_objects,
                           ensemble=EnsembleConfig(batch_size=args.batch_size, precision=args.precision,
                                                   backend=args.backend))
     spec = DetectorSpec(args.model, config, selective_search=args.selective_search == "on",

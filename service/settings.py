@@ -35,6 +35,9 @@ class Settings(BaseSettings):
                                    "(plus MultiBox when the bundle has one)")
     max_regions: int = Field(3000, ge=1, le=3000, description="proposals scored per image by the detector "
                              "(latency against recall; the paper's R-CNN scores about 2000)")
+    whole_objects: Literal["auto", "on", "off"] = Field("auto", description="prefer whole objects over their parts "
+                                                        "(context frames + part suppression); auto: on for "
+                                                        "det200-from-cls1000 bundles, off for det200")
     api_token: SecretStr | None = Field(None, description="when set, every /v1 route needs "
                                         "`Authorization: Bearer <token>`")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503 answer")

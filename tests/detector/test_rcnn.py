@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import json
 from importlib import resources
@@ -225,6 +227,35 @@ def test_detector_clips_proposals_and_caps_regions(tiny_bundle, photo):
     assert set(dets.seconds) == {"selective_search", "warp", "networks", "nms"}
     empty = detector.score(photo, Proposals.from_selective_search(np.zeros((0, 4))))
     assert len(empty) == 0 and empty.regions == 0
+
+
+def test_whole_objects_is_on_for_imagenet_classifiers_and_off_for_trained_detectors(tiny_bundle, photo):
+    from detector.rcnn import contrast_frames, suppress_parts
+
+    boxes = np.array([[0, 0, 150, 110], [10, 10, 60, 50], [70, 30, 155, 115], [80, 40, 120, 80]], np.float32)
+    proposals = ProposalGenerator(selective_search=lambda im: boxes)
+    from_cls = tiny_bundle(task="det200-from-cls1000")
+    from_cls.preprocess = SMALL
+    trained = tiny_bundle(num_classes=4, task="det200")
+    trained.preprocess, trained.provenance["det_ids"] = SMALL, [1, 2, 3]
+    for bundle, expected in ((from_cls, True), (trained, False)):
+        for mode, on in (("auto", expected), ("on", True), ("off", False)):
+            config = DetectConfig(score_threshold=0.0, whole_objects=mode, context_frames=3)
+            detector = Detector(RegionScorer(bundle, config), proposals, config)
+            assert detector.whole_objects is on, (bundle.task, mode)
+            dets = detector.detect(photo)
+            scorer, regions = detector.scorer, detector.propose(photo).boxes  # [4, 4] in the generator's order
+            probs = scorer(photo, regions)
+            if on:  # the 3 least-background regions, contrasted with their frames, then parts dropped
+                top = probs[:, 0].argsort()[:3]
+                framed = contrast_frames(probs[top], scorer.score_frames(photo, regions[top]))
+                wide = dataclasses.replace(config, max_detections=10_000)
+                expect = suppress_parts(nms_per_class(regions[top], framed, scorer.det_ids, wide),
+                                        config.part_overlap, config.part_ratio)
+            else:
+                expect = nms_per_class(regions, probs, scorer.det_ids, config)
+            assert torch.equal(dets.boxes, expect.boxes[:100]) and torch.allclose(dets.scores, expect.scores[:100])
+            assert dets.regions == 4
 
 
 def test_detector_end_to_end_on_a_photo_with_selective_search(tiny_bundle, tmp_path):

