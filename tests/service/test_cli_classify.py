@@ -61,6 +61,10 @@ def test_model_init_and_info_text(tmp_path, capsys):
     assert code == 0 and "member_seeds" in out and "[3, 4]" in out
     code, _, err = run(capsys, "model", "info", tmp_path / "nothing")
     assert code == 2 and "no model.json" in err and "ircnn model init" in err
+    assert f"{tmp_path / 'nothing'} does not exist; check the path" in err  # a typo, not a missing bundle
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "model", "info", tmp_path / "empty")
+    assert code == 2 and "is not a model bundle (no model.json)" in err and "check the path" not in err
     code, _, err = run(capsys, "model", "init", "--out", tmp_path / "c", "--members", 0)
     assert code == 2 and "--members" in err
 
@@ -108,6 +112,7 @@ def test_classify_without_model_offline_says_what_to_do(tmp_path, capsys, monkey
     code, _, err = run(capsys, "classify", image_dir / "good.jpg")
     assert code == 2
     assert "googlenet-1378be20.pth" in err and str(tmp_path / "torch") in err and "--model" in err
+    assert "https://download.pytorch.org/models/googlenet-1378be20.pth" in err  # to fetch on another machine
 
 
 def test_classify_rejects_bad_arguments(tmp_path, capsys, tiny_bundle, image_dir):
