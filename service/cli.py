@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from detector.cpus import default_workers
 
 # Literal here so that building the parser does not import torch (``ircnn data synth`` never needs it);
 # tests/service checks it equals detector.googlenet.VARIANTS.
@@ -179,7 +180,9 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
     p.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default 0.01)")
     p.add_argument("--weight-decay", type=float, default=2e-4, help="on weights, not biases (default 2e-4)")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
+    p.add_argument("--workers", type=int, default=default_workers(4),
+                   help=f"data loading processes per training process (default: one per core, at most 4: "
+                   f"{default_workers(4)} here)")
     p.add_argument("--variant", choices=VARIANTS, help="a new network's variant (default paper)")
     p.add_argument("--width", type=float, help="a new network's channel multiplier (default 1.0)")
     p.add_argument("--size", type=int, default=224, help="network input side (default 224)")
@@ -233,7 +236,8 @@ def _add_train_commands(sub) -> None:
                    help="mid-epoch checkpoint interval (0: epoch ends only; default 2000)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="Polyak averaging decay (default 0.999)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: no limit)")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--workers", type=int, default=default_workers(4),
+                   help=f"data loading processes (default: one per core, at most 4: {default_workers(4)} here)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--json", action="store_true", help="one JSON line per epoch, then a summary document")
     p.set_defaults(func=_cmd_train_multibox)
@@ -285,7 +289,8 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--checkpoint-dir", metavar="DIR", help="default BUNDLE_DIR/.detector-checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS",
                    help="mid-epoch checkpoint interval (0: epoch ends only; default 200)")
-    p.add_argument("--workers", type=int, default=2, help="window loading processes (default 2)")
+    p.add_argument("--workers", type=int, default=default_workers(2),
+                   help=f"window loading processes (default: one per core, at most 2: {default_workers(2)} here)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--json", action="store_true", help="JSON lines: the proposal summary, one per epoch, then "
                    "the bundle's description")
@@ -522,7 +527,7 @@ def _add_data_commands(sub) -> None:
                    help="share of the images (the last ones) in val (default 0.2)")
     p.add_argument("--size", type=int, default=500, metavar="PX",
                    help="longer image side; the shorter is 0.6..1.0 of it (default 500, as ILSVRC)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=int, default=default_workers(os.cpu_count() or 1),
                    help="processes (default: one per core); the files do not depend on it")
     p.add_argument("--overwrite", action="store_true",
                    help="also replace a set's paths in a non-empty directory that holds no synthetic set")
