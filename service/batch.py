@@ -331,8 +331,19 @@ class DetectOutput:
 # ---- inputs ----------------------------------------------------------------------------------------------
 
 
+def check_paths(paths: Iterable[str | os.PathLike]) -> None:
+    """Raise ValueError naming the PATH arguments that do not exist: a usage error, found before any work (and,
+    in ``ircnn detect`` and ``ircnn classify``, before the model loads)."""
+    missing = [str(p) for p in paths if not os.path.exists(p)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"no such file or directory: {', '.join(missing[:3])}{more}; check the path"
+                         f"{'s' if len(missing) > 1 else ''}")
+
+
 def input_files(inputs: list[str | os.PathLike]) -> list[Path]:
-    """``list_images`` of the PATH arguments, each file once (the first spelling kept)."""
+    """``list_images`` of the PATH arguments, each file once (the first spelling kept); ``check_paths`` first."""
+    check_paths(inputs)
     seen: set[str] = set()
     out = []
     for p in list_images(inputs):
@@ -474,8 +485,9 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
     ``make_detector()`` returns a ``detector.rcnn.Detector`` (closed at the end); it is called only when there is
     an image left to detect. ``engine(todo)``, when given, replaces that in-process loop (``local_engine``): it
     yields the ``Result`` of every path of ``todo`` (the inputs not in the output yet), in any order
-    (``service.ray_engine.RayEngine``); ``make_detector`` is then not used. Raises ValueError before any work for bad inputs (no images, an image outside the
-    imageset, a --save-vis copy that would overwrite an input, an output --resume cannot continue).
+    (``service.ray_engine.RayEngine``); ``make_detector`` is then not used. Raises ValueError before any work for
+    bad inputs (a path that does not exist, no images, an image outside the imageset, a --save-vis copy that would
+    overwrite an input, an output --resume cannot continue).
     """
     files = input_files(inputs)
     note = ""

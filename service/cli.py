@@ -14,9 +14,13 @@ import time
 
 from detector.cpus import default_workers
 
-# Literal here so that building the parser does not import torch (``ircnn data synth`` never needs it);
-# tests/service checks it equals detector.googlenet.VARIANTS.
+
+# Literals here so that building the parser imports nothing heavy (torch, cv2, numpy): `ircnn --help`, any
+# `--help` and usage errors answer at once. tests/service checks them against detector.googlenet.VARIANTS and
+# eval.synth's CLASSES and MAX_IMAGES.
 VARIANTS = ("paper", "torchvision")
+SYNTH_CLASSES = ("cat", "person", "cup or mug", "motorcycle", "horse")  # eval.synth.CLASSES, in order
+SYNTH_MAX_IMAGES = 1_000_000
 
 
 class CliError(Exception):
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     _add_model_commands(model_sub)
 
-    train = sub.add_parser("train", help="train a classifier (and later detectors, MultiBox)")
+    train = sub.add_parser("train", help="train classifiers, R-CNN detectors and MultiBox")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="WHAT")
     _add_train_commands(train_sub)
 
@@ -128,9 +132,6 @@ def _cmd_model_summary(args) -> int:
 
 
 def _cmd_model_init(args) -> int:
-    from detector.bundle import init_bundle, save_bundle
-    from detector.googlenet import GoogLeNetConfig
-
     det_ids = None
     if args.det_ids is not None:
         if args.task != "det200":
@@ -140,6 +141,9 @@ def _cmd_model_init(args) -> int:
         except ValueError:
             raise CliError(f"--det-ids must be comma-separated integers, got {args.det_ids!r}") from None
     classes = (len(det_ids) + 1 if det_ids else 201) if args.task == "det200" else 1000
+    from detector.bundle import init_bundle, save_bundle
+    from detector.googlenet import GoogLeNetConfig
+
     arch = GoogLeNetConfig(variant=args.variant, num_classes=classes, width=args.width)
     bundle = init_bundle(arch, members=args.members, seed=args.seed, task=args.task, det_ids=det_ids)
     save_bundle(args.out, bundle)
@@ -298,11 +302,11 @@ def _add_train_commands(sub) -> None:
 
 
 def _cmd_train_classifier(args) -> int:
-    from detector.train import TrainConfig, train
-
     if args.init and (args.variant is not None or args.width is not None):
         raise CliError("--variant and --width describe a new network; with --init the bundle's architecture is "
                        "used, so drop them")
+    from detector.train import TrainConfig, train
+
     cfg = TrainConfig(
         data=args.data, out=args.out, val=args.val, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, workers=args.workers, variant=args.variant or "paper",
@@ -327,11 +331,11 @@ def _cmd_train_classifier(args) -> int:
 
 
 def _cmd_train_detector(args) -> int:
-    from detector.train_detector import DetectorTrainConfig, train_detector
-
     if args.init and (args.variant is not None or args.width is not None or args.no_aux_heads):
         raise CliError("--variant, --width and --no-aux-heads describe a new network; with --from the bundle's "
                        "architecture is used, so drop them")
+    from detector.train_detector import DetectorTrainConfig, train_detector
+
     cfg = DetectorTrainConfig(
         data=args.data, out=args.out, imageset=args.imageset, init=args.init, members=args.members,
         variant=args.variant or "paper", width=1.0 if args.width is None else args.width,
@@ -373,12 +377,12 @@ def _cmd_train_detector(args) -> int:
 
 
 def _cmd_train_multibox(args) -> int:
-    from proposals.multibox import MULTIBOX_FILE
-    from proposals.train_multibox import MultiBoxTrainConfig, train_multibox
-
     if args.init and (args.variant is not None or args.width is not None):
         raise CliError("--variant and --width describe a new trunk; with --init the bundle's architecture is "
                        "used, so drop them")
+    from proposals.multibox import MULTIBOX_FILE
+    from proposals.train_multibox import MultiBoxTrainConfig, train_multibox
+
     cfg = MultiBoxTrainConfig(
         data=args.data, out=args.out, imageset=args.imageset, val_imageset=args.val_imageset, k=args.k,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -508,8 +512,6 @@ def _run_eval_det(args) -> int:
 
 
 def _add_data_commands(sub) -> None:
-    from eval.synth import CLASSES, MAX_IMAGES
-
     p = sub.add_parser("synth", help="a synthetic detection set in the ILSVRC DET layout, offline",
                        description="Write Data/DET/{train,val}/*.JPEG, Annotations/DET/{train,val}/*.xml, "
                        "ImageSets/DET/{train,val}.txt and synth.json: objects cut from photographs scikit-image "
@@ -518,11 +520,11 @@ def _add_data_commands(sub) -> None:
                        "it does not stand in for ILSVRC. Same seed, same files.")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="new or empty directory, or an earlier synthetic set (replaced)")
-    p.add_argument("--images", type=int, required=True, metavar="N", help=f"images in all, 1..{MAX_IMAGES:,}")
+    p.add_argument("--images", type=int, required=True, metavar="N", help=f"images in all, 1..{SYNTH_MAX_IMAGES:,}")
     p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
-    p.add_argument("--classes", type=int, default=len(CLASSES), metavar="K",
-                   help=f"use the first K classes of cat, person, cup or mug, motorcycle, horse "
-                   f"(1..{len(CLASSES)}, default {len(CLASSES)})")
+    p.add_argument("--classes", type=int, default=len(SYNTH_CLASSES), metavar="K",
+                   help=f"use the first K classes of {', '.join(SYNTH_CLASSES)} "
+                   f"(1..{len(SYNTH_CLASSES)}, default {len(SYNTH_CLASSES)})")
     p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
                    help="share of the images (the last ones) in val (default 0.2)")
     p.add_argument("--size", type=int, default=500, metavar="PX",
@@ -623,11 +625,17 @@ class _TopMultiBox:
 
 
 def _cmd_proposals(args) -> int:
+    if not 0.25 <= args.coarsen <= 16:
+        raise CliError(f"--coarsen must be in 0.25..16, got {args.coarsen}")
+    if not args.eval:
+        if not args.images:
+            raise CliError("give images (or --eval with --annotations and --imageset)")
+        from service.batch import check_paths
+
+        check_paths(args.images)
     from proposals.combine import MergeConfig, ProposalGenerator
     from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
-    if not 0.25 <= args.coarsen <= 16:
-        raise CliError(f"--coarsen must be in 0.25..16, got {args.coarsen}")
     merge_config = MergeConfig(max_proposals=args.max_proposals)
     net = _load_multibox(args)
     n_multibox = _multibox_count(args, net)
@@ -638,8 +646,6 @@ def _cmd_proposals(args) -> int:
                  else SelectiveSearchConfig(mode=args.selective_search, coarsen=args.coarsen))
     if args.eval:
         return _proposals_eval(args, ss_config, multibox, merge_config)
-    if not args.images:
-        raise CliError("give images (or --eval with --annotations and --imageset)")
     from detector.image import ImageError, list_images, read_image
 
     runner = SelectiveSearchRunner(ss_config) if ss_config else None
@@ -775,16 +781,20 @@ def _add_classify_command(sub) -> None:
 
 
 def _cmd_classify(args) -> int:
-    from detector.bundle import resolve_bundle
-    from detector.classify import Classifier
-    from detector.ensemble import EnsembleConfig
     from detector.image import IMAGE_SUFFIXES, list_images
+    from service.batch import check_paths
 
     if not 1 <= args.top_k <= 1000:
         raise CliError(f"--top-k must be in 1..1000, got {args.top_k}")
+    check_paths(args.images)
     paths = list_images(args.images)
     if not paths:
         raise CliError(f"no images found in {' '.join(args.images)} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    # torch and the model only now, once the arguments are known to be usable
+    from detector.bundle import resolve_bundle
+    from detector.classify import Classifier
+    from detector.ensemble import EnsembleConfig
+
     bundle = resolve_bundle(args.model, device=args.device)
     classifier = Classifier(bundle, EnsembleConfig(batch_size=args.batch_size, precision=args.precision))
     failed = 0
@@ -896,6 +906,9 @@ def _check_detect_args(args) -> None:
 
 def _cmd_detect(args) -> int:
     _check_detect_args(args)
+    from service.batch import check_paths
+
+    check_paths(args.paths)  # in a second, before torch and the model load
     from detector.ensemble import EnsembleConfig
     from detector.rcnn import DetectConfig
     from service.batch import BatchConfig, DetectorSpec, run_batch
@@ -943,11 +956,11 @@ def _cmd_detect(args) -> int:
     doc = summary.to_json()
     to = sys.stdout if args.out else sys.stderr
     rate = f", {doc['images_per_s']:.3g} images/s" if doc["images_per_s"] else ""
-    print(f"detected {summary.detected} images in {summary.seconds:.1f} s{rate}: {summary.detections} detections, "
-          f"{summary.failed} failed", file=to)
+    print(f"detected {_count(summary.detected, 'image')} in {summary.seconds:.1f} s{rate}: "
+          f"{_count(summary.detections, 'detection')}, {summary.failed} failed", file=to)
     if summary.skipped:
-        print(f"skipped {summary.skipped} images already in the output ({summary.failed_before} of them failed)",
-              file=to)
+        print(f"skipped {_count(summary.skipped, 'image')} already in the output ({summary.failed_before} of them "
+              "failed)", file=to)
     if doc["seconds_per_image_by_stage"]:
         print("seconds per image: " + ", ".join(f"{k} {v:.3f}" for k, v in doc["seconds_per_image_by_stage"].items())
               + " (decode and proposals overlap the networks)", file=to)
@@ -962,13 +975,19 @@ def _cmd_detect(args) -> int:
     return 1 if failed else 0
 
 
+def _count(n: int, word: str, plural: str = "") -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
 # ---- ircnn serve -----------------------------------------------------------------------------------------
 
 
 def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="the REST service: /v1/detect, /v1/classify, /v1/models, /metrics, web page",
-                       description="Serve DESIGN.md's HTTP contract with uvicorn. Every IRCNN_* setting "
-                       "(service/settings.py) is read from the environment; these flags override them. SIGTERM "
+                       description="Serve the HTTP API with uvicorn: POST /v1/detect and /v1/classify (an image as "
+                       "multipart field 'image' or as the raw body), GET /v1/models, /healthz, /readyz and /metrics, "
+                       "the web page at / and interactive API docs at /docs. Every IRCNN_* setting (the table in "
+                       "README's service section) is read from the environment; these flags override them. SIGTERM "
                        "or Ctrl-C stops taking connections, finishes the requests in flight, then exits 0.")
     p.add_argument("--host", help="address to listen on (default IRCNN_HOST or 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="default IRCNN_PORT or 8000")

@@ -451,3 +451,13 @@ def test_backend_and_cascade_flags_reach_the_detector(tmp_path, capsys, tiny_bun
     assert [d["score"] for d in cascaded] != [d["score"] for d in reference]
     code, _, err = run(capsys, "detect", image, "--model", model, "--backend", "onnxruntime", "--precision", "bf16")
     assert code == 2 and "onnxruntime runs fp32 only" in err
+
+
+def test_missing_path_is_a_usage_error_without_a_summary(tmp_path, capsys, model, image_dir):
+    code, out, err = run(capsys, "detect", image_dir / "a.jpg", tmp_path / "missing.jpg", "--model", model,
+                         "--out", tmp_path / "o.jsonl")
+    assert code == 2 and out == "" and "detected" not in err
+    assert err.strip() == f"ircnn: error: no such file or directory: {tmp_path / 'missing.jpg'}; check the path"
+    assert not (tmp_path / "o.jsonl").exists()  # no work, no output
+    with pytest.raises(ValueError, match="no such file or directory"):  # the library says the same
+        batch.run_batch(None, [str(tmp_path / "missing.jpg")], batch.BatchConfig())
