@@ -464,6 +464,7 @@ class BatchSummary:
     format: str
     files: dict = field(default_factory=dict)
     regions: int = 0  # proposals scored by the networks, all images of this run
+    vis: dict | None = None  # --save-vis: {"dir", "pictures", "boxes", "threshold", "best_score"}
 
     def to_json(self) -> dict:
         return {"images": self.images, "skipped": self.skipped, "detected": self.detected, "failed": self.failed,
@@ -475,7 +476,8 @@ class BatchSummary:
                 "regions_per_image": round(self.regions / max(1, self.detected - self.failed), 1),
                 "regions_per_s_networks": (round(self.regions / self.stage_seconds["networks"], 1)
                                            if self.stage_seconds.get("networks") else None),
-                "out": self.out, "format": self.format, **self.files}
+                "out": self.out, "format": self.format, **self.files,
+                **({"vis": self.vis} if self.vis is not None else {})}
 
 
 def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], config: BatchConfig,
@@ -545,7 +547,8 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
     return BatchSummary(images=len(files), skipped=len(files) - len(todo), detected=len(todo), failed=failed,
                         failed_before=len(output.failed_before & set(map(str, files))),
                         detections=detections, seconds=seconds, stage_seconds=stages, out=config.out,
-                        format=config.format, files=files_written, regions=regions)
+                        format=config.format, files=files_written, regions=regions,
+                        vis=vis.summary() if vis is not None else None)
 
 
 def _progress_bar(total: int, skipped: int, enabled: bool):

@@ -949,6 +949,11 @@ def _cmd_detect(args) -> int:
                   file=sys.stderr)
         raise
     failed = summary.failed + summary.failed_before
+    if summary.vis is not None and summary.vis["pictures"] and not summary.vis["boxes"]:
+        best = summary.vis["best_score"]
+        print(f"ircnn: warning: no box drawn in {summary.vis['dir']}: no detection scored >= "
+              f"{args.vis_threshold:g} (the best: {'none' if best is None else f'{best:.3g}'}); lower "
+              "--vis-threshold to draw weaker ones", file=sys.stderr)
     if args.json:
         if args.out:
             _print_json(summary.to_json())
@@ -970,8 +975,10 @@ def _cmd_detect(args) -> int:
     if args.out:
         extra = "" if args.format == "jsonl" else f", image ids in {doc['images_file']}; journal {doc['journal']}"
         print(f"wrote {args.out} ({args.format}){extra}", file=to)
-    if args.save_vis:
-        print(f"drawn copies in {args.save_vis}", file=to)
+    if summary.vis is not None:
+        v = summary.vis
+        print(f"drew {_count(v['boxes'], 'box', 'boxes')} (score >= {v['threshold']:g}) on "
+              f"{_count(v['pictures'], 'picture')} in {v['dir']}", file=to)
     return 1 if failed else 0
 
 

@@ -461,3 +461,26 @@ def test_missing_path_is_a_usage_error_without_a_summary(tmp_path, capsys, model
     assert not (tmp_path / "o.jsonl").exists()  # no work, no output
     with pytest.raises(ValueError, match="no such file or directory"):  # the library says the same
         batch.run_batch(None, [str(tmp_path / "missing.jpg")], batch.BatchConfig())
+
+
+def test_vis_writer_counts_the_boxes_it_draws(tmp_path):
+    files = [batch.Path(tmp_path / "a.jpg"), batch.Path(tmp_path / "b.png")]
+    writer = VisWriter(tmp_path / "vis", relative_names([str(tmp_path)], files), files, min_score=0.3)
+    image = np.zeros((30, 40, 3), np.uint8)
+    writer.write(record(str(files[0]), [((2, 2, 20, 20), CAT, 0.9), ((3, 3, 9, 9), PERSON, 0.1)]), image)
+    writer.write(record(str(files[1])), image)
+    assert writer.summary() == {"dir": str(tmp_path / "vis"), "pictures": 2, "boxes": 1, "threshold": 0.3,
+                                "best_score": 0.9}
+
+
+def test_save_vis_says_how_many_boxes_it_drew_and_warns_when_none(tmp_path, capsys, model, image_dir):
+    vis = tmp_path / "vis"
+    common = ["detect", image_dir / "a.jpg", image_dir / "b.png", "--model", model, "--save-vis", vis]
+    code, out, err = run(capsys, *common, "--vis-threshold", 1, "--out", tmp_path / "o.jsonl")
+    assert code == 0, err
+    assert f"drew 0 boxes (score >= 1) on 2 pictures in {vis}" in out
+    assert "ircnn: warning: no box drawn" in err and "lower --vis-threshold" in err
+    code, out, err = run(capsys, *common, "--vis-threshold", 0, "--out", tmp_path / "o.jsonl", "--json")
+    doc = json.loads(out)["vis"]
+    assert code == 0 and doc["pictures"] == 2 and doc["boxes"] == json.loads(out)["detections"] > 0
+    assert "warning" not in err
