@@ -840,7 +840,10 @@ def _add_detect_command(sub) -> None:
     p.add_argument("--imageset", metavar="FILE", help="coco/ilsvrc: image ids from this ILSVRC imageset "
                    "(ImageSets/DET/val.txt), for `ircnn eval det`; default: 1-based position in the input list")
     p.add_argument("--resume", action="store_true", help="continue --out: skip the images it already holds "
-                   "(detections or errors), drop a line cut off by a crash")
+                   "(detections or errors; an image is the same file whether given by a relative or an absolute "
+                   "path), drop a line cut off by a crash")
+    p.add_argument("--retry-errors", action="store_true", help="with --resume: drop the error records from --out "
+                   "and try those images again (jsonl: their new records come at the end)")
     p.add_argument("--score-threshold", type=float, default=DETECT_DEFAULTS["score_threshold"], metavar="T",
                    help=f"keep detections scoring at least T (default {DETECT_DEFAULTS['score_threshold']})")
     p.add_argument("--max-detections", type=int, default=DETECT_DEFAULTS["max_detections"], metavar="N",
@@ -898,6 +901,8 @@ def _check_detect_args(args) -> None:
         raise CliError(f"--format {args.format} needs --out FILE (only jsonl can go to stdout)")
     if args.out is None and args.resume:
         raise CliError("--resume continues an output file: give it with --out FILE")
+    if args.retry_errors and not args.resume:
+        raise CliError("--retry-errors retries the failed images of an earlier run: add --resume")
     if args.imageset and args.format == "jsonl":
         raise CliError("--imageset numbers images of coco and ilsvrc outputs; jsonl names them by path")
     if args.engine != "ray" and (args.ray_address or args.ray_workers is not None or args.ray_gpus_per_worker):
@@ -935,8 +940,8 @@ def _cmd_detect(args) -> int:
     def make_detector():
         return spec.build(bundle)
 
-    batch = BatchConfig(out=args.out, format=args.format, resume=args.resume, imageset=args.imageset,
-                        save_vis=args.save_vis, vis_threshold=args.vis_threshold,
+    batch = BatchConfig(out=args.out, format=args.format, resume=args.resume, retry_errors=args.retry_errors,
+                        imageset=args.imageset, save_vis=args.save_vis, vis_threshold=args.vis_threshold,
                         progress=sys.stderr.isatty() and not args.json, report_errors=not args.json)
     try:
         summary = run_batch(make_detector, args.paths, batch, engine=engine)
@@ -966,6 +971,8 @@ def _cmd_detect(args) -> int:
     if summary.skipped:
         print(f"skipped {_count(summary.skipped, 'image')} already in the output ({summary.failed_before} of them "
               "failed)", file=to)
+    if summary.retried:
+        print(f"retried {_count(summary.retried, 'image')} that had failed before (--retry-errors)", file=to)
     if doc["seconds_per_image_by_stage"]:
         print("seconds per image: " + ", ".join(f"{k} {v:.3f}" for k, v in doc["seconds_per_image_by_stage"].items())
               + " (decode and proposals overlap the networks)", file=to)
