@@ -40,7 +40,7 @@ import numpy as np
 
 from detector.image import IMAGE_SUFFIXES, list_images, read_image
 from eval.classes import det200
-from eval.formats import ImageLookup, read_imageset, to_devkit_ints, to_xywh
+from eval.formats import ImageLookup, parse_json, read_imageset, to_devkit_ints, to_xywh
 
 if TYPE_CHECKING:
     from detector.rcnn import DetectConfig
@@ -167,7 +167,7 @@ def _journal_lines(path: str | os.PathLike, hint: str = "") -> Iterator[tuple[in
                 continue
             where = f"{path}:{number}"
             try:
-                doc = json.loads(line)
+                doc = parse_json(line.decode("utf-8"), where)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{where}: invalid JSON ({e}){hint}") from None
             yield start, offset, _check_record(doc, where), doc

@@ -534,3 +534,11 @@ def test_retry_errors_detects_failed_images_again(tmp_path, capsys, model, image
     code, _, err = run(capsys, *common, "--retry-errors")
     assert code == 2 and "add --resume" in err
 
+
+def test_resume_refuses_a_deeply_nested_journal_line_cleanly(tmp_path, capsys, model, image_dir):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"image": "x.jpg", "detections": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=r"o.jsonl:1: JSON nested more than 32 levels"):
+        repair_journal(out)
+    code, _, err = run(capsys, "detect", image_dir / "a.jpg", "--model", model, "--out", out, "--resume")
+    assert code == 2 and "JSON nested more than" in err and "Traceback" not in err
