@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detector.googlenet import GoogLeNet
+from detector.members import first_conv
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 EXPORT_VERSION = 1  # bump when the exported graph changes, so old cache entries are not reused
@@ -62,11 +62,11 @@ class PixelGraph(nn.Module):
     pre-scaled by ``1 / (255 std)`` per input channel. The member is copied, never changed.
     """
 
-    def __init__(self, member: GoogLeNet, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.net = copy.deepcopy(member).cpu().eval().to(memory_format=torch.contiguous_format)
         scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float64))
-        conv = self.net.conv1.conv
+        conv = first_conv(self.net)
         with torch.no_grad():
             conv.weight.copy_((conv.weight.double() * scale.view(1, 3, 1, 1)).to(conv.weight.dtype))
         self.register_buffer("pixel_mean", 255.0 * torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -75,7 +75,7 @@ class PixelGraph(nn.Module):
         return self.net(x.float() - self.pixel_mean).softmax(dim=1)
 
 
-def export_key(member: GoogLeNet, mean: tuple[float, ...], std: tuple[float, ...], size: int) -> str:
+def export_key(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int) -> str:
     """SHA-256 of everything the exported graph depends on: weights (in a fixed layout), arch, normalisation,
     input size."""
     h = hashlib.sha256()
@@ -88,7 +88,7 @@ def export_key(member: GoogLeNet, mean: tuple[float, ...], std: tuple[float, ...
     return h.hexdigest()
 
 
-def export_onnx(member: GoogLeNet, mean: tuple[float, ...], std: tuple[float, ...], size: int = 224,
+def export_onnx(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int = 224,
                 directory: Path | None = None) -> Path:
     """The member's ``PixelGraph`` as ONNX for ``size`` x ``size`` input (dynamic batch), exported once and cached.
 
@@ -183,7 +183,7 @@ class BackendMember:
     always does); any other input size is exported and loaded the first time it is seen.
     """
 
-    def __init__(self, member: GoogLeNet, mean: tuple[float, ...], std: tuple[float, ...], backend: str,
+    def __init__(self, member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], backend: str,
                  precision: str = "fp32", threads: int | None = None, size: int | None = None) -> None:
         if backend not in BACKENDS[1:]:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS[1:])}, got {backend!r}")

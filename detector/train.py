@@ -52,7 +52,8 @@ from tqdm import tqdm
 
 from detector.bundle import MAX_MEMBERS, Bundle, Preprocess, load_bundle, save_bundle
 from detector.cpus import default_workers
-from detector.googlenet import VARIANTS, GoogLeNet, GoogLeNetConfig, googlenet_loss
+from detector.googlenet import VARIANTS, GoogLeNetConfig, googlenet_loss
+from detector.members import ArchConfig, build_member
 from detector.image import IMAGE_SUFFIXES, read_image
 from eval.classes import cls1000
 
@@ -355,9 +356,9 @@ def top1(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
     return correct / max(total, 1)
 
 
-def _new_model(arch: GoogLeNetConfig, seed: int, init: Bundle | None, member: int) -> GoogLeNet:
+def _new_model(arch: ArchConfig, seed: int, init: Bundle | None, member: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = GoogLeNet(arch)
+    model = build_member(arch)
     if init is not None:
         model.load_state_dict(init.members[member % len(init.members)].state_dict())
     return model
@@ -462,14 +463,15 @@ def save_member(ckpt_dir: Path, member: int, weights: dict[str, Tensor], history
     save_file(weights, str(ckpt_dir / f"member{member}.safetensors"), metadata={"history": json.dumps(history)})
 
 
-def load_members(ckpt_dir: Path, count: int, arch: GoogLeNetConfig) -> list[tuple[GoogLeNet, list[dict]]]:
-    """The ``count`` members ``save_member`` wrote, as eval-mode networks with their per-epoch records."""
+def load_members(ckpt_dir: Path, archs: list[ArchConfig]) -> list[tuple[nn.Module, list[dict]]]:
+    """The members ``save_member`` wrote (``archs[i]`` is member ``i``'s architecture), as eval-mode networks with
+    their per-epoch records."""
     out = []
-    for member in range(count):
+    for member, arch in enumerate(archs):
         file = str(ckpt_dir / f"member{member}.safetensors")
         with safe_open(file, "pt") as f:
             history = json.loads(f.metadata()["history"])
-        net = GoogLeNet(arch)
+        net = build_member(arch)
         net.load_state_dict(load_file(file))
         out.append((net.eval(), history))
     return out
@@ -523,7 +525,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] = lambda record: No
         if not d.main:
             return None
         members, records = [], []
-        for member, (net, history) in enumerate(load_members(ckpt_dir, cfg.members, arch)):
+        for member, (net, history) in enumerate(load_members(ckpt_dir, [arch] * cfg.members)):
             curve = [{k: r[k] for k in ("epoch", "step", "complete", "train_loss", "val_top1", "lr")} for r in history]
             records.append({"member": member, "seed": cfg.seed + member, "epochs": curve})
             members.append(net)
@@ -534,7 +536,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] = lambda record: No
             "weights": "Polyak average (EMA) of the training weights"}
         if classes.task == "classes":  # a cls1000 head's classes are the task's
             provenance["classes"] = list(classes.names)
-        bundle = Bundle(arch=arch, task=classes.task, members=members, preprocess=pre, provenance=provenance)
+        bundle = Bundle(task=classes.task, members=members, preprocess=pre, provenance=provenance)
         save_bundle(cfg.out, bundle)
         return bundle
     finally:

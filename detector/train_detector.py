@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import box_iou
@@ -59,7 +59,8 @@ from tqdm import tqdm
 
 from detector.bundle import MAX_MEMBERS, Bundle, Preprocess, file_sha256, load_bundle, save_bundle
 from detector.cpus import default_workers
-from detector.googlenet import VARIANTS, GoogLeNet, GoogLeNetConfig, googlenet_loss
+from detector.googlenet import VARIANTS, GoogLeNetConfig, googlenet_loss
+from detector.members import ArchConfig, build_member, is_head, with_classes
 from detector.image import read_image
 from detector.rcnn import fill_colour
 from detector.train import EMA, Dist, _seed, _sum_over_processes, load_members, save_member, setup_dist
@@ -69,7 +70,6 @@ from eval.formats import read_split
 STATE_FORMAT = 1
 STATE_NAME = "state.json"
 IMAGE_SUFFIX = ".JPEG"  # ILSVRC DET images: Data/DET/<name>.JPEG
-HEAD_PREFIXES = ("fc.", "aux1.fc2.", "aux2.fc2.")  # the layers whose outputs are classes
 # Checkpoints from a run with other values of these cannot continue this run.
 RUN_KEYS = ("det_ids", "arch", "batch_size", "fg_per_batch", "world_size", "seed", "size", "members", "proposals",
             "windows")
@@ -457,20 +457,16 @@ class WindowBatches(Dataset):
 # ---- model and checkpoints -------------------------------------------------------------------------------
 
 
-def _is_head(name: str) -> bool:
-    return name.startswith(HEAD_PREFIXES)
-
-
-def new_member(arch: GoogLeNetConfig, seed: int, init: Bundle | None, member: int, keep_head: bool) -> GoogLeNet:
+def new_member(arch: ArchConfig, seed: int, init: Bundle | None, member: int, keep_head: bool) -> nn.Module:
     """A fresh member (seeded): the init bundle's member ``member mod n`` copied in except for the classifiers,
     which stay new unless ``keep_head`` (the init bundle is a detector over the same classes)."""
     torch.manual_seed(seed)
-    model = GoogLeNet(arch)
+    model = build_member(arch)
     if init is not None:
         source = init.members[member % len(init.members)].state_dict()
-        state = {k: v for k, v in source.items() if keep_head or not _is_head(k)}
+        state = {k: v for k, v in source.items() if keep_head or not is_head(arch, k)}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not _is_head(k) for k in missing):
+        if unexpected or any(not is_head(arch, k) for k in missing):
             raise ValueError(f"--from bundle does not match the new network: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
     return model
@@ -532,7 +528,7 @@ class Member:
 
     index: int
     variant: dict  # member_variant(...)
-    arch: GoogLeNetConfig
+    arch: ArchConfig
     preprocess: Preprocess
     init: Bundle | None
     keep_head: bool
@@ -679,14 +675,15 @@ def train_detector(cfg: DetectorTrainConfig, on_epoch: Callable[[dict], None] = 
         raise ValueError(f"{cfg.imageset} of {cfg.data} has no annotated objects; a detector needs some")
     column_of = {c: j + 1 for j, c in enumerate(det_ids)}
     init = load_bundle(cfg.init) if cfg.init else None
-    if init is not None:
-        arch = dataclasses.replace(init.arch, num_classes=len(det_ids) + 1)
+    if init is not None:  # R-CNN: the pretrained networks, each with a new background + K head
+        archs = [with_classes(init.members[i % len(init.members)].config, len(det_ids) + 1, cfg.size)
+                 for i in range(cfg.members)]
         mean, std = init.preprocess.mean, init.preprocess.std
-        keep_head = (init.task == "det200" and init.arch.num_classes == len(det_ids) + 1
+        keep_head = (init.task == "det200" and init.num_classes == len(det_ids) + 1
                      and [int(v) for v in init.provenance.get("det_ids", range(1, 201))] == det_ids)
     else:
-        arch = GoogLeNetConfig(variant=cfg.variant, width=cfg.width, num_classes=len(det_ids) + 1,
-                               aux_logits=cfg.aux_logits)
+        archs = [GoogLeNetConfig(variant=cfg.variant, width=cfg.width, num_classes=len(det_ids) + 1,
+                                 aux_logits=cfg.aux_logits)] * cfg.members
         mean, std, keep_head = Preprocess().mean, Preprocess().std, False
     pre = Preprocess(size=cfg.size, mean=mean, std=std)
     out = Path(cfg.out)
@@ -708,7 +705,7 @@ def train_detector(cfg: DetectorTrainConfig, on_epoch: Callable[[dict], None] = 
             on_proposals(summary)
 
         ckpt_dir = Path(cfg.checkpoint_dir or out / ".detector-checkpoint")
-        run = {"det_ids": det_ids, "arch": arch.to_dict(), "batch_size": cfg.batch_size,
+        run = {"det_ids": det_ids, "arch": [a.to_dict() for a in archs], "batch_size": cfg.batch_size,
                "fg_per_batch": cfg.fg_per_batch, "world_size": d.world, "seed": cfg.seed, "size": cfg.size,
                "members": cfg.members, "proposals": cache.key, "windows": len(windows.label)}
         resume = None
@@ -721,7 +718,7 @@ def train_detector(cfg: DetectorTrainConfig, on_epoch: Callable[[dict], None] = 
             print(f"ircnn: no checkpoint at {ckpt_dir}; starting afresh", file=sys.stderr, flush=True)
         first = resume[0]["member"] if resume else 0
         for index in range(first, cfg.members):
-            member = Member(index, member_variant(cfg, index), arch, pre, init, keep_head)
+            member = Member(index, member_variant(cfg, index), archs[index], pre, init, keep_head)
             weights, history = train_member(cfg, member, images, windows, d, run, ckpt_dir,
                                             resume if index == first else None, on_epoch)
             if d.main:  # finished members wait here for the bundle
@@ -729,7 +726,7 @@ def train_detector(cfg: DetectorTrainConfig, on_epoch: Callable[[dict], None] = 
         if not d.main:
             return None
         members, records = [], []
-        for index, (net, history) in enumerate(load_members(ckpt_dir, cfg.members, arch)):
+        for index, (net, history) in enumerate(load_members(ckpt_dir, archs)):
             curve = [{k: r[k] for k in ("epoch", "step", "complete", "train_loss", "fg_accuracy", "bg_accuracy",
                                         "lr")} for r in history]
             records.append({**member_variant(cfg, index), "epochs": curve})
@@ -745,7 +742,7 @@ def train_detector(cfg: DetectorTrainConfig, on_epoch: Callable[[dict], None] = 
                           "recall": summary["recall"]},
             "recipe": {**dataclasses.asdict(cfg), "lr": cfg.learning_rate},
             "weights": "Polyak average (EMA) of the training weights"}
-        bundle = Bundle(arch=arch, task="det200", members=members, preprocess=pre, provenance=provenance)
+        bundle = Bundle(task="det200", members=members, preprocess=pre, provenance=provenance)
         save_bundle(out, bundle)
         if cfg.multibox_from is not None:  # the detector proposes with the boxes it was trained on
             from proposals.multibox import load_multibox, multibox_provenance, save_multibox

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from detector.bundle import load_bundle, read_manifest
 from detector.cpus import default_workers
-from detector.googlenet import VARIANTS
+from detector.googlenet import VARIANTS, GoogLeNetConfig
 from detector.image import read_image
 from detector.train import CHECKPOINT_FORMAT, EMA, load_checkpoint, restore_training, save_checkpoint
 from eval.formats import read_split as read_det_split
@@ -222,6 +222,10 @@ def train_multibox(cfg: MultiBoxTrainConfig, on_epoch: Callable[[dict], None] = 
     init = load_bundle(cfg.init) if cfg.init else None
     if init is not None:
         arch, pre = init.arch, init.preprocess
+        if not isinstance(arch, GoogLeNetConfig):  # MultiBox's trunk is GoogLeNet's (Erhan et al., and section 8)
+            raise ValueError(f"--init {cfg.init}: MultiBox starts from a GoogLeNet bundle; this one's first member "
+                             "is EfficientNet-Lite. Train MultiBox from a GoogLeNet bundle (or none) and detect with "
+                             "the EfficientNet-Lite bundle's own members")
         config = MultiBoxConfig(k=cfg.k, variant=arch.variant, width=arch.width, size=cfg.size, grid=cfg.grid,
                                 mean=pre.mean, std=pre.std)
     else:

