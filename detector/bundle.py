@@ -138,9 +138,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     manifest = path / "model.json"
     if not manifest.is_file():
+        create = (f"`ircnn model init --out DIR` or `ircnn model import-torchvision {TORCHVISION_CHECKPOINT} "
+                  "--out DIR`")
         raise BundleError(
-            f"{path} is not a model bundle (no model.json); create one with `ircnn model init --out DIR` "
-            f"or `ircnn model import-torchvision {TORCHVISION_CHECKPOINT} --out DIR`")
+            f"{path} does not exist; check the path (a model bundle is a directory with model.json; if you have "
+            f"no model.json yet, create one with {create})" if not path.exists() else
+            f"{path} is not a model bundle (no model.json); create one with {create}")
     try:
         doc = json.loads(manifest.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -433,7 +436,9 @@ def default_bundle(device: str | torch.device = "cpu") -> Bundle:
     if not path.is_file():
         raise BundleError(
             f"no model given and torchvision's ImageNet GoogLeNet is not available offline. Either put "
-            f"{TORCHVISION_CHECKPOINT} at {path} (torchvision's cache; TORCH_HOME moves it), or pass "
+            f"{TORCHVISION_CHECKPOINT} (download it on a machine that is online from "
+            f"https://download.pytorch.org/models/{TORCHVISION_CHECKPOINT}) at {path} (torchvision's cache; "
+            f"TORCH_HOME moves it), or pass "
             f"--model DIR with a bundle made by `ircnn model import-torchvision FILE --out DIR` or "
             f"`ircnn model init --out DIR`")
     bundle = import_torchvision(path)

@@ -51,6 +51,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from detector.bundle import MAX_MEMBERS, Bundle, Preprocess, load_bundle, save_bundle
+from detector.cpus import default_workers
 from detector.googlenet import VARIANTS, GoogLeNetConfig, googlenet_loss
 from detector.members import ArchConfig, build_member
 from detector.image import IMAGE_SUFFIXES, read_image
@@ -95,7 +96,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None  # default <out>/.checkpoint
     checkpoint_every: int = 2000  # steps between mid-epoch checkpoints (0: at epoch ends only)
     max_steps: int = 0  # stop each member after this many steps (0: no limit)
-    workers: int = 4  # DataLoader processes per training process
+    workers: int = default_workers(4)  # DataLoader processes per training process (cores, at most 4)
     device: str | None = None  # "cpu" or "cuda"; None picks cuda when available
 
     def __post_init__(self) -> None:

@@ -58,6 +58,7 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from detector.bundle import MAX_MEMBERS, Bundle, Preprocess, file_sha256, load_bundle, save_bundle
+from detector.cpus import default_workers
 from detector.googlenet import VARIANTS, GoogLeNetConfig, googlenet_loss
 from detector.members import ArchConfig, build_member, is_head, with_classes
 from detector.image import read_image
@@ -122,7 +123,7 @@ class DetectorTrainConfig:
     resume: bool = False
     checkpoint_dir: str | None = None  # default <out>/.detector-checkpoint
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (0: epoch ends only)
-    workers: int = 2  # processes that read, warp and flip windows
+    workers: int = default_workers(2)  # processes that read, warp and flip windows
     image_cache_mb: int = 512  # decoded images kept per loading process
     device: str | None = None  # "cpu" or "cuda"; None picks cuda when available
 

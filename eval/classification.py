@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from eval.classes import cls1000, cls1000_devkit_ids
-from eval.formats import image_key, numbered_lines  # image_key is re-exported for callers
+from eval.formats import image_key, numbered_lines, parse_json  # image_key is re-exported for callers
 
 LABEL_FORMATS = ("imagefolder", "pairs", "ilsvrc2012")
 
@@ -210,7 +210,7 @@ def _parse_text_prediction(line: str, where: str) -> Prediction:
 
 def _parse_json_prediction(line: str, where: str) -> Prediction:
     try:
-        doc = json.loads(line)
+        doc = parse_json(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):

@@ -1,7 +1,7 @@
 """Readers and writers of the ILSVRC detection files (annotations, image sets, blacklists, submissions), COCO
 ground truth / results JSON, and our own detection JSON lines.
 
-Boxes inside the code follow the project convention (DESIGN.md): float ``x1, y1, x2, y2`` in absolute pixels, width
+Boxes inside the code follow the project convention: float ``x1, y1, x2, y2`` in absolute pixels, width
 ``x2 - x1``, no ``+1``. The devkit's files hold integer *inclusive* pixel indices ``xmin..xmax`` (a one-pixel-wide
 box has ``xmin == xmax``, devkit width ``xmax - xmin + 1``). The two meet at pixel edges:
 
@@ -12,7 +12,9 @@ so a pixel-aligned box survives a write/read round trip exactly, the devkit widt
 width ``x2 - x1``, and the same boxes written with ``write_annotation`` and ``write_submission`` come back
 identical. COCO ``bbox`` is ``[x, y, w, h]`` with ``x = x1, w = x2 - x1`` (no rounding, no ``+1``).
 
-Every reader raises ValueError naming the file, the line (or the JSON entry) and what is wrong.
+Every reader raises ValueError naming the file, the line (or the JSON entry) and what is wrong: numbers are
+checked for range (image indices 1..``MAX_IMAGE_INDEX``, DET ids 1..200, coordinates finite within
+``MAX_COORD``, scores finite), and JSON for its nesting depth before it is parsed (``parse_json``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from eval.classes import det200
 
 # Coordinates beyond this many pixels are refused as corrupt input (the largest ILSVRC images are ~5000 px).
 MAX_COORD = 1e6
+# Image indices (imagesets, blacklists, submissions, COCO ids) above this are refused: ILSVRC's largest set has
+# about 500,000 images, and the devkit reads them as MATLAB int32.
+MAX_IMAGE_INDEX = 2**31 - 1
+# Deepest nesting of JSON arrays and objects read from a file (ours need 4); Python's parser recurses once per
+# level, and a few thousand levels end in RecursionError instead of a message.
+MAX_JSON_DEPTH = 32
 
 _WNID = re.compile(r"n\d{8}")
 
@@ -112,6 +120,13 @@ def _check_box(values, what: str) -> None:
 def _check_score(v: float) -> None:
     if not math.isfinite(v):
         raise ValueError(f"score {v!r} is not a finite number")
+
+
+def _check_index(index: int, name: str = "image index") -> None:
+    if index < 1:
+        raise ValueError(f"{name} {index} must be >= 1")
+    if index > MAX_IMAGE_INDEX:
+        raise ValueError(f"{name} {index:.6g} is more than {MAX_IMAGE_INDEX} (2^31 - 1)")
 
 
 def _det_id_of(token: str) -> int:
@@ -203,8 +218,10 @@ def read_imageset(path: str) -> dict[str, int]:
             index = int(tokens[1])
         except ValueError:
             raise ValueError(f"{where}: image index {tokens[1]!r} is not an integer") from None
-        if index < 1:
-            raise ValueError(f"{where}: image index {index} must be >= 1")
+        try:
+            _check_index(index)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         if tokens[0] in names:
             raise ValueError(f"{where}: image {tokens[0]!r} listed twice")
         if index in where_of_index:
@@ -231,6 +248,8 @@ def read_annotation(path: str) -> ImageAnnotation:
     name = os.path.splitext((root.findtext("filename") or "").strip() or os.path.basename(path))[0]
     width = _int_field(root, "size/width", path, "")
     height = _int_field(root, "size/height", path, "")
+    if not (0 <= width <= MAX_COORD and 0 <= height <= MAX_COORD):
+        raise ValueError(f"{path}: image size {width} x {height} is not within 0..{MAX_COORD:g} pixels")
     boxes, det_ids = [], []
     for number, obj in enumerate(root.iter("object"), 1):
         what = f"object {number}: "
@@ -300,9 +319,8 @@ def read_blacklist(path: str) -> set[tuple[int, int]]:
             index = int(tokens[0])
         except ValueError:
             raise ValueError(f"{where}: image index {tokens[0]!r} is not an integer") from None
-        if index < 1:
-            raise ValueError(f"{where}: image index {index} must be >= 1")
         try:
+            _check_index(index)
             pairs.add((index, _det_id_of(tokens[1])))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
@@ -347,7 +365,7 @@ def read_submission(path: str) -> Detections:
 def _submission_ok(table: np.ndarray) -> bool:
     ids = table[:, :2]
     coords = table[:, 3:]
-    return bool((ids == np.floor(ids)).all() and (table[:, 0] >= 1).all()
+    return bool((ids == np.floor(ids)).all() and ((table[:, 0] >= 1) & (table[:, 0] <= MAX_IMAGE_INDEX)).all()
                 and ((table[:, 1] >= 1) & (table[:, 1] <= 200)).all() and np.isfinite(table[:, 2]).all()
                 and (np.abs(coords) <= MAX_COORD).all())  # NaN fails every comparison
 
@@ -361,8 +379,7 @@ def _read_submission_slowly(path: str) -> Detections:
             raise ValueError(f"{where}: expected 7 fields {_SUBMISSION_LINE}, got {len(tokens)}: {line!r}")
         try:
             index, det_id = (_integral(t, name) for t, name in zip(tokens[:2], ("image index", "DET id")))
-            if index < 1:
-                raise ValueError(f"image index {index} must be >= 1")
+            _check_index(index)
             if not 1 <= det_id <= 200:
                 raise ValueError(f"DET id {det_id} out of range 1..200")
             values = [_float(t) for t in tokens[2:]]
@@ -462,22 +479,24 @@ def read_coco_gt(path: str) -> tuple[dict[str, int], dict[int, ImageAnnotation]]
         where = f"{path}: images[{k}]"
         if not isinstance(image, dict):
             raise ValueError(f"{where}: expected an object, got {image!r}")
-        index = _json_int(image.get("id"), "id", where)
-        if index < 1 or index in sizes:
+        index = _json_index(image.get("id"), "id", where)
+        if index in sizes:
             raise ValueError(f"{where}: id {index} is not a new positive integer")
         name = image.get("file_name", str(index))
         if not isinstance(name, str) or name in imageset:
             raise ValueError(f"{where}: file_name {name!r} is not a new string")
         imageset[name] = index
-        sizes[index] = (name, _json_int(image.get("width", 0), "width", where),
-                        _json_int(image.get("height", 0), "height", where))
+        width, height = (_json_int(image.get(k, 0), k, where) for k in ("width", "height"))
+        if not (0 <= width <= MAX_COORD and 0 <= height <= MAX_COORD):
+            raise ValueError(f"{where}: width and height must be within 0..{MAX_COORD:g}, got {width} x {height}")
+        sizes[index] = (name, width, height)
     boxes: dict[int, list] = {i: [] for i in sizes}
     det_ids: dict[int, list] = {i: [] for i in sizes}
     for k, ann in enumerate(doc["annotations"]):
         where = f"{path}: annotations[{k}]"
         if not isinstance(ann, dict):
             raise ValueError(f"{where}: expected an object, got {ann!r}")
-        index = _json_int(ann.get("image_id"), "image_id", where)
+        index = _json_index(ann.get("image_id"), "image_id", where)
         if index not in sizes:
             raise ValueError(f"{where}: image_id {index} is not in 'images'")
         if ann.get("iscrowd", 0):
@@ -523,7 +542,7 @@ def read_coco_results(path: str, lookup: ImageLookup) -> Detections:
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
         else:
-            image.append(_json_int(image_id, "image_id", where))
+            image.append(_json_index(image_id, "image_id", where))
         det_id.append(_json_det_id(r.get("category_id"), where))
         xywh.append(_json_xywh(r.get("bbox"), where, allow_negative=True))
         score.append(_json_score(r.get("score"), where))
@@ -537,16 +556,51 @@ def _from_xywh(xywh: np.ndarray) -> np.ndarray:
 
 def _load_json(path: str):
     with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        text = f.read()
+    try:
+        return parse_json(text, path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def parse_json(text: str, where: str = "", max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads(text)`` once its arrays and objects are known to nest at most ``max_depth`` deep.
+
+    Deeper input raises ValueError starting with ``where`` (a file, or ``file:line`` for one line of a JSON-lines
+    file; nothing when empty) and, in a text of several lines, the line where the limit is passed; invalid JSON
+    raises ``json.JSONDecodeError`` as ``json.loads`` does. Brackets inside strings do not count.
+    """
+    if text.count("[") + text.count("{") > max_depth:  # else it cannot nest that deep
+        stripped = _JSON_STRING.sub("", text)  # JSON strings hold no raw newlines: line numbers survive
+        data = np.frombuffer(stripped.encode("utf-8", "replace"), np.uint8)
+        opens = (data == ord("[")) | (data == ord("{"))
+        at = np.flatnonzero(opens | (data == ord("]")) | (data == ord("}")))  # [B] every bracket
+        over = np.flatnonzero(np.cumsum(np.where(opens[at], 1, -1)) > max_depth)
+        if over.size:
+            line = 1 + int(np.count_nonzero(data[: at[over[0]]] == ord("\n")))
+            if "\n" in text.strip():
+                where = f"{where}:{line}" if where else f"line {line}"
+            raise ValueError(f"{where}{': ' if where else ''}JSON nested more than {max_depth} levels deep "
+                             "(arrays and objects); not a file this program writes")
+    return json.loads(text)
 
 
 def _json_int(value, name: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}: {name!r} must be an integer, got {value!r}")
     return value
+
+
+def _json_index(value, name: str, where: str) -> int:
+    index = _json_int(value, name, where)
+    try:
+        _check_index(index, repr(name))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return index
 
 
 def _json_det_id(value, where: str) -> int:
@@ -588,7 +642,7 @@ def read_jsonl_detections(path: str, lookup: ImageLookup) -> tuple[Detections, l
     for number, line in numbered_lines(path):
         where = f"{path}:{number}"
         try:
-            doc = json.loads(line)
+            doc = parse_json(line, where)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):

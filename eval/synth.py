@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 
 from eval.classes import det200
-from eval.formats import write_annotation, write_imageset
+from eval.formats import parse_json, write_annotation, write_imageset
 
 FORMAT = "ircnn-synth-det"  # synth.json "format": marks a directory this module may replace
 MAX_IMAGES = 1_000_000
@@ -503,7 +503,7 @@ def _owned_paths(out: str) -> list[str]:
 def _is_synth_set(out: str) -> bool:
     try:
         with open(os.path.join(out, "synth.json"), encoding="utf-8") as f:
-            return json.load(f).get("format") == FORMAT
+            return parse_json(f.read()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from detector.bundle import load_bundle, read_manifest
+from detector.cpus import default_workers
 from detector.googlenet import VARIANTS, GoogLeNetConfig
 from detector.image import read_image
 from detector.train import CHECKPOINT_FORMAT, EMA, load_checkpoint, restore_training, save_checkpoint
@@ -84,7 +85,7 @@ class MultiBoxTrainConfig:
     checkpoint_dir: str | None = None  # default <out>/.multibox-checkpoint
     checkpoint_every: int = 2000  # steps between mid-epoch checkpoints (0: at epoch ends only)
     max_steps: int = 0  # stop after this many steps (0: no limit); the schedule still plans for all epochs
-    workers: int = 4  # DataLoader processes
+    workers: int = default_workers(4)  # DataLoader processes (cores, at most 4)
     device: str | None = None  # "cpu" or "cuda"; None picks cuda when available
 
     def __post_init__(self) -> None:

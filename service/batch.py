@@ -12,7 +12,10 @@ The pieces are separate so that the Ray engine (``service.ray_engine``) reuses t
   journal is the output itself; for ``coco`` and ``ilsvrc`` it is ``OUT.partial.jsonl``, the source of truth from
   which ``finish`` writes OUT atomically (temporary file + ``os.replace``) at the end of the run, plus
   ``OUT.images.json``, the image id of every input. ``resume=True`` keeps the journal: images it already holds
-  (detections or error lines) are skipped, and a last line cut off by a crash is dropped, so the image is redone.
+  (detections or error lines) are skipped, and a last line cut off by a crash is dropped, so the image is redone;
+  with ``retry_errors`` its error records are dropped too, so those images are tried again.
+  An image is the same across runs when its absolute path is (``path_key``: ``photos/a.jpg`` typed in ``/data``
+  and ``/data/photos/a.jpg`` are one image); records keep the path as it was given.
 - ``run_batch``: the loop of ``ircnn detect``: input list, image ids, resume, progress bar, ``--save-vis``.
 
 Image ids of ``coco`` and ``ilsvrc`` files: the imageset index when an imageset is given (ILSVRC ``val.txt``;
@@ -37,7 +40,7 @@ import numpy as np
 
 from detector.image import IMAGE_SUFFIXES, list_images, read_image
 from eval.classes import det200
-from eval.formats import ImageLookup, read_imageset, to_devkit_ints, to_xywh
+from eval.formats import ImageLookup, parse_json, read_imageset, to_devkit_ints, to_xywh
 
 if TYPE_CHECKING:
     from detector.rcnn import DetectConfig
@@ -52,6 +55,12 @@ IMAGES_SUFFIX = ".images.json"  # beside a coco / ilsvrc output: file_name -> id
 
 def error_record(path: str | os.PathLike, error: Exception | str) -> dict:
     return {"image": str(path), "error": str(error)}
+
+
+def path_key(path: str | os.PathLike) -> str:
+    """What makes two spellings of an input one image (for ``--resume`` and de-duplication): its absolute path,
+    relative paths taken from the current directory. Records keep the path as given."""
+    return os.path.abspath(path)
 
 
 @dataclass
@@ -158,7 +167,7 @@ def _journal_lines(path: str | os.PathLike, hint: str = "") -> Iterator[tuple[in
                 continue
             where = f"{path}:{number}"
             try:
-                doc = json.loads(line)
+                doc = parse_json(line.decode("utf-8"), where)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{where}: invalid JSON ({e}){hint}") from None
             yield start, offset, _check_record(doc, where), doc
@@ -186,11 +195,13 @@ def read_records(path: str | os.PathLike, offsets: Iterable[int]) -> Iterator[di
             yield json.loads(f.readline())
 
 
-def repair_journal(path: str | os.PathLike) -> tuple[set[str], set[str]]:
-    """Make a journal appendable after a crash: cut a partial last line and drop repeated images (first kept).
+def repair_journal(path: str | os.PathLike, drop_errors: bool = False) -> tuple[set[str], set[str]]:
+    """Make a journal appendable after a crash: cut a partial last line and drop repeated images (first kept);
+    with ``drop_errors`` drop the error records too, so that their images are detected again.
 
-    Returns (images recorded, those of them with an error record). Reads line by line: a journal of millions of
-    images is never held in memory, only the set of its image names.
+    Returns (images recorded, those of them with an error record), as recorded; with ``drop_errors`` the second
+    set is no longer in the journal. Reads line by line: a journal of millions of images is never held in memory,
+    only the set of its image names.
     """
     images: set[str] = set()
     failed: set[str] = set()
@@ -205,8 +216,9 @@ def repair_journal(path: str | os.PathLike) -> tuple[set[str], set[str]]:
         images.add(image)
         if "error" in doc:
             failed.add(image)
-    if duplicates:  # not written by one run of ours (two runs into one file?): rewrite without them
-        _atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in iter_journal(path)))
+    if duplicates or (drop_errors and failed):  # duplicates: not one run of ours (two runs into one file?)
+        _atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in iter_journal(path)
+                                                   if not (drop_errors and "error" in r)))
     elif complete < os.path.getsize(path):
         os.truncate(path, complete)
     return images, failed
@@ -238,11 +250,13 @@ class ImageId:
 class DetectOutput:
     """Where the records of a run go (module docstring): ``out`` None writes JSON lines to stdout.
 
-    ``done`` holds the images recorded by an earlier run (with ``resume``); ``write`` appends one record and
-    flushes it; ``finish`` writes a coco / ilsvrc file from the journal.
+    ``done`` holds the images recorded by an earlier run (with ``resume``), as recorded; with ``retry_errors``
+    the error records of that run are dropped from the journal, and their images, in ``retried``, are not in
+    ``done``. ``write`` appends one record and flushes it; ``finish`` writes a coco / ilsvrc file from the journal.
     """
 
-    def __init__(self, out: str | os.PathLike | None, fmt: str = "jsonl", resume: bool = False) -> None:
+    def __init__(self, out: str | os.PathLike | None, fmt: str = "jsonl", resume: bool = False,
+                 retry_errors: bool = False) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
         if out is None and (fmt != "jsonl" or resume):
@@ -250,6 +264,7 @@ class DetectOutput:
         self.out, self.format = (None if out is None else str(out)), fmt
         self.done: set[str] = set()
         self.failed_before: set[str] = set()  # images of ``done`` with an error record
+        self.retried: set[str] = set()  # images whose error records were dropped (``retry_errors``)
         if out is None:
             self.journal_path, self._file = None, sys.stdout
             return
@@ -260,7 +275,9 @@ class DetectOutput:
             raise ValueError(f"--out {self.out}: folder {parent} does not exist")
         self.journal_path = self.out if fmt == "jsonl" else self.out + JOURNAL_SUFFIX
         if resume and os.path.exists(self.journal_path):
-            self.done, self.failed_before = repair_journal(self.journal_path)
+            self.done, self.failed_before = repair_journal(self.journal_path, drop_errors=retry_errors)
+            if retry_errors:
+                self.done, self.retried, self.failed_before = self.done - self.failed_before, self.failed_before, set()
         elif resume and fmt != "jsonl" and os.path.exists(self.out):
             raise ValueError(f"cannot resume {self.out}: its journal {self.journal_path} is gone; leave out --resume "
                              "to start over")
@@ -282,7 +299,8 @@ class DetectOutput:
 
     def finish(self, ids: dict[str, ImageId]) -> dict:
         """Write the coco / ilsvrc file (and ``OUT.images.json``) from the journal, for the images in ``ids``
-        (image path as recorded -> id); a no-op for jsonl. Returns counts of what was written."""
+        (input path -> id; a record matches by ``path_key``); a no-op for jsonl. Returns counts of what was
+        written."""
         self.close()
         if self.format == "jsonl":
             return {}
@@ -290,15 +308,18 @@ class DetectOutput:
         vocab = det200()
         categories = [{"id": i, "name": n, "wnid": w} for i, n, w in zip(vocab.ids, vocab.names, vocab.wnids)]
         # Written in input order, whichever order the journal has (the Ray engine's: as its workers finished).
-        offsets = journal_offsets(self.journal_path)
-        skipped = sum(image not in ids for image in offsets)  # recorded by a run over other inputs
+        offsets: dict[str, int] = {}
+        for image, start in journal_offsets(self.journal_path).items():
+            offsets.setdefault(path_key(image), start)  # the first record of a file however it was spelled
+        wanted = [(image_id, offsets[path_key(p)]) for p, image_id in ids.items() if path_key(p) in offsets]
+        skipped = len(offsets) - len(wanted)  # recorded by a run over other inputs
 
         def write(f) -> None:
             nonlocal rows
             if self.format == "coco":
                 f.write("[")
-            for record in read_records(self.journal_path, (offsets[i] for i in ids if i in offsets)):
-                image_id = ids[record["image"]]
+            records = read_records(self.journal_path, (start for _, start in wanted))
+            for (image_id, _), record in zip(wanted, records):
                 entry = {"id": image_id.id, "file_name": image_id.file_name, "path": record["image"]}
                 if "error" in record:
                     failed.append({**entry, "error": record["error"]})
@@ -331,12 +352,23 @@ class DetectOutput:
 # ---- inputs ----------------------------------------------------------------------------------------------
 
 
+def check_paths(paths: Iterable[str | os.PathLike]) -> None:
+    """Raise ValueError naming the PATH arguments that do not exist: a usage error, found before any work (and,
+    in ``ircnn detect`` and ``ircnn classify``, before the model loads)."""
+    missing = [str(p) for p in paths if not os.path.exists(p)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"no such file or directory: {', '.join(missing[:3])}{more}; check the path"
+                         f"{'s' if len(missing) > 1 else ''}")
+
+
 def input_files(inputs: list[str | os.PathLike]) -> list[Path]:
-    """``list_images`` of the PATH arguments, each file once (the first spelling kept)."""
+    """``list_images`` of the PATH arguments, each file once (the first spelling kept); ``check_paths`` first."""
+    check_paths(inputs)
     seen: set[str] = set()
     out = []
     for p in list_images(inputs):
-        key = os.path.abspath(p)
+        key = path_key(p)
         if key not in seen:
             seen.add(key)
             out.append(p)
@@ -432,6 +464,7 @@ class BatchConfig:
     out: str | None = None  # None: JSON lines to stdout
     format: str = "jsonl"  # one of FORMATS
     resume: bool = False  # skip images already in the output (or its journal)
+    retry_errors: bool = False  # with resume: detect the images with an error record again
     imageset: str | None = None  # ILSVRC val.txt: image ids of coco / ilsvrc outputs
     save_vis: str | None = None  # folder for copies of the images with their detections drawn
     vis_threshold: float = 0.3  # draw detections scoring at least this
@@ -453,6 +486,8 @@ class BatchSummary:
     format: str
     files: dict = field(default_factory=dict)
     regions: int = 0  # proposals scored by the networks, all images of this run
+    retried: int = 0  # images with an error record from before, detected again (retry_errors)
+    vis: dict | None = None  # --save-vis: {"dir", "pictures", "boxes", "threshold", "best_score"}
 
     def to_json(self) -> dict:
         return {"images": self.images, "skipped": self.skipped, "detected": self.detected, "failed": self.failed,
@@ -464,7 +499,8 @@ class BatchSummary:
                 "regions_per_image": round(self.regions / max(1, self.detected - self.failed), 1),
                 "regions_per_s_networks": (round(self.regions / self.stage_seconds["networks"], 1)
                                            if self.stage_seconds.get("networks") else None),
-                "out": self.out, "format": self.format, **self.files}
+                "retried": self.retried, "out": self.out, "format": self.format, **self.files,
+                **({"vis": self.vis} if self.vis is not None else {})}
 
 
 def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], config: BatchConfig,
@@ -474,8 +510,9 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
     ``make_detector()`` returns a ``detector.rcnn.Detector`` (closed at the end); it is called only when there is
     an image left to detect. ``engine(todo)``, when given, replaces that in-process loop (``local_engine``): it
     yields the ``Result`` of every path of ``todo`` (the inputs not in the output yet), in any order
-    (``service.ray_engine.RayEngine``); ``make_detector`` is then not used. Raises ValueError before any work for bad inputs (no images, an image outside the
-    imageset, a --save-vis copy that would overwrite an input, an output --resume cannot continue).
+    (``service.ray_engine.RayEngine``); ``make_detector`` is then not used. Raises ValueError before any work for
+    bad inputs (a path that does not exist, no images, an image outside the imageset, a --save-vis copy that would
+    overwrite an input, an output --resume cannot continue).
     """
     files = input_files(inputs)
     note = ""
@@ -497,8 +534,9 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
         vis = VisWriter(config.save_vis, names, files, config.vis_threshold)
     stages: dict[str, float] = {}
     regions = 0
-    with DetectOutput(config.out, config.format, config.resume) as output:
-        todo = [f for f in files if str(f) not in output.done]
+    with DetectOutput(config.out, config.format, config.resume, config.retry_errors) as output:
+        done = {path_key(image) for image in output.done}
+        todo = [f for f in files if path_key(f) not in done]
         failed = detections = 0
         start = time.perf_counter()
         if todo:
@@ -530,10 +568,13 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
         files_written = output.finish(ids) if ids is not None else {}
     if config.format != "jsonl":
         files_written = {"journal": output.journal_path, **files_written}
+    input_keys = set(map(path_key, files))
     return BatchSummary(images=len(files), skipped=len(files) - len(todo), detected=len(todo), failed=failed,
-                        failed_before=len(output.failed_before & set(map(str, files))),
+                        failed_before=len({path_key(i) for i in output.failed_before} & input_keys),
                         detections=detections, seconds=seconds, stage_seconds=stages, out=config.out,
-                        format=config.format, files=files_written, regions=regions)
+                        format=config.format, files=files_written, regions=regions,
+                        retried=len({path_key(i) for i in output.retried} & input_keys),
+                        vis=vis.summary() if vis is not None else None)
 
 
 def _progress_bar(total: int, skipped: int, enabled: bool):

@@ -12,11 +12,16 @@ import os
 import sys
 import time
 
+from detector.cpus import default_workers
 
-# Literal here so that building the parser does not import torch (``ircnn data synth`` never needs it);
-# tests/service checks they equal detector.googlenet.VARIANTS and detector.efficientnet_lite.VARIANTS.
+
+# Literals here so that building the parser imports nothing heavy (torch, cv2, numpy): `ircnn --help`, any
+# `--help` and usage errors answer at once. tests/service checks them against detector.googlenet.VARIANTS,
+# detector.efficientnet_lite.VARIANTS and eval.synth's CLASSES and MAX_IMAGES.
 VARIANTS = ("paper", "torchvision")
 LITE_VARIANTS = ("lite0", "lite1", "lite2", "lite3", "lite4")
+SYNTH_CLASSES = ("cat", "person", "cup or mug", "motorcycle", "horse")  # eval.synth.CLASSES, in order
+SYNTH_MAX_IMAGES = 1_000_000
 
 
 class CliError(Exception):
@@ -36,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     _add_model_commands(model_sub)
 
-    train = sub.add_parser("train", help="train a classifier (and later detectors, MultiBox)")
+    train = sub.add_parser("train", help="train classifiers, R-CNN detectors and MultiBox")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="WHAT")
     _add_train_commands(train_sub)
 
@@ -158,9 +163,6 @@ def _cmd_model_summary(args) -> int:
 
 
 def _cmd_model_init(args) -> int:
-    from detector.bundle import init_bundle, save_bundle
-    from detector.googlenet import GoogLeNetConfig
-
     det_ids = None
     if args.det_ids is not None:
         if args.task != "det200":
@@ -170,6 +172,9 @@ def _cmd_model_init(args) -> int:
         except ValueError:
             raise CliError(f"--det-ids must be comma-separated integers, got {args.det_ids!r}") from None
     classes = (len(det_ids) + 1 if det_ids else 201) if args.task == "det200" else 1000
+    from detector.bundle import init_bundle, save_bundle
+    from detector.googlenet import GoogLeNetConfig
+
     if args.arch == "googlenet":
         arch = GoogLeNetConfig(variant=args.variant, num_classes=classes, width=args.width)
     else:
@@ -235,7 +240,9 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
     p.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default 0.01)")
     p.add_argument("--weight-decay", type=float, default=2e-4, help="on weights, not biases (default 2e-4)")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
+    p.add_argument("--workers", type=int, default=default_workers(4),
+                   help=f"data loading processes per training process (default: one per core, at most 4: "
+                   f"{default_workers(4)} here)")
     p.add_argument("--variant", choices=VARIANTS, help="a new network's variant (default paper)")
     p.add_argument("--width", type=float, help="a new network's channel multiplier (default 1.0)")
     p.add_argument("--size", type=int, default=224, help="network input side (default 224)")
@@ -289,7 +296,8 @@ def _add_train_commands(sub) -> None:
                    help="mid-epoch checkpoint interval (0: epoch ends only; default 2000)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="Polyak averaging decay (default 0.999)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: no limit)")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--workers", type=int, default=default_workers(4),
+                   help=f"data loading processes (default: one per core, at most 4: {default_workers(4)} here)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--json", action="store_true", help="one JSON line per epoch, then a summary document")
     p.set_defaults(func=_cmd_train_multibox)
@@ -341,7 +349,8 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--checkpoint-dir", metavar="DIR", help="default BUNDLE_DIR/.detector-checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS",
                    help="mid-epoch checkpoint interval (0: epoch ends only; default 200)")
-    p.add_argument("--workers", type=int, default=2, help="window loading processes (default 2)")
+    p.add_argument("--workers", type=int, default=default_workers(2),
+                   help=f"window loading processes (default: one per core, at most 2: {default_workers(2)} here)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--json", action="store_true", help="JSON lines: the proposal summary, one per epoch, then "
                    "the bundle's description")
@@ -349,11 +358,11 @@ def _add_train_commands(sub) -> None:
 
 
 def _cmd_train_classifier(args) -> int:
-    from detector.train import TrainConfig, train
-
     if args.init and (args.variant is not None or args.width is not None):
         raise CliError("--variant and --width describe a new network; with --init the bundle's architecture is "
                        "used, so drop them")
+    from detector.train import TrainConfig, train
+
     cfg = TrainConfig(
         data=args.data, out=args.out, val=args.val, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, workers=args.workers, variant=args.variant or "paper",
@@ -378,11 +387,11 @@ def _cmd_train_classifier(args) -> int:
 
 
 def _cmd_train_detector(args) -> int:
-    from detector.train_detector import DetectorTrainConfig, train_detector
-
     if args.init and (args.variant is not None or args.width is not None or args.no_aux_heads):
         raise CliError("--variant, --width and --no-aux-heads describe a new network; with --from the bundle's "
                        "architecture is used, so drop them")
+    from detector.train_detector import DetectorTrainConfig, train_detector
+
     cfg = DetectorTrainConfig(
         data=args.data, out=args.out, imageset=args.imageset, init=args.init, members=args.members,
         variant=args.variant or "paper", width=1.0 if args.width is None else args.width,
@@ -424,12 +433,12 @@ def _cmd_train_detector(args) -> int:
 
 
 def _cmd_train_multibox(args) -> int:
-    from proposals.multibox import MULTIBOX_FILE
-    from proposals.train_multibox import MultiBoxTrainConfig, train_multibox
-
     if args.init and (args.variant is not None or args.width is not None):
         raise CliError("--variant and --width describe a new trunk; with --init the bundle's architecture is "
                        "used, so drop them")
+    from proposals.multibox import MULTIBOX_FILE
+    from proposals.train_multibox import MultiBoxTrainConfig, train_multibox
+
     cfg = MultiBoxTrainConfig(
         data=args.data, out=args.out, imageset=args.imageset, val_imageset=args.val_imageset, k=args.k,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -559,8 +568,6 @@ def _run_eval_det(args) -> int:
 
 
 def _add_data_commands(sub) -> None:
-    from eval.synth import CLASSES, MAX_IMAGES
-
     p = sub.add_parser("synth", help="a synthetic detection set in the ILSVRC DET layout, offline",
                        description="Write Data/DET/{train,val}/*.JPEG, Annotations/DET/{train,val}/*.xml, "
                        "ImageSets/DET/{train,val}.txt and synth.json: objects cut from photographs scikit-image "
@@ -569,16 +576,16 @@ def _add_data_commands(sub) -> None:
                        "it does not stand in for ILSVRC. Same seed, same files.")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="new or empty directory, or an earlier synthetic set (replaced)")
-    p.add_argument("--images", type=int, required=True, metavar="N", help=f"images in all, 1..{MAX_IMAGES:,}")
+    p.add_argument("--images", type=int, required=True, metavar="N", help=f"images in all, 1..{SYNTH_MAX_IMAGES:,}")
     p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
-    p.add_argument("--classes", type=int, default=len(CLASSES), metavar="K",
-                   help=f"use the first K classes of cat, person, cup or mug, motorcycle, horse "
-                   f"(1..{len(CLASSES)}, default {len(CLASSES)})")
+    p.add_argument("--classes", type=int, default=len(SYNTH_CLASSES), metavar="K",
+                   help=f"use the first K classes of {', '.join(SYNTH_CLASSES)} "
+                   f"(1..{len(SYNTH_CLASSES)}, default {len(SYNTH_CLASSES)})")
     p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
                    help="share of the images (the last ones) in val (default 0.2)")
     p.add_argument("--size", type=int, default=500, metavar="PX",
                    help="longer image side; the shorter is 0.6..1.0 of it (default 500, as ILSVRC)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=int, default=default_workers(os.cpu_count() or 1),
                    help="processes (default: one per core); the files do not depend on it")
     p.add_argument("--overwrite", action="store_true",
                    help="also replace a set's paths in a non-empty directory that holds no synthetic set")
@@ -674,11 +681,17 @@ class _TopMultiBox:
 
 
 def _cmd_proposals(args) -> int:
+    if not 0.25 <= args.coarsen <= 16:
+        raise CliError(f"--coarsen must be in 0.25..16, got {args.coarsen}")
+    if not args.eval:
+        if not args.images:
+            raise CliError("give images (or --eval with --annotations and --imageset)")
+        from service.batch import check_paths
+
+        check_paths(args.images)
     from proposals.combine import MergeConfig, ProposalGenerator
     from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
-    if not 0.25 <= args.coarsen <= 16:
-        raise CliError(f"--coarsen must be in 0.25..16, got {args.coarsen}")
     merge_config = MergeConfig(max_proposals=args.max_proposals)
     net = _load_multibox(args)
     n_multibox = _multibox_count(args, net)
@@ -689,8 +702,6 @@ def _cmd_proposals(args) -> int:
                  else SelectiveSearchConfig(mode=args.selective_search, coarsen=args.coarsen))
     if args.eval:
         return _proposals_eval(args, ss_config, multibox, merge_config)
-    if not args.images:
-        raise CliError("give images (or --eval with --annotations and --imageset)")
     from detector.image import ImageError, list_images, read_image
 
     runner = SelectiveSearchRunner(ss_config) if ss_config else None
@@ -826,16 +837,20 @@ def _add_classify_command(sub) -> None:
 
 
 def _cmd_classify(args) -> int:
-    from detector.bundle import resolve_bundle
-    from detector.classify import Classifier
-    from detector.ensemble import EnsembleConfig
     from detector.image import IMAGE_SUFFIXES, list_images
+    from service.batch import check_paths
 
     if not 1 <= args.top_k <= 1000:
         raise CliError(f"--top-k must be in 1..1000, got {args.top_k}")
+    check_paths(args.images)
     paths = list_images(args.images)
     if not paths:
         raise CliError(f"no images found in {' '.join(args.images)} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    # torch and the model only now, once the arguments are known to be usable
+    from detector.bundle import resolve_bundle
+    from detector.classify import Classifier
+    from detector.ensemble import EnsembleConfig
+
     bundle = resolve_bundle(args.model, device=args.device)
     classifier = Classifier(bundle, EnsembleConfig(batch_size=args.batch_size, precision=args.precision))
     failed = 0
@@ -881,7 +896,10 @@ def _add_detect_command(sub) -> None:
     p.add_argument("--imageset", metavar="FILE", help="coco/ilsvrc: image ids from this ILSVRC imageset "
                    "(ImageSets/DET/val.txt), for `ircnn eval det`; default: 1-based position in the input list")
     p.add_argument("--resume", action="store_true", help="continue --out: skip the images it already holds "
-                   "(detections or errors), drop a line cut off by a crash")
+                   "(detections or errors; an image is the same file whether given by a relative or an absolute "
+                   "path), drop a line cut off by a crash")
+    p.add_argument("--retry-errors", action="store_true", help="with --resume: drop the error records from --out "
+                   "and try those images again (jsonl: their new records come at the end)")
     p.add_argument("--score-threshold", type=float, default=DETECT_DEFAULTS["score_threshold"], metavar="T",
                    help=f"keep detections scoring at least T (default {DETECT_DEFAULTS['score_threshold']})")
     p.add_argument("--max-detections", type=int, default=DETECT_DEFAULTS["max_detections"], metavar="N",
@@ -944,6 +962,8 @@ def _check_detect_args(args) -> None:
         raise CliError(f"--format {args.format} needs --out FILE (only jsonl can go to stdout)")
     if args.out is None and args.resume:
         raise CliError("--resume continues an output file: give it with --out FILE")
+    if args.retry_errors and not args.resume:
+        raise CliError("--retry-errors retries the failed images of an earlier run: add --resume")
     if args.imageset and args.format == "jsonl":
         raise CliError("--imageset numbers images of coco and ilsvrc outputs; jsonl names them by path")
     if args.engine != "ray" and (args.ray_address or args.ray_workers is not None or args.ray_gpus_per_worker):
@@ -952,6 +972,9 @@ def _check_detect_args(args) -> None:
 
 def _cmd_detect(args) -> int:
     _check_detect_args(args)
+    from service.batch import check_paths
+
+    check_paths(args.paths)  # in a second, before torch and the model load
     from detector.ensemble import EnsembleConfig
     from detector.rcnn import DetectConfig
     from service.batch import BatchConfig, DetectorSpec, run_batch
@@ -978,8 +1001,8 @@ def _cmd_detect(args) -> int:
     def make_detector():
         return spec.build(bundle)
 
-    batch = BatchConfig(out=args.out, format=args.format, resume=args.resume, imageset=args.imageset,
-                        save_vis=args.save_vis, vis_threshold=args.vis_threshold,
+    batch = BatchConfig(out=args.out, format=args.format, resume=args.resume, retry_errors=args.retry_errors,
+                        imageset=args.imageset, save_vis=args.save_vis, vis_threshold=args.vis_threshold,
                         progress=sys.stderr.isatty() and not args.json, report_errors=not args.json)
     try:
         summary = run_batch(make_detector, args.paths, batch, engine=engine)
@@ -992,6 +1015,11 @@ def _cmd_detect(args) -> int:
                   file=sys.stderr)
         raise
     failed = summary.failed + summary.failed_before
+    if summary.vis is not None and summary.vis["pictures"] and not summary.vis["boxes"]:
+        best = summary.vis["best_score"]
+        print(f"ircnn: warning: no box drawn in {summary.vis['dir']}: no detection scored >= "
+              f"{args.vis_threshold:g} (the best: {'none' if best is None else f'{best:.3g}'}); lower "
+              "--vis-threshold to draw weaker ones", file=sys.stderr)
     if args.json:
         if args.out:
             _print_json(summary.to_json())
@@ -999,11 +1027,13 @@ def _cmd_detect(args) -> int:
     doc = summary.to_json()
     to = sys.stdout if args.out else sys.stderr
     rate = f", {doc['images_per_s']:.3g} images/s" if doc["images_per_s"] else ""
-    print(f"detected {summary.detected} images in {summary.seconds:.1f} s{rate}: {summary.detections} detections, "
-          f"{summary.failed} failed", file=to)
+    print(f"detected {_count(summary.detected, 'image')} in {summary.seconds:.1f} s{rate}: "
+          f"{_count(summary.detections, 'detection')}, {summary.failed} failed", file=to)
     if summary.skipped:
-        print(f"skipped {summary.skipped} images already in the output ({summary.failed_before} of them failed)",
-              file=to)
+        print(f"skipped {_count(summary.skipped, 'image')} already in the output ({summary.failed_before} of them "
+              "failed)", file=to)
+    if summary.retried:
+        print(f"retried {_count(summary.retried, 'image')} that had failed before (--retry-errors)", file=to)
     if doc["seconds_per_image_by_stage"]:
         print("seconds per image: " + ", ".join(f"{k} {v:.3f}" for k, v in doc["seconds_per_image_by_stage"].items())
               + " (decode and proposals overlap the networks)", file=to)
@@ -1013,9 +1043,15 @@ def _cmd_detect(args) -> int:
     if args.out:
         extra = "" if args.format == "jsonl" else f", image ids in {doc['images_file']}; journal {doc['journal']}"
         print(f"wrote {args.out} ({args.format}){extra}", file=to)
-    if args.save_vis:
-        print(f"drawn copies in {args.save_vis}", file=to)
+    if summary.vis is not None:
+        v = summary.vis
+        print(f"drew {_count(v['boxes'], 'box', 'boxes')} (score >= {v['threshold']:g}) on "
+              f"{_count(v['pictures'], 'picture')} in {v['dir']}", file=to)
     return 1 if failed else 0
+
+
+def _count(n: int, word: str, plural: str = "") -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 # ---- ircnn serve -----------------------------------------------------------------------------------------
@@ -1023,8 +1059,10 @@ def _cmd_detect(args) -> int:
 
 def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="the REST service: /v1/detect, /v1/classify, /v1/models, /metrics, web page",
-                       description="Serve DESIGN.md's HTTP contract with uvicorn. Every IRCNN_* setting "
-                       "(service/settings.py) is read from the environment; these flags override them. SIGTERM "
+                       description="Serve the HTTP API with uvicorn: POST /v1/detect and /v1/classify (an image as "
+                       "multipart field 'image' or as the raw body), GET /v1/models, /healthz, /readyz and /metrics, "
+                       "the web page at / and interactive API docs at /docs. Every IRCNN_* setting (the table in "
+                       "README's service section) is read from the environment; these flags override them. SIGTERM "
                        "or Ctrl-C stops taking connections, finishes the requests in flight, then exits 0.")
     p.add_argument("--host", help="address to listen on (default IRCNN_HOST or 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="default IRCNN_PORT or 8000")

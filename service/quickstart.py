@@ -113,5 +113,7 @@ def report(result: dict) -> str:
               f"detections:     {out / 'detections.txt'} (devkit submission format)",
               f"pictures:       {out / 'vis'}",
               f"evaluation:     {out / 'eval.json'}, curves in {out / 'plots'}",
-              f"next: ircnn detect YOUR_PHOTOS/ --model {out / 'model'}   or   ircnn serve --model {out / 'model'}"]
+              f"next:           ircnn detect YOUR_PHOTOS/ --model {out / 'model'}",
+              f"                ircnn serve --model {out / 'model'}   (detection only: the page and /v1/detect "
+              "work; this bundle has no whole-image classifier, so /v1/classify is not available)"]
     return "\n".join(lines)

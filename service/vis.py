@@ -63,7 +63,7 @@ def vis_name(name: str) -> str:
 
 
 class VisWriter:
-    """Writes the drawn copy of each detected image under ``out_dir``.
+    """Writes the drawn copy of each detected image under ``out_dir``, counting what it drew (``summary``).
 
     ``names``: input path (as recorded) -> path relative to the inputs' common folder; ``files``: the inputs.
     Raises ValueError at once if two inputs would share a copy or a copy would replace an input.
@@ -72,6 +72,8 @@ class VisWriter:
     def __init__(self, out_dir: str | os.PathLike, names: dict[str, str], files: list[Path],
                  min_score: float = 0.0) -> None:
         self.out_dir, self.min_score = Path(out_dir), min_score
+        self.pictures = self.boxes = 0
+        self.best_score: float | None = None  # of every detection seen, drawn or not
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ValueError(f"--save-vis {out_dir} is a file, not a folder")
         self.targets: dict[str, Path] = {}
@@ -92,9 +94,20 @@ class VisWriter:
         """Draw a detections record (``{"image", "detections": [...]}``) over its decoded image and save it."""
         target = self.targets[record["image"]]
         target.parent.mkdir(parents=True, exist_ok=True)
-        drawn = draw_detections(image, record["detections"], self.min_score)
+        dets = record["detections"]
+        drawn = draw_detections(image, dets, self.min_score)
         if target.suffix.lower() in JPEG_SUFFIXES:
             drawn.save(target, format="JPEG", quality=JPEG_QUALITY)
         else:
             drawn.save(target, format="PNG")
+        self.pictures += 1
+        self.boxes += sum(d["score"] >= self.min_score for d in dets)
+        if dets:
+            self.best_score = max(self.best_score or 0.0, max(d["score"] for d in dets))
         return target
+
+    def summary(self) -> dict:
+        """``{"dir", "pictures", "boxes", "threshold", "best_score"}``: copies written, boxes drawn on them (score at
+        least ``threshold``), and the best score of any detection on them (None: no detections at all)."""
+        return {"dir": str(self.out_dir), "pictures": self.pictures, "boxes": self.boxes,
+                "threshold": self.min_score, "best_score": self.best_score}

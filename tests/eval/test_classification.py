@@ -174,6 +174,9 @@ def test_json_predictions_as_written_by_classify(tmp_path):
     ('{"image": "a.jpg", "top_k": [{"index": "0"}]}', r"p.txt:2: top_k entry 1: 'index' must be an integer"),
     ('{"image": "a.jpg", "top_k": [{"index": 1, "wnid": "n01440764"}]}',
      r"p.txt:2: top_k entry 1: index 1 is n01443537, not n01440764"),
+    ('{"image": "a.jpg", "top_k": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     r"^[^\n]*p.txt:2: JSON nested more than 32 levels deep"),  # was RecursionError
+    ('{"image": "a.jpg", "top_k": [{"index": 10000000000000000000000}]}', r"p.txt:2: class index 1\d+ out of range"),
 ])
 def test_malformed_predictions_name_file_and_line(tmp_path, line, message):
     path = write(tmp_path, "p.txt", f"ok.jpg 0\n{line}\n")

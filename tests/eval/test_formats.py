@@ -93,6 +93,7 @@ def test_imageset_round_trip(tmp_path):
     ("a 1\na 2\n", r"val.txt:2: image 'a' listed twice"),
     ("a 1\nb 1\n", r"val.txt:2: image index 1 already used at .*val.txt:1"),
     ("a 0\n", r"val.txt:1: image index 0"),
+    ("a 99999999999999999999\n", r"val.txt:1: image index 1e\+20 is more than 2147483647"),
     ("\n", "no images"),
 ])
 def test_read_imageset_errors(tmp_path, text, match):
@@ -113,6 +114,7 @@ def test_read_imageset_errors(tmp_path, text, match):
     ("<annotation><size><width>5</width><height>5</height></size><object><name>n02883205</name>"
      "<bndbox><xmin>1e300</xmin><ymin>0</ymin><xmax>2</xmax><ymax>4</ymax></bndbox></object></annotation>",
      "object 1: box coordinate"),
+    ("<annotation><size><width>1e30</width><height>5</height></size></annotation>", "image size .* is not within"),
 ])
 def test_read_annotation_errors(tmp_path, body, match):
     path = write(tmp_path, "x.xml", body)
@@ -144,6 +146,8 @@ def test_blacklist_accepts_wnids_and_det_ids(tmp_path):
     ("x n02883205\n", r"bl.txt:1: image index 'x'"),
     ("1 1\n2 n99999999\n", r"bl.txt:2: WNID 'n99999999' is not one of the 200"),
     ("1 201\n", r"bl.txt:1: DET id 201 out of range"),
+    ("0 1\n", r"bl.txt:1: image index 0 must be >= 1"),
+    ("4294967296 1\n", r"bl.txt:1: image index 4.29497e\+09 is more than 2147483647"),
 ])
 def test_blacklist_errors(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):
@@ -188,6 +192,10 @@ def test_submission_keeps_float_coordinates(tmp_path):
     ("1 1 0.9 1 2 3 1e9\n", r"sub.txt:1: box coordinate 1000000000.0 is not a finite number"),
     ("1 1 0.9 1 2 3 inf\n", r"sub.txt:1: box coordinate inf"),
     ("1 1 0.9 1 2 3 x\n", r"sub.txt:1: 'x' is not a number"),
+    ("1 1 0.9 1 2 3 4\n1e30 1 0.9 1 2 3 4\n", r"sub.txt:2: image index 1e\+30 is more than 2147483647"),
+    ("1 1e30 0.9 1 2 3 4\n", r"sub.txt:1: DET id 1000000000000000019884624838656 out of range"),
+    ("1 1 -inf 1 2 3 4\n", r"sub.txt:1: score -inf is not a finite number"),
+    ("1 1 0.9 -1e7 2 3 4\n", r"sub.txt:1: box coordinate -10000000.0 is not a finite number"),
 ])
 def test_submission_errors_name_file_and_line(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):
@@ -229,10 +237,48 @@ def test_coco_results_round_trip_and_image_names(tmp_path):
     ([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 1}], "entry 0: 'bbox' must be"),
     ([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": None}], "entry 0: 'score' must be"),
     ([{"image_id": 1.5, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}], "entry 0: 'image_id' must be"),
+    ([{"image_id": 10**30, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}],
+     r"entry 0: 'image_id' 1e\+30 is more than 2147483647"),
+    ([{"image_id": 0, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}], r"entry 0: 'image_id' 0 must be >= 1"),
+    ([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1e300], "score": 1}], r"entry 0: bbox box coordinate"),
 ])
 def test_coco_results_errors(tmp_path, doc, match):
     with pytest.raises(ValueError, match=match):
         read_coco_results(write(tmp_path, "res.json", json.dumps(doc)), ImageLookup({}))
+
+
+@pytest.mark.parametrize("doc, match", [
+    ({"images": [{"id": 2**40}], "annotations": []}, r"images\[0\]: 'id' 1.09951e\+12 is more than"),
+    ({"images": [{"id": 1, "width": 10**12}], "annotations": []}, r"images\[0\]: width and height must be"),
+    ({"images": [{"id": 1}], "annotations": [{"image_id": 10**30, "category_id": 1, "bbox": [0, 0, 1, 1]}]},
+     r"annotations\[0\]: 'image_id' 1e\+30 is more than"),
+])
+def test_coco_gt_ranges(tmp_path, doc, match):
+    with pytest.raises(ValueError, match=match):
+        read_coco_gt(write(tmp_path, "gt.json", json.dumps(doc)))
+
+
+def test_deeply_nested_json_is_refused_with_file_and_line(tmp_path):
+    """A few thousand nested brackets made Python's parser raise RecursionError; they are refused before parsing,
+    whatever the brackets inside strings."""
+    deep = "[" * 50_000 + "]" * 50_000
+    coco = write(tmp_path, "res.json", '[\n{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1},\n'
+                 + deep + "\n]")
+    with pytest.raises(ValueError, match=r"res.json:3: JSON nested more than 32 levels deep"):
+        read_coco_results(coco, ImageLookup({}))
+    with pytest.raises(ValueError, match=r"gt.json: JSON nested more than 32 levels deep"):
+        read_coco_gt(write(tmp_path, "gt.json", '{"images": ' + deep + "}"))
+    jsonl = write(tmp_path, "d.jsonl", '{"image": "a", "detections": []}\n{"image": "a", "detections": ' + deep + "}\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: JSON nested more than 32 levels deep"):
+        read_jsonl_detections(jsonl, ImageLookup({}))
+    # brackets in strings do not count; 32 levels are still read
+    text = json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1, "note": "[" * 100}])
+    assert len(read_coco_results(write(tmp_path, "ok.json", text), ImageLookup({}))) == 1
+    from eval.formats import parse_json
+
+    assert parse_json("[" * 32 + "]" * 32) is not None
+    with pytest.raises(ValueError, match=r"^x: JSON nested more than 32"):
+        parse_json("[" * 33 + "]" * 33, "x")
 
 
 def test_coco_invalid_json_names_line(tmp_path):

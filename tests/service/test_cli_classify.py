@@ -61,6 +61,10 @@ def test_model_init_and_info_text(tmp_path, capsys):
     assert code == 0 and "member_seeds" in out and "[3, 4]" in out
     code, _, err = run(capsys, "model", "info", tmp_path / "nothing")
     assert code == 2 and "no model.json" in err and "ircnn model init" in err
+    assert f"{tmp_path / 'nothing'} does not exist; check the path" in err  # a typo, not a missing bundle
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "model", "info", tmp_path / "empty")
+    assert code == 2 and "is not a model bundle (no model.json)" in err and "check the path" not in err
     code, _, err = run(capsys, "model", "init", "--out", tmp_path / "c", "--members", 0)
     assert code == 2 and "--members" in err
 
@@ -108,6 +112,7 @@ def test_classify_without_model_offline_says_what_to_do(tmp_path, capsys, monkey
     code, _, err = run(capsys, "classify", image_dir / "good.jpg")
     assert code == 2
     assert "googlenet-1378be20.pth" in err and str(tmp_path / "torch") in err and "--model" in err
+    assert "https://download.pytorch.org/models/googlenet-1378be20.pth" in err  # to fetch on another machine
 
 
 def test_classify_rejects_bad_arguments(tmp_path, capsys, tiny_bundle, image_dir):
@@ -120,7 +125,7 @@ def test_classify_rejects_bad_arguments(tmp_path, capsys, tiny_bundle, image_dir
     assert code == 2 and "no images found" in err
     save_bundle(tmp_path / "b", tiny_bundle(width=0.125))
     code, _, err = run(capsys, "classify", tmp_path / "missing.jpg", "--model", tmp_path / "b")
-    assert code == 1 and "no such file" in err
+    assert code == 2 and "no such file" in err  # a usage error, before the model loads
 
 
 def test_parser_is_light_and_agrees_with_the_model():
@@ -135,3 +140,63 @@ def test_parser_is_light_and_agrees_with_the_model():
     code = "import sys, service.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `ircnn data synth` and `ircnn eval` start without loading torch
+
+
+def test_help_and_usage_errors_import_nothing_heavy():
+    """`ircnn --help`, every `--help` and a usage error answer without torch, OpenCV, NumPy, FastAPI, Ray or ONNX
+    (each costs seconds on a loaded machine); the literals that make this possible agree with the code."""
+    import subprocess
+    import sys
+
+    from eval.classes import det200
+    from eval.synth import CLASSES, MAX_IMAGES
+    from service import cli
+
+    assert cli.SYNTH_MAX_IMAGES == MAX_IMAGES and len(cli.SYNTH_CLASSES) == len(CLASSES)
+    for short, c in zip(cli.SYNTH_CLASSES, CLASSES):
+        assert short in det200().names[det200().row_of_wnid[c.wnid]], (short, c.wnid)
+    heavy = ("torch", "cv2", "numpy", "fastapi", "ray", "onnx", "onnxruntime", "openvino", "PIL")
+    probe = ("import sys, service.cli as c\n"
+             "try:\n    c.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             f"print([m for m in {heavy!r} if m in sys.modules])")
+    for argv in ([], ["--help"], ["detect", "--help"], ["eval", "det", "--help"], ["serve", "--help"],
+                 ["detect", "x.jpg", "--score-threshold", "2"], ["classify"], ["bogus"]):
+        got = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True)
+        assert got.stdout.strip().splitlines()[-1] == "[]", (argv, got.stdout, got.stderr)
+
+
+def test_help_texts_stand_alone():
+    """No help text sends a user to a file that ships only to developers, or promises what is already there."""
+    import argparse
+
+    from service.cli import build_parser
+
+    def helps(parser):
+        yield parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from helps(sub)
+
+    texts = list(helps(build_parser()))
+    assert len(texts) >= 20  # every command and subcommand
+    for text in texts:
+        assert "DESIGN" not in text and "shared/" not in text and "settings.py" not in text, text
+        assert "later" not in text, text
+
+
+def test_missing_image_is_a_usage_error_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A missing path fails at once, naming it, before torch and the model: the model path below is wrong too,
+    and the message is about the image."""
+    import detector.bundle
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the paths were checked")
+
+    monkeypatch.setattr(detector.bundle, "resolve_bundle", no_loading)
+    (tmp_path / "here.jpg").write_bytes(b"")
+    for command in ("classify", "detect", "proposals"):
+        code, out, err = run(capsys, command, tmp_path / "here.jpg", tmp_path / "missing.jpg", "--model",
+                             tmp_path / "no-model")
+        assert code == 2 and out == "", (command, err)
+        assert err.strip() == f"ircnn: error: no such file or directory: {tmp_path / 'missing.jpg'}; check the path"

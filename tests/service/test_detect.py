@@ -451,3 +451,94 @@ def test_backend_and_cascade_flags_reach_the_detector(tmp_path, capsys, tiny_bun
     assert [d["score"] for d in cascaded] != [d["score"] for d in reference]
     code, _, err = run(capsys, "detect", image, "--model", model, "--backend", "onnxruntime", "--precision", "bf16")
     assert code == 2 and "onnxruntime runs fp32 only" in err
+
+
+def test_missing_path_is_a_usage_error_without_a_summary(tmp_path, capsys, model, image_dir):
+    code, out, err = run(capsys, "detect", image_dir / "a.jpg", tmp_path / "missing.jpg", "--model", model,
+                         "--out", tmp_path / "o.jsonl")
+    assert code == 2 and out == "" and "detected" not in err
+    assert err.strip() == f"ircnn: error: no such file or directory: {tmp_path / 'missing.jpg'}; check the path"
+    assert not (tmp_path / "o.jsonl").exists()  # no work, no output
+    with pytest.raises(ValueError, match="no such file or directory"):  # the library says the same
+        batch.run_batch(None, [str(tmp_path / "missing.jpg")], batch.BatchConfig())
+
+
+def test_vis_writer_counts_the_boxes_it_draws(tmp_path):
+    files = [batch.Path(tmp_path / "a.jpg"), batch.Path(tmp_path / "b.png")]
+    writer = VisWriter(tmp_path / "vis", relative_names([str(tmp_path)], files), files, min_score=0.3)
+    image = np.zeros((30, 40, 3), np.uint8)
+    writer.write(record(str(files[0]), [((2, 2, 20, 20), CAT, 0.9), ((3, 3, 9, 9), PERSON, 0.1)]), image)
+    writer.write(record(str(files[1])), image)
+    assert writer.summary() == {"dir": str(tmp_path / "vis"), "pictures": 2, "boxes": 1, "threshold": 0.3,
+                                "best_score": 0.9}
+
+
+def test_save_vis_says_how_many_boxes_it_drew_and_warns_when_none(tmp_path, capsys, model, image_dir):
+    vis = tmp_path / "vis"
+    common = ["detect", image_dir / "a.jpg", image_dir / "b.png", "--model", model, "--save-vis", vis]
+    code, out, err = run(capsys, *common, "--vis-threshold", 1, "--out", tmp_path / "o.jsonl")
+    assert code == 0, err
+    assert f"drew 0 boxes (score >= 1) on 2 pictures in {vis}" in out
+    assert "ircnn: warning: no box drawn" in err and "lower --vis-threshold" in err
+    code, out, err = run(capsys, *common, "--vis-threshold", 0, "--out", tmp_path / "o.jsonl", "--json")
+    doc = json.loads(out)["vis"]
+    assert code == 0 and doc["pictures"] == 2 and doc["boxes"] == json.loads(out)["detections"] > 0
+    assert "warning" not in err
+
+
+def test_resume_knows_an_image_by_its_absolute_path(tmp_path, capsys, model, image_dir, monkeypatch):
+    """A run over relative paths resumed with absolute ones (or the other way) skips what it did, writes no
+    duplicates, and keeps the paths of the records as they were given."""
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.join("images", n) for n in ("a.jpg", "b.png")]
+    absolute = [str(image_dir / n) for n in ("a.jpg", "b.png")]
+    for fmt, out in (("jsonl", "o.jsonl"), ("coco", "o.json")):
+        code, _, err = run(capsys, "detect", *relative, "--model", model, "--format", fmt, "--out", out)
+        assert code == 0, err
+        before = open(out).read()
+        code, text, err = run(capsys, "detect", *absolute, "--model", model, "--format", fmt, "--out", out,
+                              "--resume")
+        assert code == 0 and "detected 0 images" in text and "skipped 2 images" in text, (fmt, text, err)
+        assert open(out).read() == before  # coco: the journal's records matched the absolute inputs
+    assert [r["image"] for r in read_lines("o.jsonl")] == relative
+
+
+def test_journal_outputs_can_retry_their_error_records(tmp_path):
+    out = tmp_path / "dets.jsonl"
+    with DetectOutput(out) as o:
+        for r in RECORDS:
+            o.write(r)
+    with DetectOutput(out, resume=True, retry_errors=True) as o:
+        assert o.done == {"d/a.jpg", "d/sub/b.png", "d/sub/c.png"} and o.retried == {"d/broken.jpg"}
+        assert o.failed_before == set()
+    assert read_lines(out) == [RECORDS[0]] + RECORDS[2:]  # the error record is gone, the rest as they were
+    with DetectOutput(out, resume=True) as o:  # without retry_errors nothing changes
+        assert o.retried == set()
+    assert read_lines(out) == [RECORDS[0]] + RECORDS[2:]
+
+
+def test_retry_errors_detects_failed_images_again(tmp_path, capsys, model, image_dir):
+    out = tmp_path / "o.jsonl"
+    common = ["detect", image_dir, "--model", model, "--out", out]
+    code, _, err = run(capsys, *common)
+    assert code == 1 and "broken.jpg: error" in err
+    shutil.copy(image_dir / "a.jpg", image_dir / "broken.jpg")  # the file is whole now
+    code, text, err = run(capsys, *common, "--resume")
+    assert code == 1 and "skipped 5 images" in text and "(1 of them failed)" in text  # errors kept by default
+    code, text, err = run(capsys, *common, "--resume", "--retry-errors")
+    assert code == 0, err
+    assert "detected 1 image " in text and "retried 1 image that had failed before" in text
+    records = read_lines(out)
+    assert len(records) == 5 and not any("error" in r for r in records)
+    assert records[-1]["image"] == str(image_dir / "broken.jpg") and records[-1]["detections"]
+    code, _, err = run(capsys, *common, "--retry-errors")
+    assert code == 2 and "add --resume" in err
+
+
+def test_resume_refuses_a_deeply_nested_journal_line_cleanly(tmp_path, capsys, model, image_dir):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"image": "x.jpg", "detections": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=r"o.jsonl:1: JSON nested more than 32 levels"):
+        repair_journal(out)
+    code, _, err = run(capsys, "detect", image_dir / "a.jpg", "--model", model, "--out", out, "--resume")
+    assert code == 2 and "JSON nested more than" in err and "Traceback" not in err

@@ -1,0 +1,33 @@
+"""Default worker counts follow the cores this process may use, so that a 2-core machine gets no DataLoader
+warnings about more workers than cores."""
+
+import os
+
+import pytest
+
+from detector.cpus import default_workers
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # taskset -c 0,1 on a 64-core host
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert default_workers(4) == 2 and default_workers(2) == 2 and default_workers(1) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert default_workers(4) == 1
+
+
+def test_training_defaults_never_ask_for_more_workers_than_cores():
+    from detector.train import TrainConfig
+    from detector.train_detector import DetectorTrainConfig
+    from proposals.train_multibox import MultiBoxTrainConfig
+    from service.cli import build_parser
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    configs = [TrainConfig(data="d", out="o"), DetectorTrainConfig(data="d", out="o"),
+               MultiBoxTrainConfig(data="d", out="o")]
+    assert all(1 <= c.workers <= cores for c in configs)
+    parser = build_parser()
+    for what in ("classifier", "detector", "multibox"):
+        args = parser.parse_args(["train", what, "--data", "d", "--out", "o"])
+        assert 1 <= args.workers <= cores
