@@ -21,6 +21,7 @@ from detector import efficientnet_lite
 from detector.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLiteConfig
 from detector.googlenet import GoogLeNet, GoogLeNetConfig
 from detector.members import ArchConfig, arch_from_dict, arch_name, build_member, describe_arch
+from eval.formats import parse_json
 
 FORMAT = 1
 # "classes": a classifier over its own class folders (``provenance["classes"]`` in head order), made by training.
@@ -145,8 +146,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"no model.json yet, create one with {create})" if not path.exists() else
             f"{path} is not a model bundle (no model.json); create one with {create}")
     try:
-        doc = json.loads(manifest.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = parse_json(manifest.read_text(), str(manifest))  # depth-bounded: no RecursionError
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError, or nested too deep
         raise BundleError(f"{manifest} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise BundleError(f"{manifest}: unsupported bundle format {doc.get('format') if isinstance(doc, dict) else doc!r}; "

@@ -225,3 +225,9 @@ def test_frames_blank_the_box_and_show_its_surroundings():
     inner = round(90 * (1 - 1 / 3) / 2)
     assert (frames[:, :, inner:90 - inner, inner:90 - inner] == 7).all()  # the box itself is blanked
     assert (frames[1] == 255).any() and not (frames[0] == 255).any()  # a part's frame holds the rest of the object
+
+
+def test_deeply_nested_manifest_is_a_clean_error(tmp_path):
+    (tmp_path / "model.json").write_text('{"format": 1, "provenance": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(BundleError, match="is not valid JSON"):
+        load_bundle(tmp_path)
