@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detector.image import MAX_BYTES, MAX_PIXELS
@@ -40,3 +40,12 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503 answer")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty secret equals the empty credentials of a request without a header: it would open the API.
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("IRCNN_API_TOKEN is set but empty or whitespace; set a real token, or unset the "
+                             "variable to serve without one")
+        return token

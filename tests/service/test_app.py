@@ -445,3 +445,12 @@ def test_classify_batch_mixes_crop_counts(serve, tiny_bundle, photo):
     probs = clf.probabilities([photo], 10)
     assert out[1]["top_k"][0]["prob"] == pytest.approx(float(probs.max()), rel=1e-4)
     assert out[0] == out[2]
+
+
+@pytest.mark.parametrize("token", ["", " ", "\t\n"])
+def test_an_empty_or_blank_token_is_refused_at_start_up(monkeypatch, token):
+    monkeypatch.setenv("IRCNN_API_TOKEN", token)  # e.g. `-e IRCNN_API_TOKEN=$TOKEN` with TOKEN unset
+    with pytest.raises(ValueError, match="IRCNN_API_TOKEN is set but empty"):
+        Settings()
+    with pytest.raises(ValueError, match="IRCNN_API_TOKEN is set but empty"):
+        Settings(api_token=token)
