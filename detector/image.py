@@ -27,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_BYTES = 20 * 1024 * 1024  # 20 MB, the service's default upload limit
 MAX_PIXELS = 40_000_000  # about 7,300 x 5,500; enough for camera photos, far below a bomb
 MIN_SIDE = 1
+STRIP_ROWS = 256  # rows copied at a time from PIL's image into the array (_to_rgb)
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -53,7 +54,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # without in_place it copies even an upright image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         msg = str(e)
         code = "truncated" if "truncated" in msg.lower() or "image file is" in msg else "corrupt"
@@ -116,7 +117,14 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         img = Image.alpha_composite(background, rgba)
     if img.mode != "RGB":  # CMYK, YCbCr, L, 1 all convert here (convert("RGB") of an RGB image would copy it)
         img = img.convert("RGB")
-    return np.array(img, dtype=np.uint8)  # a writable copy
+    # A writable copy, made in strips: np.array(img) would hold PIL's tobytes() and the array at once, 6 bytes
+    # per pixel on top of PIL's 4 (measured: 216 MB more at the peak for 6000 x 6000, 108 MB this way).
+    width, height = img.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, STRIP_ROWS):
+        bottom = min(height, top + STRIP_ROWS)
+        out[top:bottom] = np.asarray(img.crop((0, top, width, bottom)))
+    return out
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> np.ndarray:
