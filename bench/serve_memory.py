@@ -2,11 +2,13 @@
 
 Starts the server on 127.0.0.1 with the default settings (only the model and port given), waits until ready,
 then sends ``--uploads`` requests at once, each a small file whose pixels are 6000 x 6000: an all-zero PNG
-(about 105 KB) or an all-black progressive JPEG (about 210 KB). It samples the resident memory of the server and
+(about 105 KB), an all-black progressive JPEG (about 210 KB), or a 632-byte JPEG of 8 x 8 pixels whose header
+was made to say 6000 x 6000 (``header``). It samples the resident memory of the server and
 its children (the selective search worker) every 10 ms and prints the rise over the ready server's, with the
 answers' statuses. Bounded: every request and the whole run have time limits; the server is stopped at the end.
 
-    python bench/serve_memory.py --model DIR [--route classify|detect] [--kind png|jpeg] [--uploads 20] [--bursts 1]
+    python bench/serve_memory.py --model DIR [--route classify|detect] [--kind png|jpeg|header] [--uploads 20]
+                                 [--bursts 1]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import io
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -50,8 +53,14 @@ def upload(kind: str) -> tuple[bytes, str]:
     if kind == "png":
         Image.new("RGB", (SIDE, SIDE)).save(buf, "PNG", optimize=True)
         return buf.getvalue(), "image/png"
-    Image.new("RGB", (SIDE, SIDE)).save(buf, "JPEG", progressive=True, quality=10)
-    return buf.getvalue(), "image/jpeg"
+    if kind == "jpeg":
+        Image.new("RGB", (SIDE, SIDE)).save(buf, "JPEG", progressive=True, quality=10)
+        return buf.getvalue(), "image/jpeg"
+    Image.new("RGB", (8, 8), (90, 120, 200)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", SIDE, SIDE)  # SOF0 height, width
+    return bytes(data), "image/jpeg"
 
 
 def post(url: str, body: bytes, content_type: str) -> int:
@@ -70,7 +79,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--route", choices=("classify", "detect"), default="classify")
-    ap.add_argument("--kind", choices=("png", "jpeg"), default="png")
+    ap.add_argument("--kind", choices=("png", "jpeg", "header"), default="png")
     ap.add_argument("--uploads", type=int, default=20)
     ap.add_argument("--bursts", type=int, default=1, help="bursts one after the other (peak over all of them)")
     ap.add_argument("--port", type=int, default=8765)
@@ -116,8 +125,8 @@ def main() -> int:
         stop.set()
         sampler.join()
         after = tree_rss(server.pid)
-        print(f"{args.bursts} x {args.uploads} x {args.kind} ({len(body):,} bytes, {SIDE}x{SIDE}) to /v1/{args.route} in "
-              f"{seconds:.1f} s: statuses {dict(sorted(Counter(statuses).items()))}")
+        print(f"{args.bursts} x {args.uploads} x {args.kind} ({len(body):,} bytes, {SIDE}x{SIDE}) to "
+              f"/v1/{args.route} in {seconds:.1f} s: statuses {dict(sorted(Counter(statuses).items()))}")
         print(f"server RSS (with children): ready {ready / 1e9:.2f} GB, peak {peak[0] / 1e9:.2f} GB "
               f"(+{(peak[0] - ready) / 1e9:.2f} GB), 1 s after {after / 1e9:.2f} GB")
         return 0
