@@ -558,12 +558,44 @@ def test_metrics_do_not_name_the_bundle_path(serve):
     assert "path=" not in info and 'task="cls1000"' in info
 
 
-def test_uvicorn_gets_the_connection_limits_from_settings():
+def test_uvicorn_gets_the_connection_limits_from_settings(tiny_bundle):
+    import socket
+
+    import httpx
+    import uvicorn
+
     from service.app import server_options
 
     assert server_options(Settings()) == {"limit_concurrency": 128, "timeout_keep_alive": 5}
-    assert server_options(Settings(limit_concurrency=3, timeout_keep_alive_s=9)) == {
-        "limit_concurrency": 3, "timeout_keep_alive": 9}
+    settings = Settings(limit_concurrency=2, timeout_keep_alive_s=1)
+    app = create_app(settings, classifier=Classifier(tiny_bundle(width=0.125)))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **server_options(settings)))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    idle = []
+    try:
+        wait_until(lambda: server.started, what="uvicorn")
+        idle = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(2)]  # open, never asking
+        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 503, timeout=10,
+                   what="503 beyond limit_concurrency")
+        for c in idle:
+            c.close()
+        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 200, timeout=10, what="recovery")
+        with socket.create_connection(sock.getsockname(), timeout=5) as kept:  # keep-alive: closed when idle
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            start, answer = time.monotonic(), b""
+            while chunk := kept.recv(4096):  # until the server closes it (the socket's timeout is 5 s)
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200") and time.monotonic() - start < 4
+    finally:
+        for c in idle:
+            c.close()
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
 
 
 # ---- several images in one request ---------------------------------------------------------------------------
