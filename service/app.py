@@ -468,13 +468,13 @@ async def run_jobs(service: Service, request: Request, kind: str, payloads: list
     decode) is passed through, a job's own failure comes back as its ``ApiError``. A client that disconnects
     first cancels the jobs (the worker then skips those it has not started)."""
     retry = str(service.settings.retry_after_s)
-    if not service.batcher.ready.is_set():
+    jobs = {i: payload for i, payload in enumerate(payloads) if not isinstance(payload, ApiError)}
+    if jobs and not service.batcher.ready.is_set():  # a bad image still gets its 4xx
         raise ApiError(503, "not_ready", "the model is warming up; retry shortly", {"Retry-After": retry})
     futures: dict[int, asyncio.Future] = {}
     try:
-        for i, payload in enumerate(payloads):
-            if not isinstance(payload, ApiError):
-                futures[i] = asyncio.wrap_future(service.batcher.submit(kind, payload))
+        for i, payload in jobs.items():
+            futures[i] = asyncio.wrap_future(service.batcher.submit(kind, payload))
     except QueueFull as e:
         for future in futures.values():
             future.cancel()
@@ -503,7 +503,6 @@ def _job_error(e: BaseException) -> ApiError:
     if isinstance(e, ModelOutputError):
         return ApiError(500, "non_finite_output", str(e))
     raise e  # a bug: the app's handler answers 500 and logs it
-
 
 
 # ---- the app ------------------------------------------------------------------------------------------------

@@ -314,6 +314,8 @@ def test_readyz_waits_for_the_warm_up_forward(serve, tiny_bundle, photo):
     assert client.get("/healthz").status_code == 200
     r = client.post("/v1/classify", content=encode(photo), headers={"content-type": "image/png"})
     assert_error(r, 503, "not_ready")
+    assert_error(client.post("/v1/classify", content=b"junk", headers={"content-type": "image/png"}), 415,
+                 "not_an_image")  # a bad image is told so, warm or not
     clf.gate.set()
     wait_until(lambda: client.get("/readyz").status_code == 200, what="/readyz")
     assert client.get("/readyz").json()["ready"] is True
