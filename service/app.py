@@ -701,7 +701,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
     beyond it without closing idle sockets: a client that trickles its headers holds a connection until it stops.
     README's service section says what to put in front for that.
     """
-    return {"limit_concurrency": settings.limit_concurrency, "timeout_keep_alive": settings.timeout_keep_alive_s}
+    return {"limit_concurrency": settings.limit_concurrency, "timeout_keep_alive": settings.timeout_keep_alive_s,
+            "h11_max_incomplete_event_size": settings.max_header_bytes}
 
 
 def create_app(settings: Settings | None = None, classifier: Classifier | None = None, detector=None) -> FastAPI:

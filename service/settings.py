@@ -32,6 +32,8 @@ class Settings(BaseSettings):
                                     "body (20 MB in 60 s is 2.8 Mbit/s); slower: 408")
     limit_concurrency: int = Field(128, ge=1, le=100_000, description="uvicorn: a request that arrives while this "
                                    "many connections are open (or requests in progress) gets 503")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1 << 20, description="uvicorn (h11): most bytes of "
+                                  "unfinished request line and headers buffered per connection; beyond: 400")
     timeout_keep_alive_s: int = Field(5, ge=1, le=3600, description="uvicorn: an idle keep-alive connection is "
                                       "closed after this many seconds")
     queue_size: int = Field(64, ge=1, le=100_000, description="jobs waiting for the networks; beyond it: 503")

@@ -568,8 +568,9 @@ def test_uvicorn_gets_the_connection_limits_from_settings(tiny_bundle):
 
     from service.app import server_options
 
-    assert server_options(Settings()) == {"limit_concurrency": 128, "timeout_keep_alive": 5}
-    settings = Settings(limit_concurrency=2, timeout_keep_alive_s=1)
+    assert server_options(Settings()) == {"limit_concurrency": 128, "timeout_keep_alive": 5,
+                                          "h11_max_incomplete_event_size": 16384}
+    settings = Settings(limit_concurrency=2, timeout_keep_alive_s=1, max_header_bytes=4096)
     app = create_app(settings, classifier=Classifier(tiny_bundle(width=0.125)))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **server_options(settings)))
     sock = socket.socket()
@@ -580,6 +581,9 @@ def test_uvicorn_gets_the_connection_limits_from_settings(tiny_bundle):
     idle = []
     try:
         wait_until(lambda: server.started, what="uvicorn")
+        with socket.create_connection(sock.getsockname(), timeout=5) as long_headers:  # never ending them
+            long_headers.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Long: " + b"a" * 5000)
+            assert long_headers.recv(4096).startswith(b"HTTP/1.1 400")
         idle = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(2)]  # open, never asking
         wait_until(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 503, timeout=10,
                    what="503 beyond limit_concurrency")
