@@ -686,3 +686,21 @@ def test_openapi_documents_several_images(serve):
     refs = json.dumps(detect["responses"]["200"])
     assert "DetectResponse" in refs and "DetectResults" in refs and "408" in detect["responses"]
     assert schema["components"]["schemas"]["DetectResults"]["examples"][0]["results"][1]["status"] == 400
+
+
+def test_several_images_that_do_not_fit_the_queue_get_503_and_leave_nothing_queued(serve, tiny_bundle, photo):
+    clf = GatedClassifier(tiny_bundle(width=0.125))
+    client = serve(Settings(queue_size=1, max_batch=1), classifier=clf)
+    service = client.app.state.service
+    png = encode(photo)
+    clf.entered.clear()
+    clf.gate.clear()
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.post, "/v1/classify", content=png, headers={"content-type": "image/png"})
+        assert clf.entered.wait(30)
+        two = [("image", ("a.png", png, "image/png"))] * 2  # one fits the queue, the second does not
+        assert_error(client.post("/v1/classify", files=two), 503, "queue_full")
+        clf.gate.set()
+        assert held.result().status_code == 200
+    wait_until(lambda: service.batcher.dropped == 1, what="the first image's job dropped, never run")
+    assert service.batcher.depth == 0 and service.pixels_in_flight == 0
