@@ -1,11 +1,18 @@
 """The REST service: DESIGN.md's HTTP contract over the same ``Classifier`` and ``Detector`` the CLI calls.
 
 Request path: the route checks the token and the query, streams the body with the byte limit enforced while
-reading (``413`` before the rest is buffered), decodes it in a small thread pool with ``decode_image``'s bounds
-(format sniffed from the bytes, pixel count from the header before decoding), and hands the decoded image to the
-``MicroBatcher``: a bounded queue (``503`` + ``Retry-After`` when full) in front of the one thread that owns the
-networks. While waiting, the route watches the connection; a client that leaves cancels its job, which the worker
-then skips. Every error is ``{"error": {"code", "message"}}``; input never causes a 500.
+reading (``413`` before the rest is buffered, ``408`` when it takes longer than ``upload_timeout_s``), reads each
+image's header in a small thread pool (format sniffed from the bytes, pixel count checked), counts those pixels
+against ``max_pixels_in_flight`` (``503`` + ``Retry-After`` beyond it), decodes, and hands the decoded images to
+the ``MicroBatcher``: a bounded queue (``503`` + ``Retry-After`` when full) in front of the one thread that owns
+the networks. The pixels stay counted until the answer is built, so decoded images held by requests (decoding,
+queued or running) never exceed the budget, whatever arrives. While waiting, the route watches the connection; a
+client that leaves cancels its jobs, which the worker then skips. Every error is ``{"error": {"code",
+"message"}}``; input never causes a 500.
+
+Several images in one multipart request (repeated ``image`` fields) are answered as ``{"results": [...]}``, one
+entry per field in the order sent: the single-image answer, or ``{"image", "status", "error"}`` for an image
+that failed alone. One ``image`` field keeps the single-image answer (and its error statuses).
 
 Run it with ``ircnn serve`` (uvicorn), or ``uvicorn --factory service.app:create_app``.
 """
@@ -24,6 +31,7 @@ from typing import Any
 
 import anyio
 import numpy as np
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -36,7 +44,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from detector.classify import CROP_SCHEMES, Classifier, check_aspect
-from detector.image import ImageError, decode_image
+from detector.image import ImageError, decode_image, image_size
 from proposals.selective_search import ProposalError
 from service.batching import Job, MicroBatcher, QueueFull
 from service.metrics import Metrics
@@ -53,6 +61,8 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in metrics, nev
 # ImageError code -> HTTP status. Too many pixels is a size limit like too many bytes, hence 413.
 IMAGE_ERROR_STATUS = {"empty": 400, "corrupt": 400, "truncated": 400, "bad_aspect": 400, "too_large": 413,
                       "too_many_pixels": 413, "not_an_image": 415}
+NON_FINITE = ("the model produced NaN or infinite scores, so its weights are broken (this is not the image's "
+              "fault); check the bundle with `ircnn model info` and replace it")
 
 
 class ApiError(Exception):
@@ -61,6 +71,10 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+class ModelOutputError(RuntimeError):
+    """The networks returned NaN or infinite values: a broken model, answered 500 (never ``"prob": null``)."""
 
 
 # ---- response models (the OpenAPI schema and its examples) ------------------------------------------------
@@ -98,6 +112,21 @@ class ClassifyResponse(BaseModel):
     top_k: list[ClassPrediction]
 
 
+class FailedImage(BaseModel):
+    image: str | None = Field(None, description="the uploaded file's name")
+    status: int = Field(description="the HTTP status a request with this image alone would have got")
+    error: ErrorDetail
+
+
+class ClassifyResults(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"results": [
+        {"image": "cat.jpg", "width": 500, "height": 375, "crops": 1, "members": 1,
+         "top_k": [{"index": 281, "wnid": "n02123045", "name": "tabby", "prob": 0.61}]},
+        {"image": "notes.txt", "status": 415, "error": {"code": "not_an_image", "message": "not a supported image "
+                                                        "(JPEG, PNG, WebP, BMP or TIFF expected)"}}]}]})
+    results: list[ClassifyResponse | FailedImage] = Field(description="one per `image` field, in the order sent")
+
+
 class Detection(BaseModel):
     box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in pixels of the image")
     det_id: int = Field(description="ILSVRC DET class id, 1..200")
@@ -114,6 +143,15 @@ class DetectResponse(BaseModel):
     width: int
     height: int
     detections: list[Detection]
+
+
+class DetectResults(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"results": [
+        {"image": "birds.jpg", "width": 640, "height": 480, "detections": [
+            {"box": [12.0, 40.5, 230.0, 310.0], "det_id": 26, "wnid": "n01503061", "name": "bird", "score": 0.91}]},
+        {"image": "half.jpg", "status": 400, "error": {"code": "truncated", "message": "image data is truncated: "
+                                                       "Corrupt JPEG data: premature end of data segment"}}]}]})
+    results: list[DetectResponse | FailedImage] = Field(description="one per `image` field, in the order sent")
 
 
 class ModelInfo(BaseModel):
@@ -165,7 +203,8 @@ class DetectJob:
 
 
 class Service:
-    """The app's state: settings, models (loaded once), the batcher whose thread owns them, metrics."""
+    """The app's state: settings, models (loaded once), the batcher whose thread owns them, the decoded pixels
+    that requests hold (touched on the event loop only), metrics."""
 
     def __init__(self, settings: Settings, classifier: Classifier | None = None, detector=None) -> None:
         self.settings = settings
@@ -178,6 +217,8 @@ class Service:
                                     batch_wait_ms=settings.batch_wait_ms, observer=self.metrics)
         self.metrics.watch(self.batcher)
         self.decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
+        self.pixels_in_flight = 0
+        self.metrics.pixels_in_flight.set_function(lambda: self.pixels_in_flight)
 
     # -- lifecycle (lifespan) --
 
@@ -200,23 +241,34 @@ class Service:
         if self.bundle is None:  # injected models: the classifier knows its bundle
             self.bundle = getattr(self.classifier, "bundle", None) or getattr(self.detector, "bundle", None)
         info = self.bundle.describe() if self.bundle is not None else {}
+        # No bundle path here: /metrics is open to scrapers, /v1/models (behind the token) names it.
         self.metrics.model_info.info({"task": str(info.get("task")), "members": str(info.get("members")),
                                       "variant": str(info.get("arch", {}).get("variant")),
-                                      "path": str(info.get("path")), "serves": ",".join(self.serves())})
+                                      "serves": ",".join(self.serves())})
 
     def serves(self) -> list[str]:
         return [name for name, part in (("classify", self.classifier), ("detect", self.detector)) if part]
 
     def warmup(self) -> None:
         """One forward per model on a synthetic image, in the worker thread (first-call allocations, the
-        selective search process start) so that /readyz means a request will not pay for them."""
+        selective search process start) so that /readyz means a request will not pay for them; an error here
+        (e.g. non-finite output) keeps /readyz failing."""
         y, x = np.mgrid[0:96, 0:128]
         image = np.stack([x * 2, y * 2, np.full_like(x, 128)], axis=-1).astype(np.uint8)  # smooth: noise would
         image[30:60, 40:90] = (200, 40, 40)  # make selective search slow for nothing
+        results = []
         if self.classifier is not None:
-            self._classify_batch([Job("classify", ClassifyJob(image, 1, 1))])
+            results += self._classify_batch([Job("classify", ClassifyJob(image, 1, 1))])
         if self.detector is not None:
-            self._detect_batch([Job("detect", DetectJob(image, 1.0, 1))])
+            results += self._detect_batch([Job("detect", DetectJob(image, 1.0, 1))])
+            # NMS drops NaN scores silently, so look at the scores of one region before it (test doubles may have
+            # no scorer)
+            scorer = getattr(self.detector, "scorer", None)
+            if scorer is not None and not torch.isfinite(scorer(image, torch.tensor([[0.0, 0.0, 128.0, 96.0]]))).all():
+                raise ModelOutputError(NON_FINITE)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
 
     def close(self) -> None:
         self.batcher.stop()
@@ -226,10 +278,10 @@ class Service:
 
     # -- worker thread: one batch of jobs -> one result each --
 
-    def _classify_batch(self, jobs: list[Job]) -> list[dict]:
+    def _classify_batch(self, jobs: list[Job]) -> list[dict | Exception]:
         """All jobs with the same crop count go through the ensemble in one forward."""
         clf = self.classifier
-        out: list[dict | None] = [None] * len(jobs)
+        out: list[dict | Exception | None] = [None] * len(jobs)
         by_crops: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
             by_crops.setdefault(job.payload.crops, []).append(i)
@@ -237,8 +289,12 @@ class Service:
             start = time.perf_counter()
             probs = clf.probabilities([jobs[i].payload.image for i in rows], crops)  # [len(rows), K]
             seconds = time.perf_counter() - start
+            finite = torch.isfinite(probs).all(dim=1)  # [len(rows)]
             for r, i in enumerate(rows):
                 self.metrics.stage.labels("classify", "network").observe(seconds)
+                if not finite[r]:
+                    out[i] = ModelOutputError(NON_FINITE)
+                    continue
                 top = clf.top_k(probs[r:r + 1], jobs[i].payload.top_k)[0]
                 out[i] = {"crops": crops, "members": clf.members, "top_k": top}
         return out
@@ -253,6 +309,9 @@ class Service:
                 dets = self.detector.detect(p.image)
             except (ImageError, ProposalError) as e:  # this image's problem, not its neighbours'
                 out.append(e)
+                continue
+            if not torch.isfinite(dets.scores).all():
+                out.append(ModelOutputError(NON_FINITE))
                 continue
             for stage, seconds in dets.seconds.items():
                 self.metrics.stage.labels("detect", stage).observe(seconds)
@@ -288,54 +347,115 @@ async def _limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
-    """The image bytes and file name of a multipart (field ``image``) or raw ``image/*`` body."""
+@dataclass
+class Upload:
+    name: str | None  # the multipart file name; None for a raw body
+    data: bytes
+
+
+async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
+    """The images of a multipart body (one or more fields ``image``) or of a raw ``image/*`` body, all of them
+    within ``max_upload_bytes`` together, all received within ``upload_timeout_s``."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     multipart = media_type == "multipart/form-data"
     if not multipart and not media_type.startswith("image/"):
         raise ApiError(415, "unsupported_media_type",
                        f"send the image as multipart/form-data (field 'image') or as the raw body with an image/* "
                        f"content type; got {media_type or 'no content type'!r}")
+    max_bytes = settings.max_upload_bytes
     limit = max_bytes + (MULTIPART_SLACK if multipart else 0)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:  # refuse before reading a byte
         raise ApiError(413, "too_large", f"the upload has {int(declared):,} bytes, more than the limit of "
                        f"{max_bytes:,}")
-    if not multipart:
-        return b"".join([chunk async for chunk in _limited_stream(request, limit)]), None
-    parser = MultiPartParser(request.headers, _limited_stream(request, limit), max_files=1, max_fields=16)
+    try:
+        with anyio.fail_after(settings.upload_timeout_s):  # a client trickling its body would hold memory
+            if not multipart:
+                return [Upload(None, b"".join([chunk async for chunk in _limited_stream(request, limit)]))]
+            uploads = await _read_multipart(request, limit, settings.max_images)
+    except TimeoutError:
+        raise ApiError(408, "upload_timeout", f"the request body did not arrive within "
+                       f"{settings.upload_timeout_s:g} s (IRCNN_UPLOAD_TIMEOUT_S)") from None
+    total = sum(len(u.data) for u in uploads)
+    if total > max_bytes:  # the slack covers part headers, not more image bytes
+        raise ApiError(413, "too_large", f"the {len(uploads)} images have {total:,} bytes together, more than "
+                       f"the limit of {max_bytes:,}")
+    return uploads
+
+
+async def _read_multipart(request: Request, limit: int, max_images: int) -> list[Upload]:
+    parser = MultiPartParser(request.headers, _limited_stream(request, limit), max_files=max_images, max_fields=16)
     try:
         form = await parser.parse()
     except MultiPartException as e:
         raise ApiError(400, "bad_multipart", f"malformed multipart body: {e}") from None
     try:
-        image = form.get("image")
-        if not isinstance(image, UploadFile):
+        images = form.getlist("image")
+        if not images or not all(isinstance(image, UploadFile) for image in images):
             names = ", ".join(sorted(set(form.keys()))) or "none"
-            raise ApiError(400, "missing_image", f"the multipart body needs a file field named 'image' "
+            raise ApiError(400, "missing_image", f"the multipart body needs one or more file fields named 'image' "
                            f"(fields sent: {names})")
-        return await image.read(), image.filename
+        return [Upload(image.filename, await image.read()) for image in images]
     finally:
         await form.close()
 
 
-async def decode_upload(service: Service, data: bytes, classify: bool) -> np.ndarray:
-    """``decode_image`` with the service's bounds, off the event loop; ImageError -> 4xx."""
+def _image_error(e: ImageError) -> ApiError:
+    return ApiError(IMAGE_ERROR_STATUS.get(e.code, 400), e.code, str(e))
+
+
+@asynccontextmanager
+async def decoded(service: Service, uploads: list[Upload],
+                  classify: bool) -> AsyncIterator[list[np.ndarray | ApiError]]:
+    """Each upload decoded (uint8 ``[H, W, 3]``), or the 4xx error of that image alone, off the event loop.
+
+    The pixels that the headers announce are counted against ``max_pixels_in_flight`` before any is decoded
+    (``503`` when they do not fit) and stay counted until the block ends, when the answer has been built.
+    """
     s = service.settings
 
-    def decode() -> np.ndarray:
-        image = decode_image(data, max_pixels=s.max_pixels, max_bytes=s.max_upload_bytes)
-        if classify:
-            check_aspect(image)
-        return image
+    def read_headers() -> list[tuple[int, int] | ApiError]:
+        out: list[tuple[int, int] | ApiError] = []
+        for upload in uploads:
+            try:
+                out.append(image_size(upload.data, max_pixels=s.max_pixels, max_bytes=s.max_upload_bytes))
+            except ImageError as e:
+                out.append(_image_error(e))
+        return out
 
-    start = time.perf_counter()
+    def decode(sizes: list[tuple[int, int] | ApiError]) -> list[np.ndarray | ApiError]:
+        out: list[np.ndarray | ApiError] = []
+        for upload, size in zip(uploads, sizes):
+            if isinstance(size, ApiError):  # the header was refused
+                out.append(size)
+                continue
+            start = time.perf_counter()
+            try:
+                image = decode_image(upload.data, max_pixels=s.max_pixels, max_bytes=s.max_upload_bytes)
+                if classify:
+                    check_aspect(image)
+                out.append(image)
+            except ImageError as e:
+                out.append(_image_error(e))
+            service.metrics.stage.labels("classify" if classify else "detect", "decode").observe(
+                time.perf_counter() - start)
+        return out
+
+    sizes = await anyio.to_thread.run_sync(read_headers, limiter=service.decode_limiter)
+    pixels = sum(w * h for w, h in (x for x in sizes if not isinstance(x, ApiError)))
+    if pixels > s.max_pixels:  # only several images get here: one is refused by its own header check
+        raise ApiError(413, "too_many_pixels", f"the {len(uploads)} images have {pixels:,} pixels together, more "
+                       f"than the limit of {s.max_pixels:,} for one request; send fewer per request")
+    if service.pixels_in_flight + pixels > s.max_pixels_in_flight:
+        retry = str(s.retry_after_s)
+        raise ApiError(503, "busy", f"the requests in flight hold {service.pixels_in_flight:,} decoded pixels; "
+                       f"{pixels:,} more would pass the limit of {s.max_pixels_in_flight:,} "
+                       f"(IRCNN_MAX_PIXELS_IN_FLIGHT); retry after {retry} s", {"Retry-After": retry})
+    service.pixels_in_flight += pixels
     try:
-        image = await anyio.to_thread.run_sync(decode, limiter=service.decode_limiter)
-    except ImageError as e:
-        raise ApiError(IMAGE_ERROR_STATUS.get(e.code, 400), e.code, str(e)) from None
-    service.metrics.stage.labels("classify" if classify else "detect", "decode").observe(time.perf_counter() - start)
-    return image
+        yield await anyio.to_thread.run_sync(decode, sizes, limiter=service.decode_limiter)
+    finally:
+        service.pixels_in_flight -= pixels
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -344,50 +464,73 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def run_job(service: Service, request: Request, kind: str, payload) -> Any:
-    """Queue the job and wait for it; a client that disconnects first cancels it (the worker then skips it)."""
-    if not service.batcher.ready.is_set():
-        raise ApiError(503, "not_ready", "the model is warming up; retry shortly",
-                       {"Retry-After": str(service.settings.retry_after_s)})
+async def run_jobs(service: Service, request: Request, kind: str, payloads: list) -> list[Any]:
+    """Queue one job per payload and wait for all; an ``ApiError`` in ``payloads`` (an image that failed to
+    decode) is passed through, a job's own failure comes back as its ``ApiError``. A client that disconnects
+    first cancels the jobs (the worker then skips those it has not started)."""
+    retry = str(service.settings.retry_after_s)
+    jobs = {i: payload for i, payload in enumerate(payloads) if not isinstance(payload, ApiError)}
+    if jobs and not service.batcher.ready.is_set():  # a bad image still gets its 4xx
+        raise ApiError(503, "not_ready", "the model is warming up; retry shortly", {"Retry-After": retry})
+    futures: dict[int, asyncio.Future] = {}
     try:
-        future = asyncio.wrap_future(service.batcher.submit(kind, payload))
+        for i, payload in jobs.items():
+            futures[i] = asyncio.wrap_future(service.batcher.submit(kind, payload))
     except QueueFull as e:
-        raise ApiError(503, "queue_full", f"{e}; retry after {service.settings.retry_after_s} s",
-                       {"Retry-After": str(service.settings.retry_after_s)}) from None
+        for future in futures.values():
+            future.cancel()
+        raise ApiError(503, "queue_full", f"{e}; retry after {retry} s", {"Retry-After": retry}) from None
+    everything = asyncio.gather(*futures.values(), return_exceptions=True)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({everything, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not future.done():  # the client left (or this task was cancelled): drop the job
-            future.cancel()
-    if future.cancelled():
+        if not everything.done():  # the client left (or this task was cancelled): drop the jobs
+            everything.cancel()
+    if everything.cancelled():
         raise ClientDisconnect()
-    try:
-        return future.result()
-    except ImageError as e:
-        raise ApiError(IMAGE_ERROR_STATUS.get(e.code, 400), e.code, str(e)) from None
-    except ProposalError as e:
-        raise ApiError(422, "no_proposals", str(e)) from None
+    out = list(payloads)
+    for i, result in zip(futures, everything.result()):
+        out[i] = _job_error(result) if isinstance(result, BaseException) else result
+    return out
+
+
+def _job_error(e: BaseException) -> ApiError:
+    if isinstance(e, ImageError):
+        return _image_error(e)
+    if isinstance(e, ProposalError):
+        return ApiError(422, "no_proposals", str(e))
+    if isinstance(e, ModelOutputError):
+        return ApiError(500, "non_finite_output", str(e))
+    raise e  # a bug: the app's handler answers 500 and logs it
 
 
 # ---- the app ------------------------------------------------------------------------------------------------
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "empty, truncated or corrupt image, malformed multipart"},
+    400: {"model": ErrorResponse, "description": "empty, truncated or corrupt image, malformed multipart, more "
+          "`image` fields than IRCNN_MAX_IMAGES"},
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token (when IRCNN_API_TOKEN is set)"},
     404: {"model": ErrorResponse, "description": "the loaded bundle does not serve this task"},
+    408: {"model": ErrorResponse, "description": "the body took longer than IRCNN_UPLOAD_TIMEOUT_S to arrive"},
     413: {"model": ErrorResponse, "description": "more bytes than IRCNN_MAX_UPLOAD_BYTES, or more pixels than "
-          "IRCNN_MAX_PIXELS"},
+          "IRCNN_MAX_PIXELS (for several images: all of them together)"},
     415: {"model": ErrorResponse, "description": "not an image, or a content type other than multipart/image"},
     422: {"model": ErrorResponse, "description": "a query value out of range"},
-    503: {"model": ErrorResponse, "description": "queue full or warming up; see Retry-After"},
+    500: {"model": ErrorResponse, "description": "non_finite_output: the model's weights give NaN or infinite "
+          "scores; internal: a bug (the server log has it)"},
+    503: {"model": ErrorResponse, "description": "queue full, IRCNN_MAX_PIXELS_IN_FLIGHT decoded pixels already "
+          "held by requests in flight (busy), or warming up; see Retry-After"},
 }
 
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, BMP or TIFF"}}}},
+        "image": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+                  "description": "JPEG, PNG, WebP, BMP or TIFF. One field: the single-image answer. Several "
+                  "(repeat the field, up to IRCNN_MAX_IMAGES): {\"results\": [...]}, one per field in order, each "
+                  "the single-image answer or {\"image\", \"status\", \"error\"}"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
@@ -411,24 +554,29 @@ def require_token(request: Request, credentials: HTTPAuthorizationCredentials | 
 def _api_router() -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
 
-    @router.post("/classify", response_model=ClassifyResponse, openapi_extra=IMAGE_BODY,
+    @router.post("/classify", response_model=ClassifyResponse | ClassifyResults, openapi_extra=IMAGE_BODY,
                  summary="Top-k ILSVRC classes of a whole image (section 7's multi-crop testing)")
     async def classify(request: Request,
                        top_k: int = Query(5, ge=1, le=1000, description="classes to return"),
                        crops: int = Query(1, description="test-time crops: 1, 10 or 144",
-                                          json_schema_extra={"enum": list(CROP_SCHEMES)})) -> ClassifyResponse:
+                                          json_schema_extra={"enum": list(CROP_SCHEMES)}),
+                       ) -> ClassifyResponse | ClassifyResults:
         service = _service(request)
         if crops not in CROP_SCHEMES:
             raise ApiError(422, "invalid_query", f"crops must be 1, 10 or 144, got {crops}")
         if service.classifier is None:
             raise ApiError(404, "no_classifier", "the loaded model bundle cannot classify whole images; start "
                            "the service with a cls1000 bundle (IRCNN_MODEL)")
-        image, name = await _admit_and_decode(service, request, classify=True)
-        result = await run_job(service, request, "classify", ClassifyJob(image, crops, top_k))
-        h, w = image.shape[:2]
-        return ClassifyResponse(image=name, width=w, height=h, **result)
+        uploads = await _admit_and_read(service, request)
+        async with decoded(service, uploads, classify=True) as images:
+            jobs = [im if isinstance(im, ApiError) else ClassifyJob(im, crops, top_k) for im in images]
+            results = await run_jobs(service, request, "classify", jobs)
+            answers = [r if isinstance(r, ApiError) else
+                       ClassifyResponse(image=u.name, width=im.shape[1], height=im.shape[0], **r)
+                       for u, im, r in zip(uploads, images, results)]
+        return _respond(uploads, answers, ClassifyResults)
 
-    @router.post("/detect", response_model=DetectResponse, openapi_extra=IMAGE_BODY,
+    @router.post("/detect", response_model=DetectResponse | DetectResults, openapi_extra=IMAGE_BODY,
                  summary="R-CNN detection over ILSVRC's 200 DET classes")
     async def detect(request: Request,
                      score_threshold: float | None = Query(
@@ -436,16 +584,20 @@ def _api_router() -> APIRouter:
                          "this (default: all the detector keeps; its own floor is 0.01)"),
                      max_detections: int = Query(100, ge=1, le=MAX_DETECTIONS, description="best detections to "
                                                  "return"),
-                     ) -> DetectResponse:
+                     ) -> DetectResponse | DetectResults:
         service = _service(request)
         if service.detector is None:
             raise ApiError(404, "no_detector", "the loaded model bundle cannot detect; start the service with a "
                            "det200 or det200-from-cls1000 bundle (IRCNN_MODEL)")
-        image, name = await _admit_and_decode(service, request, classify=False)
-        job = DetectJob(image, score_threshold or 0.0, max_detections)
-        detections = await run_job(service, request, "detect", job)
-        h, w = image.shape[:2]
-        return DetectResponse(image=name, width=w, height=h, detections=detections)
+        uploads = await _admit_and_read(service, request)
+        async with decoded(service, uploads, classify=False) as images:
+            jobs = [im if isinstance(im, ApiError) else DetectJob(im, score_threshold or 0.0, max_detections)
+                    for im in images]
+            results = await run_jobs(service, request, "detect", jobs)
+            answers = [r if isinstance(r, ApiError) else
+                       DetectResponse(image=u.name, width=im.shape[1], height=im.shape[0], detections=r)
+                       for u, im, r in zip(uploads, images, results)]
+        return _respond(uploads, answers, DetectResults)
 
     @router.get("/models", response_model=ModelsResponse, summary="The loaded model bundle(s)")
     async def models(request: Request) -> ModelsResponse:
@@ -461,12 +613,27 @@ def _api_router() -> APIRouter:
     return router
 
 
-async def _admit_and_decode(service: Service, request: Request, classify: bool) -> tuple[np.ndarray, str | None]:
-    if not service.batcher.has_room():  # refuse before reading the body: backpressure should be cheap
-        retry = str(service.settings.retry_after_s)
+async def _admit_and_read(service: Service, request: Request) -> list[Upload]:
+    # Refuse before reading the body: backpressure should be cheap.
+    s, retry = service.settings, str(service.settings.retry_after_s)
+    if not service.batcher.has_room():
         raise ApiError(503, "queue_full", f"the queue is full; retry after {retry} s", {"Retry-After": retry})
-    data, name = await read_upload(request, service.settings.max_upload_bytes)
-    return await decode_upload(service, data, classify), name
+    if service.pixels_in_flight >= s.max_pixels_in_flight:
+        raise ApiError(503, "busy", f"the requests in flight hold the most decoded pixels allowed "
+                       f"({s.max_pixels_in_flight:,}, IRCNN_MAX_PIXELS_IN_FLIGHT); retry after {retry} s",
+                       {"Retry-After": retry})
+    return await read_uploads(request, s)
+
+
+def _respond(uploads: list[Upload], answers: list, several: type[BaseModel]) -> BaseModel:
+    """One image: its answer, or its error as the request's. Several: ``{"results": [...]}`` in order."""
+    if len(answers) == 1:
+        if isinstance(answers[0], ApiError):
+            raise answers[0]
+        return answers[0]
+    return several(results=[FailedImage(image=u.name, status=a.status, error=ErrorDetail(code=a.code,
+                                                                                            message=a.message))
+                            if isinstance(a, ApiError) else a for u, a in zip(uploads, answers)])
 
 
 class MetricsMiddleware:
@@ -526,6 +693,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def bug(request: Request, e: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return _error(500, "internal", "internal server error; the server log has the details")
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """``uvicorn.Config`` keywords for the connection-level limits in ``settings`` (``ircnn serve`` passes them).
+
+    uvicorn has no timeout for reading a request's headers, and ``limit_concurrency`` answers 503 to requests
+    beyond it without closing idle sockets: a client that trickles its headers holds a connection until it stops.
+    README's service section says what to put in front for that.
+    """
+    return {"limit_concurrency": settings.limit_concurrency, "timeout_keep_alive": settings.timeout_keep_alive_s,
+            "h11_max_incomplete_event_size": settings.max_header_bytes}
 
 
 def create_app(settings: Settings | None = None, classifier: Classifier | None = None, detector=None) -> FastAPI:

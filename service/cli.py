@@ -1079,7 +1079,7 @@ def _cmd_serve(args) -> int:
     import uvicorn
 
     from detector.bundle import read_manifest
-    from service.app import create_app
+    from service.app import create_app, server_options
     from service.settings import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
@@ -1087,7 +1087,8 @@ def _cmd_serve(args) -> int:
     if settings.model is not None:
         read_manifest(settings.model)  # a wrong path fails here with its message, before uvicorn starts
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            timeout_graceful_shutdown=args.graceful_timeout, log_level=args.log_level)
+                            timeout_graceful_shutdown=args.graceful_timeout, log_level=args.log_level,
+                            **server_options(settings))
     server = uvicorn.Server(config)
     # uvicorn finishes the requests in flight on SIGTERM, then re-raises the signal to the handler installed
     # before it ran; the default one would end the process "killed by SIGTERM". A completed graceful shutdown is

@@ -2,11 +2,12 @@
 
 - ``ircnn_requests_total{route, method, status}`` and ``ircnn_request_seconds{route, method, status}``: every
   HTTP request, by route template (unknown paths share the label ``unmatched``, which bounds the cardinality).
-- ``ircnn_queue_depth`` jobs waiting for the networks; ``ircnn_inflight_jobs`` jobs in the running batch.
+- ``ircnn_queue_depth`` jobs waiting for the networks; ``ircnn_inflight_jobs`` jobs in the running batch;
+  ``ircnn_pixels_in_flight`` decoded pixels held by requests (decoding, queued or running; the 503 budget).
 - ``ircnn_stage_seconds{task, stage}``: decode, queue wait, and the inference stages (classify: crops+forward;
   detect: proposals, scoring and NMS as the detector reports them).
 - ``ircnn_batch_size{task}``, ``ircnn_dropped_jobs_total{task}`` (clients that left before their turn),
-  ``ircnn_model_info`` (the bundle's task, members, architecture).
+  ``ircnn_model_info`` (the bundle's task, members, architecture; not its path, as /metrics needs no token).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Metrics(BatchObserver):
                                     "their turn", ("task",), registry=r)
         self.queue_depth = Gauge("ircnn_queue_depth", "jobs waiting for the networks", registry=r)
         self.inflight = Gauge("ircnn_inflight_jobs", "jobs in the batch the networks are running", registry=r)
+        self.pixels_in_flight = Gauge("ircnn_pixels_in_flight", "decoded pixels held by requests being decoded, "
+                                      "queued or run", registry=r)
         self.model_info = Info("ircnn_model", "the loaded model bundle", registry=r)
 
     def watch(self, batcher: MicroBatcher) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detector.image import MAX_BYTES, MAX_PIXELS
@@ -22,6 +22,20 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(MAX_BYTES, ge=1, le=1 << 30, description="largest accepted image file")
     max_pixels: int = Field(MAX_PIXELS, ge=1, le=1 << 31, description="largest decoded image, width x height; "
                             "checked from the header, before any pixel is decoded")
+    max_pixels_in_flight: int = Field(2 * MAX_PIXELS, ge=1, le=1 << 34, description="decoded pixels that the "
+                                      "requests being decoded, queued or run may hold together (3 bytes each once "
+                                      "decoded, about 8 while decoding); counted from the headers before "
+                                      "decoding; beyond it: 503. At least max_pixels")
+    max_images: int = Field(16, ge=1, le=256, description="image fields in one multipart request (together "
+                            "within max_upload_bytes and max_pixels)")
+    upload_timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="longest time to receive a request "
+                                    "body (20 MB in 60 s is 2.8 Mbit/s); slower: 408")
+    limit_concurrency: int = Field(128, ge=1, le=100_000, description="uvicorn: a request that arrives while this "
+                                   "many connections are open (or requests in progress) gets 503")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1 << 20, description="uvicorn (h11): most bytes of "
+                                  "unfinished request line and headers buffered per connection; beyond: 400")
+    timeout_keep_alive_s: int = Field(5, ge=1, le=3600, description="uvicorn: an idle keep-alive connection is "
+                                      "closed after this many seconds")
     queue_size: int = Field(64, ge=1, le=100_000, description="jobs waiting for the networks; beyond it: 503")
     batch_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0, description="how long the worker waits for more "
                                  "requests to batch with the first one")
@@ -43,3 +57,20 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503 answer")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _budget_fits_an_image(self) -> Settings:
+        if self.max_pixels_in_flight < self.max_pixels:
+            raise ValueError(f"max_pixels_in_flight ({self.max_pixels_in_flight:,}) must be at least max_pixels "
+                             f"({self.max_pixels:,}), or the largest accepted image could never be admitted; raise "
+                             f"IRCNN_MAX_PIXELS_IN_FLIGHT with IRCNN_MAX_PIXELS")
+        return self
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty secret equals the empty credentials of a request without a header: it would open the API.
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("IRCNN_API_TOKEN is set but empty or whitespace; set a real token, or unset the "
+                             "variable to serve without one")
+        return token

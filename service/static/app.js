@@ -24,8 +24,12 @@
 
   // What is on screen: the picture as the browser decoded it (null when it cannot show the format), the size
   // the server measured (boxes are in its pixels), and every detection the server returned; the slider filters
-  // them here, without asking the server again.
-  const state = { picture: null, width: 0, height: 0, detections: [], request: 0, controller: null };
+  // them here, without asking the server again. noDetector: the model cannot detect (not an error).
+  const state = { picture: null, width: 0, height: 0, detections: [], noDetector: false, request: 0,
+                  controller: null };
+
+  // The server's 404 codes for a task that the loaded model bundle does not do: "not available", not "refused".
+  const UNAVAILABLE = { detect: "no_detector", classify: "no_classifier" };
 
   // ---- colours: one per DET class, as "#rrggbb" so that the list swatch and the box are the same colour.
   function hslToHex(h, s, l) {
@@ -63,7 +67,7 @@
   }
 
   // ---- talking to the server
-  // Resolves to {ok: true, body} or {ok: false, message}; the message is the server's own
+  // Resolves to {ok: true, body} or {ok: false, message, code}; the message and code are the server's own
   // {"error": {"code", "message"}} when it sent one.
   async function post(path, file, signal) {
     const form = new FormData();
@@ -87,10 +91,10 @@
     if (response.ok && body) return { ok: true, body };
     if (body && body.error && body.error.message) {
       const code = body.error.code ? `${body.error.code}, ` : "";
-      return { ok: false, message: `${body.error.message} (${code}HTTP ${response.status})` };
+      return { ok: false, code: body.error.code, message: `${body.error.message} (${code}HTTP ${response.status})` };
     }
     const reason = response.ok ? "the answer was not JSON" : response.statusText || "no details";
-    return { ok: false, message: `The server answered HTTP ${response.status}: ${reason}.` };
+    return { ok: false, code: null, message: `The server answered HTTP ${response.status}: ${reason}.` };
   }
 
   // The browser's own decoding, for display only; EXIF orientation applied as the server applies it.
@@ -107,6 +111,7 @@
     state.width = 0;
     state.height = 0;
     state.detections = [];
+    state.noDetector = false;
     els.topK.replaceChildren();
     els.classifySummary.textContent = "";
     render();
@@ -137,12 +142,18 @@
     if (request !== state.request) return;
     state.controller = null;
 
+    // A task the model does not do is said where its results would be, in plain text; only real refusals
+    // are errors.
+    state.noDetector = !detect.ok && detect.code === UNAVAILABLE.detect;
+    const noClassifier = !classify.ok && classify.code === UNAVAILABLE.classify;
+    const detectRefused = !detect.ok && !state.noDetector;
+    const classifyRefused = !classify.ok && !noClassifier;
     const errors = [];
-    if (!detect.ok && !classify.ok && detect.message === classify.message) {
+    if (detectRefused && classifyRefused && detect.message === classify.message) {
       errors.push(detect.message);
     } else {
-      if (!detect.ok) errors.push(`Detection: ${detect.message}`);
-      if (!classify.ok) errors.push(`Classification: ${classify.message}`);
+      if (detectRefused) errors.push(`Detection: ${detect.message}`);
+      if (classifyRefused) errors.push(`Classification: ${classify.message}`);
     }
     showErrors(errors);
 
@@ -157,6 +168,7 @@
     }
     state.detections = detect.ok ? detect.body.detections : [];
     if (classify.ok) showTopK(classify.body);
+    if (noClassifier) els.classifySummary.textContent = "Classification is not available for this model.";
     render();
 
     const seconds = ((performance.now() - started) / 1000).toFixed(2);
@@ -287,6 +299,10 @@
     }
     const total = state.detections.length;
     const t = Number(els.threshold.value).toFixed(2);
+    if (state.noDetector) {
+      els.detectSummary.textContent = "Detection is not available for this model.";
+      return;
+    }
     els.detectSummary.textContent = state.picture
       ? `Showing ${shown.length} of ${total} detections with score at least ${t}.`
       : `Showing ${shown.length} of ${total} detections with score at least ${t}` +

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.image import ImageError, decode_image, list_images, read_image
+from detector.image import ImageError, decode_image, image_size, list_images, read_image
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -77,6 +77,49 @@ def test_truncated_file_is_an_error(rgb):
     png = encode(rgb, "PNG")
     with pytest.raises(ImageError):
         decode_image(png[: len(png) - 40])
+
+
+@pytest.fixture
+def photo_jpeg():
+    """A 400 x 300 photo-like JPEG (smooth gradients plus noise: its scan data has real length)."""
+    def make(progressive: bool = False) -> bytes:
+        rng = np.random.default_rng(3)
+        y, x = np.mgrid[0:300, 0:400]
+        arr = (np.stack([x, y, x + y], axis=-1) % 256 + rng.integers(0, 60, (300, 400, 3))).clip(0, 255)
+        return encode(Image.fromarray(arr.astype(np.uint8)), "JPEG", quality=90, progressive=progressive)
+    return make
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("tail", [b"\xff\xd9", b"garbage\xff\xd9", b"\xff\xfe\x00\x04ab\xff\xd9", b"\xff\xd9" * 50])
+def test_a_truncated_jpeg_is_refused_whatever_its_last_bytes(photo_jpeg, progressive, tail):
+    # libjpeg fills what is missing with grey and only warns when it meets a marker (here the appended EOI)
+    # before the scan data is complete; PIL alone accepted these.
+    data = photo_jpeg(progressive)
+    assert decode_image(data).shape == (300, 400, 3)
+    with pytest.raises(ImageError) as e:
+        decode_image(data[: len(data) // 2] + tail)
+    assert e.value.code == "truncated" and "premature end" in str(e.value)
+
+
+def test_a_600_byte_jpeg_claiming_6000_by_6000_is_refused_before_decoding():
+    data = bytearray(encode(Image.new("RGB", (8, 8), (90, 120, 200)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 6000, 6000)  # SOF0 height, width
+    data = bytes(data)
+    assert len(data) < 1000 and image_size(data) == (6000, 6000)  # the size the service budgets from
+    with pytest.raises(ImageError) as e:
+        decode_image(data)
+    assert e.value.code == "truncated"
+    with pytest.raises(ImageError) as e:
+        image_size(data, max_pixels=6000 * 6000 - 1)
+    assert e.value.code == "too_many_pixels"
+
+
+def test_a_jpeg_with_bytes_after_its_end_is_still_accepted(photo_jpeg):
+    data = photo_jpeg()
+    assert decode_image(data + b"trailing junk after EOI").shape == (300, 400, 3)
+    assert image_size(data) == (400, 300)
 
 
 def test_pixel_bound_is_checked_before_decoding(rgb):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import struct
 import threading
 import time
@@ -313,6 +314,8 @@ def test_readyz_waits_for_the_warm_up_forward(serve, tiny_bundle, photo):
     assert client.get("/healthz").status_code == 200
     r = client.post("/v1/classify", content=encode(photo), headers={"content-type": "image/png"})
     assert_error(r, 503, "not_ready")
+    assert_error(client.post("/v1/classify", content=b"junk", headers={"content-type": "image/png"}), 415,
+                 "not_an_image")  # a bad image is told so, warm or not
     clf.gate.set()
     wait_until(lambda: client.get("/readyz").status_code == 200, what="/readyz")
     assert client.get("/readyz").json()["ready"] is True
@@ -445,3 +448,259 @@ def test_classify_batch_mixes_crop_counts(serve, tiny_bundle, photo):
     probs = clf.probabilities([photo], 10)
     assert out[1]["top_k"][0]["prob"] == pytest.approx(float(probs.max()), rel=1e-4)
     assert out[0] == out[2]
+
+
+@pytest.mark.parametrize("token", ["", " ", "\t\n"])
+def test_an_empty_or_blank_token_is_refused_at_start_up(monkeypatch, token):
+    monkeypatch.setenv("IRCNN_API_TOKEN", token)  # e.g. `-e IRCNN_API_TOKEN=$TOKEN` with TOKEN unset
+    with pytest.raises(ValueError, match="IRCNN_API_TOKEN is set but empty"):
+        Settings()
+    with pytest.raises(ValueError, match="IRCNN_API_TOKEN is set but empty"):
+        Settings(api_token=token)
+
+
+# ---- hardening: decoded pixels in flight, truncated JPEGs, non-finite output, slow bodies, metrics ------------
+
+
+def test_decoded_pixels_in_flight_are_bounded_with_503_and_retry_after(serve, tiny_bundle, photo):
+    # Each photo decodes to 120 x 90 = 10,800 pixels; the budget holds two of them, queued or running.
+    clf = GatedClassifier(tiny_bundle(width=0.125))
+    client = serve(Settings(max_pixels=20_000, max_pixels_in_flight=25_000, max_batch=1, retry_after_s=3),
+                   classifier=clf)
+    service = client.app.state.service
+    post = lambda: client.post("/v1/classify", content=encode(photo),  # noqa: E731
+                               headers={"content-type": "image/png"})
+    clf.entered.clear()
+    clf.gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post)
+        assert clf.entered.wait(30)
+        queued = pool.submit(post)
+        wait_until(lambda: service.batcher.depth == 1, what="a queued job")
+        assert service.pixels_in_flight == 2 * 10_800
+        r = post()
+        err = assert_error(r, 503, "busy")
+        assert r.headers["retry-after"] == "3" and "IRCNN_MAX_PIXELS_IN_FLIGHT" in err["message"]
+        assert "ircnn_pixels_in_flight 21600.0" in client.get("/metrics").text
+        clf.gate.set()
+        assert running.result().status_code == queued.result().status_code == 200
+    assert service.pixels_in_flight == 0
+    assert post().status_code == 200 and service.pixels_in_flight == 0
+    # failures give their pixels back too
+    assert_error(client.post("/v1/classify", content=encode(photo, "JPEG")[:300] + b"\xff\xd9",
+                             headers={"content-type": "image/jpeg"}), 400, "truncated")
+    assert service.pixels_in_flight == 0
+
+
+def test_the_pixel_budget_must_hold_the_largest_image():
+    with pytest.raises(ValueError, match="max_pixels_in_flight"):
+        Settings(max_pixels=1000, max_pixels_in_flight=999)
+    assert Settings().max_pixels_in_flight >= Settings().max_pixels
+
+
+def test_a_truncated_jpeg_ending_with_an_eoi_marker_is_refused(serve, photo):
+    client = serve()
+    big = np.ascontiguousarray(np.tile(photo, (4, 4, 1)))  # 480 x 360, so that half the file is real scan data
+    jpeg = encode(big, "JPEG")
+    for tail in (b"\xff\xd9", b"\x00" * 7 + b"\xff\xd9"):
+        r = client.post("/v1/classify", content=jpeg[: len(jpeg) // 2] + tail, headers={"content-type": "image/jpeg"})
+        assert "premature end" in assert_error(r, 400, "truncated")["message"]
+    assert client.post("/v1/classify", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
+
+
+def test_non_finite_model_output_is_a_clear_error_and_fails_readiness(serve, tiny_bundle, photo):
+    import torch
+
+    bundle = tiny_bundle(width=0.125)
+    with torch.no_grad():
+        next(bundle.members[0].parameters()).fill_(float("nan"))
+    client = serve(classifier=Classifier(bundle), wait_ready=False)
+    wait_until(lambda: client.app.state.service.batcher.ready.is_set(), what="the warm-up")
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False and "NaN" in r.json()["detail"]
+    r = client.post("/v1/classify", content=encode(photo), headers={"content-type": "image/png"})
+    assert "null" not in r.text
+    assert "weights are broken" in assert_error(r, 500, "non_finite_output")["message"]
+
+
+def test_a_detector_with_non_finite_scores_fails_readiness(serve, both):
+    import torch
+
+    classifier, detector = both
+    with torch.no_grad():
+        for member in detector.scorer.ensemble.members:
+            next(member.parameters()).fill_(float("nan"))
+    client = serve(detector=detector, wait_ready=False)
+    wait_until(lambda: client.app.state.service.batcher.ready.is_set(), what="the warm-up")
+    r = client.get("/readyz")
+    assert r.status_code == 503 and "NaN" in r.json()["detail"]
+
+
+def test_a_body_that_trickles_in_gets_408():
+    from service.app import read_uploads
+
+    async def receive():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"\x00", "more_body": True}  # one byte each 50 ms, forever
+
+    async def read():
+        request = Request({"type": "http", "method": "POST", "path": "/", "headers": [
+            (b"content-type", b"image/png")]}, receive)
+        await read_uploads(request, Settings(upload_timeout_s=0.3))
+
+    start = time.perf_counter()
+    with pytest.raises(ApiError) as e:
+        asyncio.run(read())
+    assert (e.value.status, e.value.code) == (408, "upload_timeout") and time.perf_counter() - start < 5
+
+
+def test_metrics_do_not_name_the_bundle_path(serve):
+    text = serve().get("/metrics").text
+    (info,) = [line for line in text.splitlines() if line.startswith("ircnn_model_info{")]
+    assert "path=" not in info and 'task="cls1000"' in info
+
+
+def test_uvicorn_gets_the_connection_limits_from_settings(tiny_bundle):
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from service.app import server_options
+
+    assert server_options(Settings()) == {"limit_concurrency": 128, "timeout_keep_alive": 5,
+                                          "h11_max_incomplete_event_size": 16384}
+    settings = Settings(limit_concurrency=2, timeout_keep_alive_s=1, max_header_bytes=4096)
+    app = create_app(settings, classifier=Classifier(tiny_bundle(width=0.125)))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **server_options(settings)))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    idle = []
+    try:
+        wait_until(lambda: server.started, what="uvicorn")
+        with socket.create_connection(sock.getsockname(), timeout=5) as long_headers:  # never ending them
+            long_headers.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Long: " + b"a" * 5000)
+            assert long_headers.recv(4096).startswith(b"HTTP/1.1 400")
+        idle = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(2)]  # open, never asking
+        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 503, timeout=10,
+                   what="503 beyond limit_concurrency")
+        for c in idle:
+            c.close()
+        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 200, timeout=10, what="recovery")
+        with socket.create_connection(sock.getsockname(), timeout=5) as kept:  # keep-alive: closed when idle
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            start, answer = time.monotonic(), b""
+            while chunk := kept.recv(4096):  # until the server closes it (the socket's timeout is 5 s)
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200") and time.monotonic() - start < 4
+    finally:
+        for c in idle:
+            c.close()
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+# ---- several images in one request ---------------------------------------------------------------------------
+
+
+def test_several_images_are_answered_in_order_each_with_its_result_or_error(serve, both, photo):
+    classifier, detector = both
+    client = serve(classifier=classifier, detector=detector)
+    a, b = photo, np.ascontiguousarray(np.roll(photo, 40, axis=1)[:80])
+    files = [("image", ("a.png", encode(a), "image/png")), ("image", ("b.png", encode(b), "image/png"))]
+    r = client.post("/v1/detect?max_detections=5", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [(x["image"], x["width"], x["height"]) for x in results] == [("a.png", 120, 90), ("b.png", 120, 80)]
+    for got, image, (name, data, _) in zip(results, (a, b), (f for _, f in files)):
+        single = client.post("/v1/detect?max_detections=5", files={"image": (name, data, "image/png")}).json()
+        assert got == single and [d["det_id"] for d in got["detections"]] == [
+            d["det_id"] for d in detector.detect(image).to_json()[:5]]
+
+    jpeg = encode(np.ascontiguousarray(np.tile(photo, (4, 4, 1))), "JPEG")
+    files = [("image", ("a.png", encode(a), "image/png")), ("image", ("notes.txt", b"hello", "text/plain")),
+             ("image", ("half.jpg", jpeg[: len(jpeg) // 2] + b"\xff\xd9", "image/jpeg")),
+             ("image", ("strip.png", encode(np.zeros((1, 100, 3), np.uint8)), "image/png")),
+             ("image", ("b.png", encode(b), "image/png"))]
+    r = client.post("/v1/classify?top_k=2", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["image"] for x in results] == ["a.png", "notes.txt", "half.jpg", "strip.png", "b.png"]
+    assert [(x.get("status"), x.get("error", {}).get("code")) for x in results] == [
+        (None, None), (415, "not_an_image"), (400, "truncated"), (400, "bad_aspect"), (None, None)]
+    assert all(x["error"]["message"] for x in results[1:4])
+    want = classifier.classify([a, b], top_k=2)
+    for got, ref in zip((results[0], results[4]), want):
+        assert [t["index"] for t in got["top_k"]] == [t["index"] for t in ref["top_k"]] and got["crops"] == 1
+    # one field keeps the single-image shape and status, also for its errors
+    one = client.post("/v1/classify", files=[("image", ("a.png", encode(a), "image/png"))]).json()
+    assert set(one) == {"image", "width", "height", "crops", "members", "top_k"}
+    assert_error(client.post("/v1/classify", files=[("image", ("x.txt", b"hello", "text/plain"))]), 415,
+                 "not_an_image")
+    assert client.app.state.service.pixels_in_flight == 0
+
+
+def test_several_images_share_the_limits_of_one_request(serve, photo):
+    # photo: 120 x 90 = 10,800 pixels, about 20 KB as PNG
+    png = encode(photo)
+    client = serve(Settings(max_pixels=25_000, max_upload_bytes=3 * len(png) + 10, max_images=4))
+    two, three = [("image", ("a.png", png, "image/png"))] * 2, [("image", ("a.png", png, "image/png"))] * 3
+    assert len(client.post("/v1/classify", files=two).json()["results"]) == 2
+    err = assert_error(client.post("/v1/classify", files=three), 413, "too_many_pixels")
+    assert "together" in err["message"]
+    big = Settings(max_upload_bytes=2 * len(png) + 10, max_images=4)
+    err = assert_error(serve(big).post("/v1/classify", files=three), 413, "too_large")
+    five = [("image", ("a.png", b"x", "image/png"))] * 5
+    assert_error(client.post("/v1/classify", files=five), 400, "bad_multipart")
+    assert_error(client.post("/v1/classify", files=[("image", ("a.png", png, "image/png"))],
+                             data={"image": "not a file"}), 400, "missing_image")
+
+
+def test_several_images_count_against_the_pixel_budget(serve, tiny_bundle, photo):
+    clf = GatedClassifier(tiny_bundle(width=0.125))
+    client = serve(Settings(max_pixels=25_000, max_pixels_in_flight=30_000, max_batch=1), classifier=clf)
+    service = client.app.state.service
+    png = encode(photo)
+    clf.entered.clear()
+    clf.gate.clear()
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.post, "/v1/classify", content=png, headers={"content-type": "image/png"})
+        assert clf.entered.wait(30)
+        two = [("image", ("a.png", png, "image/png"))] * 2  # 21,600 more pixels: 32,400 > 30,000
+        assert_error(client.post("/v1/classify", files=two), 503, "busy")
+        clf.gate.set()
+        assert held.result().status_code == 200
+    assert [x["image"] for x in client.post("/v1/classify", files=two).json()["results"]] == ["a.png", "a.png"]
+    assert service.pixels_in_flight == 0
+
+
+def test_openapi_documents_several_images(serve):
+    schema = serve().get("/openapi.json").json()
+    detect = schema["paths"]["/v1/detect"]["post"]
+    field = detect["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["image"]
+    assert field["type"] == "array" and "results" in field["description"]
+    refs = json.dumps(detect["responses"]["200"])
+    assert "DetectResponse" in refs and "DetectResults" in refs and "408" in detect["responses"]
+    assert schema["components"]["schemas"]["DetectResults"]["examples"][0]["results"][1]["status"] == 400
+
+
+def test_several_images_that_do_not_fit_the_queue_get_503_and_leave_nothing_queued(serve, tiny_bundle, photo):
+    clf = GatedClassifier(tiny_bundle(width=0.125))
+    client = serve(Settings(queue_size=1, max_batch=1), classifier=clf)
+    service = client.app.state.service
+    png = encode(photo)
+    clf.entered.clear()
+    clf.gate.clear()
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.post, "/v1/classify", content=png, headers={"content-type": "image/png"})
+        assert clf.entered.wait(30)
+        two = [("image", ("a.png", png, "image/png"))] * 2  # one fits the queue, the second does not
+        assert_error(client.post("/v1/classify", files=two), 503, "queue_full")
+        clf.gate.set()
+        assert held.result().status_code == 200
+    wait_until(lambda: service.batcher.dropped == 1, what="the first image's job dropped, never run")
+    assert service.batcher.depth == 0 and service.pixels_in_flight == 0

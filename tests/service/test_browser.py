@@ -145,14 +145,15 @@ def _serve(app):
 
 @pytest.fixture
 def live_app(tiny_bundle):
-    """Factory: start the app with the tiny models (and optional settings); yields (base URL, detector)."""
+    """Factory: start the app with the tiny models (and optional settings); yields (base URL, detector).
+    ``classify=False``: the app without its classifier, as for a det200 bundle."""
     from service.app import create_app
     from service.settings import Settings
 
     with contextlib.ExitStack() as stack:
-        def start(**settings):
+        def start(classify: bool = True, **settings):
             classifier, detector = _models(tiny_bundle)
-            app = create_app(Settings(**settings), classifier=classifier, detector=detector)
+            app = create_app(Settings(**settings), classifier=classifier if classify else None, detector=detector)
             return stack.enter_context(_serve(app)), detector
 
         yield start
@@ -398,6 +399,27 @@ def test_non_image_upload_shows_the_servers_error(browser, live_app, tmp_path):
     assert "refused" in _text(browser, "status-text")
     assert not browser.find_element("id", "canvas").is_displayed()
     assert browser.find_elements("css selector", "#top-k li, #detections li") == []
+    assert _console_errors(browser) == []
+
+
+def test_a_model_that_only_detects_shows_detections_and_no_refusal(browser, live_app, chelsea_png):
+    """A det200 bundle cannot classify: the page says so where the classes would be, not as a red refusal."""
+    base, _ = live_app(classify=False)
+    answer = httpx.post(f"{base}/v1/classify", files={"image": ("chelsea.png", chelsea_png.read_bytes(), "image/png")},
+                        timeout=WAIT_S)
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "no_classifier"
+
+    browser.set_window_size(1000, 1200)
+    browser.get(base + "/")
+    browser.find_element("id", "file-input").send_keys(str(chelsea_png))
+    _wait(browser, "the request to finish", lambda d: _finished(d) and "chelsea.png" in _text(d, "status-text"))
+    status = _text(browser, "status-text")
+    assert "done" in status and "refused" not in status, status
+    assert not browser.find_element("id", "error").is_displayed(), _text(browser, "error")
+    assert _text(browser, "classify-summary") == "Classification is not available for this model."
+    assert browser.find_elements("css selector", "#top-k li") == []
+    _set_threshold(browser, 0)
+    assert len(_shown_detections(browser)) >= 5 and browser.find_element("id", "canvas").is_displayed()
     assert _console_errors(browser) == []
 
 
