@@ -1,4 +1,4 @@
-"""Model bundles: a directory with ``model.json`` and one safetensors file per ensemble member (DESIGN.md).
+"""Model bundles: a directory with ``model.json`` and one safetensors file per ensemble member, as README.md describes.
 
 Loading never unpickles: member weights are safetensors; only ``import_torchvision`` reads a torchvision
 ``.pth`` checkpoint, with ``torch.load(weights_only=True)``.
@@ -281,6 +281,21 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_state_dict(file: Path) -> dict:
+    """A ``state_dict`` saved with ``torch.save`` (bare, or under ``"state_dict"``), read with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled objects."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BundleError(f"{file} is not a loadable PyTorch checkpoint (weights_only=True): {str(e)[:300]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BundleError(f"{file} holds a {type(state).__name__}, not a state_dict; save one with "
+                          "torch.save(model.state_dict(), path)")
+    return state
+
+
 def import_torchvision(file: str | os.PathLike, input_range: str = "auto", task: str | None = None) -> Bundle:
     """A torchvision GoogLeNet checkpoint (a ``state_dict`` saved with ``torch.save``) as a 1-member bundle.
 
@@ -302,13 +317,8 @@ def import_torchvision(file: str | os.PathLike, input_range: str = "auto", task:
         raise BundleError(f"input_range must be auto, unit or imagenet, got {input_range!r}")
     if task not in (None, "cls1000", "det200-from-cls1000"):
         raise BundleError(f"task must be cls1000 or det200-from-cls1000 for an imported checkpoint, got {task!r}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BundleError(f"{file} is not a loadable PyTorch checkpoint (weights_only=True): {str(e)[:300]}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or "fc.weight" not in state:
+    state = read_state_dict(file)
+    if "fc.weight" not in state:
         raise BundleError(f"{file} is not a GoogLeNet state_dict (no fc.weight); save one with "
                           "torch.save(model.state_dict(), path)")
     num_classes = int(state["fc.weight"].shape[0])
@@ -350,13 +360,8 @@ def import_efficientnet_lite(variant: str = "lite0", weights: str | os.PathLike 
         raise BundleError(str(e)) from None
     if not file.is_file():
         raise BundleError(f"{file} does not exist; pass the path of an EfficientNet-Lite .pth state dict")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BundleError(f"{file} is not a loadable PyTorch checkpoint (weights_only=True): {str(e)[:300]}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or "_fc.weight" not in state:
+    state = read_state_dict(file)
+    if "_fc.weight" not in state:
         raise BundleError(f"{file} is not an EfficientNet-Lite state_dict (no _fc.weight)")
     num_classes = int(state["_fc.weight"].shape[0])
     if num_classes != 1000:

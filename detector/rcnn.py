@@ -124,7 +124,7 @@ class Detections:
         return len(self.boxes)
 
     def to_json(self) -> list[dict]:
-        """``[{"box": [x1, y1, x2, y2], "det_id", "wnid", "name", "score"}, ...]`` (DESIGN.md)."""
+        """``[{"box": [x1, y1, x2, y2], "det_id", "wnid", "name", "score"}, ...]`` (the `ircnn detect --json` shape)."""
         vocab = det200()
         out = []
         for box, det_id, score in zip(self.boxes.tolist(), self.det_ids.tolist(), self.scores.tolist()):
@@ -390,6 +390,6 @@ class Detector:
 
 
 def detection_record(path: str, image: np.ndarray, dets: Detections) -> dict:
-    """DESIGN.md's ``detect`` JSON object: ``{"image", "width", "height", "detections": [...]}``."""
+    """The ``ircnn detect`` JSON object: ``{"image", "width", "height", "detections": [...]}``."""
     h, w = image.shape[:2]
     return {"image": str(path), "width": int(w), "height": int(h), "detections": dets.to_json()}

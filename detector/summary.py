@@ -83,7 +83,7 @@ def _counts(model: GoogLeNet, size: int) -> tuple[dict[str, dict], dict[str, tup
 
 
 def summarize(variant: str = "paper", size: int = 224) -> dict:
-    """The ``ircnn model summary --json`` document (DESIGN.md): one row per Table 1 line, plus the aux heads."""
+    """The ``ircnn model summary --json`` document: one row per Table 1 line, plus the aux heads."""
     model = GoogLeNet(GoogLeNetConfig(variant=variant, aux_logits=True))
     per_child, shapes = _counts(model, size)
     rows = []

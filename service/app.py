@@ -1,4 +1,4 @@
-"""The REST service: DESIGN.md's HTTP contract over the same ``Classifier`` and ``Detector`` the CLI calls.
+"""The REST service: the HTTP contract of README.md over the same ``Classifier`` and ``Detector`` the CLI calls.
 
 Request path: the route checks the token and the query, streams the body with the byte limit enforced while
 reading (``413`` before the rest is buffered, ``408`` when it takes longer than ``upload_timeout_s``), reads each
