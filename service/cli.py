@@ -683,12 +683,8 @@ class _TopMultiBox:
 def _cmd_proposals(args) -> int:
     if not 0.25 <= args.coarsen <= 16:
         raise CliError(f"--coarsen must be in 0.25..16, got {args.coarsen}")
-    if not args.eval:
-        if not args.images:
-            raise CliError("give images (or --eval with --annotations and --imageset)")
-        from service.batch import check_paths
-
-        check_paths(args.images)
+    if not args.eval and not args.images:
+        raise CliError("give images (or --eval with --annotations and --imageset)")
     from proposals.combine import MergeConfig, ProposalGenerator
     from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
@@ -698,6 +694,10 @@ def _cmd_proposals(args) -> int:
     multibox = _TopMultiBox(net, n_multibox) if n_multibox else None
     if args.selective_search == "off" and multibox is None:
         raise CliError("nothing to propose with: --selective-search off and no MultiBox boxes")
+    if not args.eval:  # flags first (they need no file), then the paths, before any image is read
+        from service.batch import check_paths
+
+        check_paths(args.images)
     ss_config = (None if args.selective_search == "off"
                  else SelectiveSearchConfig(mode=args.selective_search, coarsen=args.coarsen))
     if args.eval:
