@@ -40,6 +40,7 @@ MAX_IMAGE_INDEX = 2**31 - 1
 # Deepest nesting of JSON arrays and objects read from a file (ours need 4); Python's parser recurses once per
 # level, and a few thousand levels end in RecursionError instead of a message.
 MAX_JSON_DEPTH = 32
+MAX_XML_BYTES = 10 << 20  # an annotation file larger than this is refused unread
 
 _WNID = re.compile(r"n\d{8}")
 
@@ -239,8 +240,18 @@ def read_annotation(path: str) -> ImageAnnotation:
     Raises ValueError naming the file (and the object number) for unparsable XML, a missing field, a WNID that is
     not a DET class, or a box with ``xmax < xmin``.
     """
+    with open(path, "rb") as f:
+        data = f.read(MAX_XML_BYTES + 1)
+    if len(data) > MAX_XML_BYTES:
+        raise ValueError(f"{path}: over {MAX_XML_BYTES >> 20} MB; an ILSVRC annotation is a few KB")
+    # ILSVRC annotations are plain ASCII XML without a DTD. Refusing DTDs outright (rather than relying on the
+    # system expat's entity-amplification limit) closes entity bombs and external entities whatever expat is
+    # installed; refusing NUL bytes closes the same declarations spelt in UTF-16.
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data or b"\x00" in data:
+        raise ValueError(f"{path}: has a DOCTYPE or ENTITY declaration (or is not UTF-8); ILSVRC annotations have "
+                         "none, and entity expansion is refused")
     try:
-        root = ET.parse(path).getroot()
+        root = ET.fromstring(data)
     except ET.ParseError as e:
         raise ValueError(f"{path}: not well-formed XML ({e})") from None
     if root.tag != "annotation":

@@ -123,6 +123,27 @@ def test_read_annotation_errors(tmp_path, body, match):
     assert path in str(e.value)
 
 
+BILLION_LAUGHS = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+                  + "".join(f'<!ENTITY lol{i + 1} "{("&lol" + str(i) + ";") * 10}">' for i in range(9)).replace(
+                      "&lol0;", "&lol;")
+                  + ']><annotation><filename>&lol9;</filename></annotation>')
+XXE = ('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+       '<annotation><filename>&x;</filename></annotation>')
+
+
+@pytest.mark.parametrize("body, encoding", [(BILLION_LAUGHS, "utf-8"), (XXE, "utf-8"), (XXE, "utf-16")])
+def test_annotations_with_a_dtd_are_refused_unexpanded(tmp_path, body, encoding):
+    (tmp_path / "a.xml").write_bytes(body.encode(encoding))
+    with pytest.raises(ValueError, match="DOCTYPE or ENTITY declaration"):
+        read_annotation(str(tmp_path / "a.xml"))
+
+
+def test_oversized_annotation_is_refused_unread(tmp_path):
+    (tmp_path / "a.xml").write_bytes(b"<annotation>" + b" " * (11 << 20) + b"</annotation>")
+    with pytest.raises(ValueError, match="over 10 MB"):
+        read_annotation(str(tmp_path / "a.xml"))
+
+
 def test_read_annotations_by_imageset(tmp_path):
     ann_dir = tmp_path / "ann"
     write_annotation(str(ann_dir / "a.xml"), folder="v", filename="a", width=9, height=9,
