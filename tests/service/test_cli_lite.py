@@ -36,7 +36,7 @@ def bundles(tmp_path_factory):
     return root / "A", root / "B"
 
 
-def test_import_and_classify_real_photos(bundles, capsys):
+def test_import_and_classify_real_photos(bundles, capsys, tmp_path):
     capsys.readouterr()
     code, out, _ = run(capsys, "classify", PHOTOS / "chelsea.JPEG", PHOTOS / "coffee.JPEG", "--model", bundles[0],
                        "--json")
@@ -44,6 +44,10 @@ def test_import_and_classify_real_photos(bundles, capsys):
     cat, coffee = (json.loads(line) for line in out.splitlines())
     assert cat["top_k"][0]["index"] in CATS
     assert {967, 968, 504} & {r["index"] for r in coffee["top_k"]}
+    (tmp_path / "preds.jsonl").write_text(out)
+    code, out, _ = run(capsys, "eval", "cls", "--labels", SET / "cls" / "labels.txt", "--predictions",
+                       tmp_path / "preds.jsonl", "--json")
+    assert code == 0 and json.loads(out)["images"] == 2 and json.loads(out)["top5_error"] == 0.0
     code, out, _ = run(capsys, "model", "info", bundles[0])
     assert code == 0 and "EfficientNet-Lite0, 4,652,008 parameters" in out
 
