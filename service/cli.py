@@ -662,6 +662,14 @@ def _multibox_count(args, multibox) -> int:
     return n
 
 
+def _proposal_sources(args, multibox) -> int:
+    """MultiBox boxes to use (``_multibox_count``); a usage error when nothing at all would propose."""
+    n = _multibox_count(args, multibox)
+    if args.selective_search == "off" and not n:
+        raise CliError("nothing to propose with: --selective-search off and no MultiBox boxes")
+    return n
+
+
 def _load_multibox(args):
     if args.model is None or args.multibox == "0":
         return None
@@ -685,19 +693,19 @@ def _cmd_proposals(args) -> int:
         raise CliError(f"--coarsen must be in 0.25..16, got {args.coarsen}")
     if not args.eval and not args.images:
         raise CliError("give images (or --eval with --annotations and --imageset)")
+    if args.model is None:  # without a bundle the flags alone decide what can propose
+        _proposal_sources(args, None)
+    if not args.eval:  # the paths, before any model or image is read
+        from service.batch import check_paths
+
+        check_paths(args.images)
     from proposals.combine import MergeConfig, ProposalGenerator
     from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
     merge_config = MergeConfig(max_proposals=args.max_proposals)
     net = _load_multibox(args)
-    n_multibox = _multibox_count(args, net)
+    n_multibox = _proposal_sources(args, net)
     multibox = _TopMultiBox(net, n_multibox) if n_multibox else None
-    if args.selective_search == "off" and multibox is None:
-        raise CliError("nothing to propose with: --selective-search off and no MultiBox boxes")
-    if not args.eval:  # flags first (they need no file), then the paths, before any image is read
-        from service.batch import check_paths
-
-        check_paths(args.images)
     ss_config = (None if args.selective_search == "off"
                  else SelectiveSearchConfig(mode=args.selective_search, coarsen=args.coarsen))
     if args.eval:
