@@ -89,10 +89,10 @@ def test_backends_agree_with_torch_on_real_warped_regions(lite_det):
     image = photo("motorcycle_left")
     h, w = image.shape[:2]
     g = torch.Generator().manual_seed(0)
-    xy = torch.rand(200, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
-    wh = torch.rand(200, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6]) + 20
+    xy = torch.rand(300, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+    wh = torch.rand(300, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6]) + 20
     boxes = torch.cat([xy, xy + wh], dim=1)
-    regions = warp_regions(image, boxes, 224, 16)  # [200, 3, 224, 224] real pixels
+    regions = warp_regions(image, boxes, 224, 16)  # [300, 3, 224, 224] real pixels
     reference = Ensemble.from_bundle(bundle)(regions)
     for backend in ("onnxruntime", "openvino"):
         probs = Ensemble.from_bundle(bundle, EnsembleConfig(backend=backend))(regions)
