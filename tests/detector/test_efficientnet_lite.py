@@ -21,7 +21,6 @@ from detector.image import read_image
 from detector.rcnn import DetectConfig, Detector, RegionScorer, postprocess, suppress_parts, Detections
 from detector.warp import warp_frames, warp_regions
 
-pytest.importorskip("efficientnet_lite_pytorch", reason="the [lite] extra (in [dev]) brings the model code")
 REAL = Path(__file__).resolve().parents[2] / "data" / "real_photos" / "Data" / "DET" / "val"
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ONNX = EnsembleConfig(backend="onnxruntime")  # fp32, held to torch below; EfficientNet's depthwise convolutions

