@@ -260,17 +260,20 @@ def suppress_parts(dets: Detections, overlap: float, ratio: float) -> Detections
     by score stays sorted."""
     if len(dets) < 2:
         return dets
-    boxes = dets.boxes
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [D]
-    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])  # [D, D, 2]
-    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)  # [D, D]: part i, whole j
-    inside = inter / area.clamp(min=1e-6)[:, None] >= overlap
-    larger = area[None, :] > area[:, None]
-    same = dets.det_ids[:, None] == dets.det_ids[None, :]
-    strong = dets.scores[None, :] >= ratio * dets.scores[:, None]
-    part = (inside & larger & same & strong).any(dim=1)  # [D]
-    keep = ~part
+    keep = torch.ones(len(dets), dtype=torch.bool)
+    for det_id in dets.det_ids.unique():  # class by class: [D_c, D_c] pairs, never [D, D]
+        rows = (dets.det_ids == det_id).nonzero(as_tuple=True)[0]
+        if len(rows) < 2:
+            continue
+        boxes, scores = dets.boxes[rows], dets.scores[rows]
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [n]
+        lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])  # [n, n, 2]
+        rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=2)  # [n, n]: part i, whole j
+        inside = inter / area.clamp(min=1e-6)[:, None] >= overlap
+        larger = area[None, :] > area[:, None]
+        strong = scores[None, :] >= ratio * scores[:, None]
+        keep[rows[(inside & larger & strong).any(dim=1)]] = False
     return Detections(boxes=dets.boxes[keep], scores=dets.scores[keep], det_ids=dets.det_ids[keep],
                       seconds=dets.seconds, regions=dets.regions)
 
@@ -281,7 +284,8 @@ def postprocess(boxes: Tensor, probs: Tensor, det_ids: Tensor, config: DetectCon
     does with one image's scored regions (``boxes (Tensor[R, 4])``, ``probs (Tensor[R, K + 1])``)."""
     if not whole_objects:
         return nms_per_class(boxes, probs, det_ids, config)
-    wide = dataclasses.replace(config, max_detections=10_000)  # parts go first, then the cap
+    # parts go first, then the cap; parts are looked for among the 10 x max_detections best (at least 1000)
+    wide = dataclasses.replace(config, max_detections=min(10_000, max(1000, 10 * config.max_detections)))
     dets = suppress_parts(nms_per_class(boxes, probs, det_ids, wide), config.part_overlap, config.part_ratio)
     n = config.max_detections
     return Detections(boxes=dets.boxes[:n], scores=dets.scores[:n], det_ids=dets.det_ids[:n])

@@ -249,7 +249,7 @@ def test_whole_objects_is_on_for_imagenet_classifiers_and_off_for_trained_detect
             if on:  # the 3 least-background regions, contrasted with their frames, then parts dropped
                 top = probs[:, 0].argsort()[:3]
                 framed = contrast_frames(probs[top], scorer.score_frames(photo, regions[top]))
-                wide = dataclasses.replace(config, max_detections=10_000)
+                wide = dataclasses.replace(config, max_detections=1000)
                 expect = suppress_parts(nms_per_class(regions[top], framed, scorer.det_ids, wide),
                                         config.part_overlap, config.part_ratio)
             else:
