@@ -102,6 +102,10 @@ def test_a_candidate_that_disagrees_with_torch_is_rejected(member, monkeypatch):
     rejected = {m.candidate.name: m.rejected for m in choice.measurements if m.rejected}
     assert list(rejected) == ["onnxruntime fp32"] and "differs from torch fp32 by 3.0e-04 > 0.0001" in rejected[
         "onnxruntime fp32"]
+    # near-equal speeds (within 5%) are a tie, and the earlier candidate wins, so that noise does not flip choices
+    Fakes({"torch fp32": 5.0, "onnxruntime fp32": 21.4, "openvino fp32": 22.0}).install(monkeypatch)
+    tie = choose_backend(net, pre.mean, pre.std, SIZE + 64)
+    assert tie.name == "onnxruntime fp32" and "a tie" in tie.reason
     # NaN never passes, whatever its speed
     Fakes({"torch fp32 channels_last": 100.0}, offset={"torch fp32 channels_last": float("nan")}).install(monkeypatch)
     assert choose_backend(net, pre.mean, pre.std, SIZE + 32).name == "torch fp32"
