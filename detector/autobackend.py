@@ -21,6 +21,7 @@ model and flags, thread count and the runtimes' versions. A second call with the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -195,6 +196,24 @@ def _write(path, key: dict, choice: Choice) -> None:
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path):
+    """One process at a time measures a key (Ray workers, service replicas starting together would otherwise time
+    each other's load); the others wait, then read its result from the cache. No lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def choose_backend(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int,
                    precision: str = "fp32", batch: int = MEASURE_BATCH) -> Choice:
     """The fastest candidate (module docstring) for ``member`` at ``size`` x ``size`` input, from the cache or
@@ -210,6 +229,17 @@ def choose_backend(member: nn.Module, mean: tuple[float, ...], std: tuple[float,
     cached = _read(path)
     if cached is not None:
         return cached
+    with _exclusive(path.with_suffix(".lock")):
+        cached = _read(path)  # measured by another process while this one waited
+        if cached is not None:
+            return cached
+        choice = _measure_candidates(member, mean, std, size, precision, batch, device)
+        _write(path, key, choice)
+    return choice
+
+
+def _measure_candidates(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int,
+                        precision: str, batch: int, device: torch.device) -> Choice:
     pixels = measurement_pixels(batch, size)
     measurements, reference = [], None
     for candidate in candidates(precision, device):
@@ -241,9 +271,7 @@ def choose_backend(member: nn.Module, mean: tuple[float, ...], std: tuple[float,
               f"{best.images_per_s / base:.2f}x torch fp32 ({base:.1f} images/s), batch {batch} of {size} px, "
               f"{torch.get_num_threads()} threads")
     c = best.candidate
-    choice = Choice(c.backend, c.precision, c.channels_last, reason, tuple(measurements))
-    _write(path, key, choice)
-    return choice
+    return Choice(c.backend, c.precision, c.channels_last, reason, tuple(measurements))
 
 
 def format_choice(label: str, choice: Choice) -> str:

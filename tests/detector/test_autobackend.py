@@ -193,3 +193,29 @@ def test_mixed_choices_are_averaged_like_torch(tiny_bundle, monkeypatch):
     with pytest.raises(ValueError, match="pass size"):
         Ensemble(bundle.members, pre.mean, pre.std, EnsembleConfig(backend="auto"))
     assert Candidate("torch", channels_last=True).name == "torch fp32 channels_last"
+
+
+def test_processes_starting_together_measure_once(member, monkeypatch):
+    """Two callers at once (Ray workers, service replicas): one measures, the other waits for its result instead
+    of timing the candidates while they run beside it."""
+    import threading
+    import time
+
+    net, pre = member
+    fakes = Fakes({"onnxruntime fp32": 20.0}).install(monkeypatch)
+    slow_measure = fakes.measure
+
+    def measure(candidate, pixels):
+        time.sleep(0.05)
+        return slow_measure(candidate, pixels)
+
+    monkeypatch.setattr(autobackend, "measure", measure)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(choose_backend(net, pre.mean, pre.std, SIZE)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fakes.measured) == 4  # one set of candidates, not two
+    assert sorted(r.cached for r in results) == [False, True] and {r.name for r in results} == {"onnxruntime fp32"}
