@@ -970,7 +970,7 @@ def _add_detect_command(sub) -> None:
     p.add_argument("--max-regions", type=int, default=DETECT_DEFAULTS["max_regions"], metavar="N",
                    help=f"score the first N proposals per image, in the proposal generator's priority order "
                    f"(default {DETECT_DEFAULTS['max_regions']}, at most 3000; the service's IRCNN_MAX_REGIONS): "
-                   "the networks' time grows with N, recall falls below about 1000")
+                   "the networks' time grows with N; fewer regions cost recall")
     p.add_argument("--cascade", type=int, metavar="K", help="member 0 scores every region, the other members only "
                    "its K least-background regions per image (default: every member scores every region)")
     p.add_argument("--batch-size", type=int, default=32, help="regions per forward pass (default 32)")
