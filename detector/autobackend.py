@@ -8,8 +8,9 @@ A runtime that is not installed is skipped; torch is always a candidate. On a GP
 torch configurations are candidates.
 
 Each candidate scores the same measurement batch (``MEASURE_BATCH`` smooth random images at the member's real
-input size) once to warm up and then one to ``MEASURE_BATCHES`` more times, within about ``MEASURE_SECONDS``; its
-speed is its best timed batch. Its probabilities must match torch fp32 (default layout, the reference) on that
+input size) once to warm up and then one to ``MEASURE_BATCHES`` more times, in rounds over all candidates (so that
+a busy spell of a shared machine hits them alike), within about ``MEASURE_SECONDS`` each; its speed is its best
+timed batch. Its probabilities must match torch fp32 (default layout, the reference) on that
 batch within ``TOLERANCE`` (1e-4 fp32, as the backend tests hold them; 2e-2 bf16), or it is rejected. The fastest
 accepted one is chosen (within ``TIE``, the earlier candidate). The batch is smaller than the ensemble's (32) so that the slowest candidate of a
 full-width GoogLeNet on 2 AVX2 cores still measures in about 3 s; the ranking is what matters, not the figure.
@@ -42,7 +43,8 @@ from detector.cpus import cpu_flags, cpu_model, native_bf16
 AUTO_VERSION = 1  # bump when candidates or the measurement change, so old cached choices are not reused
 MEASURE_BATCH = 8  # images per timed batch (at most the ensemble's batch size): one batch of a full GoogLeNet
 MEASURE_SECONDS = 1.5  # takes about 1.6 s in torch fp32 on 2 AVX2 cores, so each candidate costs a few seconds
-MEASURE_BATCHES = 3  # timed batches at most, after the warm-up
+MEASURE_BATCHES = 3  # timed batches at most, after the warm-up, one per round: rounds go over all candidates in
+# turn, so that a busy spell of a shared machine slows all of them, not the one that happened to run then
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}  # max abs probability difference from torch fp32 on the batch
 # Candidates within this fraction of the fastest count as equally fast, and the first of them in the order of
 # candidates() (torch, then ONNX Runtime, then OpenVINO; fp32 before bf16) is chosen: on a shared machine two runs
@@ -136,20 +138,18 @@ def build_runner(candidate: Candidate, member: nn.Module, mean: tuple[float, ...
     return Ensemble([copy.deepcopy(member)], mean, std, config, size=size)
 
 
+def time_batch(run, pixels: Tensor) -> float:
+    """Seconds ``run`` takes for ``pixels`` (``.cpu()`` waits for a GPU)."""
+    t = time.perf_counter()
+    run(pixels).cpu()
+    return time.perf_counter() - t
+
+
 def measure(run, pixels: Tensor) -> tuple[Tensor, float]:
-    """``run``'s probabilities on ``pixels`` (``Tensor[n, K]`` on the CPU) and its best images/s over 1 to
-    ``MEASURE_BATCHES`` timed batches (as many as fit in ``MEASURE_SECONDS``), after one untimed warm-up batch
-    (first-call allocations and kernel selection, which the process pays once)."""
-    probs = run(pixels).float().cpu()  # .cpu() waits for a GPU
-    best, spent = float("inf"), 0.0
-    for _ in range(MEASURE_BATCHES):
-        t = time.perf_counter()
-        run(pixels).cpu()
-        took = time.perf_counter() - t
-        best, spent = min(best, took), spent + took
-        if spent >= MEASURE_SECONDS:
-            break
-    return probs, pixels.shape[0] / best
+    """``run``'s probabilities on ``pixels`` (``Tensor[n, K]`` on the CPU) and its images/s on one timed batch,
+    after one untimed warm-up batch (first-call allocations and kernel selection, which the process pays once)."""
+    probs = run(pixels).float().cpu()
+    return probs, pixels.shape[0] / time_batch(run, pixels)
 
 
 def _device_name(device: torch.device) -> str:
@@ -241,27 +241,41 @@ def choose_backend(member: nn.Module, mean: tuple[float, ...], std: tuple[float,
 def _measure_candidates(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int,
                         precision: str, batch: int, device: torch.device) -> Choice:
     pixels = measurement_pixels(batch, size)
-    measurements, reference = [], None
-    for candidate in candidates(precision, device):
+    found: dict[Candidate, Measurement] = {}
+    runs, seconds = {}, {}  # the correct candidates' runners, and their best and total timed seconds
+    reference = None
+    for candidate in candidates(precision, device):  # build, warm up, check against torch, time one batch
         if not installed(candidate.backend):
-            measurements.append(Measurement(candidate, rejected="not installed"))
+            found[candidate] = Measurement(candidate, rejected="not installed")
             continue
         try:
             run = build_runner(candidate, member, mean, std, size, batch)
             probs, speed = measure(run, pixels)
-            del run  # its runtime's threads and memory go before the next candidate runs
         except Exception as e:  # an export or runtime that fails here is not a choice; the reference must work
             if candidate == REFERENCE:
                 raise
-            measurements.append(Measurement(candidate, rejected=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+            found[candidate] = Measurement(candidate, rejected=f"failed: {type(e).__name__}: {str(e)[:200]}")
             continue
         if reference is None:
             reference = probs
         diff = float((probs - reference).abs().max())
         tolerance = TOLERANCE[candidate.precision]
-        bad = not diff <= tolerance  # NaN fails too
-        measurements.append(Measurement(candidate, speed, diff,
-                                        f"differs from torch fp32 by {diff:.1e} > {tolerance:g}" if bad else None))
+        if not diff <= tolerance:  # NaN fails too
+            found[candidate] = Measurement(candidate, speed, diff,
+                                           f"differs from torch fp32 by {diff:.1e} > {tolerance:g}")
+            continue
+        found[candidate] = Measurement(candidate, speed, diff)
+        runs[candidate] = run
+        seconds[candidate] = [batch / speed, batch / speed]
+    for _ in range(MEASURE_BATCHES - 1):  # more rounds, interleaved, within each candidate's time budget
+        for candidate, run in runs.items():
+            if seconds[candidate][1] < MEASURE_SECONDS:
+                took = time_batch(run, pixels)
+                seconds[candidate] = [min(seconds[candidate][0], took), seconds[candidate][1] + took]
+    for candidate in runs:
+        found[candidate] = dataclasses.replace(found[candidate], images_per_s=batch / seconds[candidate][0])
+    runs.clear()  # the runtimes' threads and memory go now
+    measurements = list(found.values())
     accepted = [m for m in measurements if m.rejected is None]
     fastest = max(m.images_per_s for m in accepted)
     best = next(m for m in accepted if m.images_per_s >= (1 - TIE) * fastest)

@@ -39,6 +39,7 @@ class Fakes:
     def __init__(self, speed: dict[str, float], offset: dict[str, float] | None = None) -> None:
         self.speed, self.offset = speed, offset or {}
         self.measured: list[str] = []
+        self.timed: list[str] = []
         self.probs = torch.softmax(torch.randn(8, 1000, generator=torch.Generator().manual_seed(0)), 1)
 
     def build_runner(self, candidate, member, mean, std, size, batch):
@@ -48,9 +49,14 @@ class Fakes:
         self.measured.append(candidate.name)
         return self.probs + self.offset.get(candidate.name, 0.0), self.speed.get(candidate.name, 1.0)
 
+    def time_batch(self, candidate, pixels):
+        self.timed.append(candidate.name)
+        return pixels.shape[0] / self.speed.get(candidate.name, 1.0)
+
     def install(self, monkeypatch) -> Fakes:
         monkeypatch.setattr(autobackend, "build_runner", self.build_runner)
         monkeypatch.setattr(autobackend, "measure", self.measure)
+        monkeypatch.setattr(autobackend, "time_batch", self.time_batch)
         monkeypatch.setattr(autobackend, "installed", lambda backend: True)
         return self
 
@@ -63,6 +69,10 @@ def test_fastest_correct_candidate_is_chosen_then_reused_from_the_cache(member, 
     assert (first.backend, first.precision, first.channels_last, first.cached) == ("onnxruntime", "fp32", False,
                                                                                    False)
     assert fakes.measured == ["torch fp32", "torch fp32 channels_last", "onnxruntime fp32", "openvino fp32"]
+    # two more rounds, interleaved (a busy spell slows every candidate), within each one's 1.5 s: torch fp32's
+    # 8-image batch at 5 images/s took 1.6 s, its whole budget; channels_last's 1.07 s left room for one more
+    assert fakes.timed == ["torch fp32 channels_last", "onnxruntime fp32", "openvino fp32",
+                           "onnxruntime fp32", "openvino fp32"]
     assert "21.4 images/s" in first.reason and "4.28x torch fp32" in first.reason
     assert [m.images_per_s for m in first.measurements] == [5.0, 7.5, 21.4, 12.3]
     files = list((cache / "autobackend").glob("*.json"))
@@ -73,6 +83,7 @@ def test_fastest_correct_candidate_is_chosen_then_reused_from_the_cache(member, 
 
     monkeypatch.setattr(autobackend, "measure", no_measuring)
     monkeypatch.setattr(autobackend, "build_runner", no_measuring)
+    monkeypatch.setattr(autobackend, "time_batch", no_measuring)
     again = choose_backend(net, pre.mean, pre.std, SIZE)
     assert again.cached and again.name == first.name and again.measurements == first.measurements
     # another input size, thread count or precision allowance is another machine state: measured anew
