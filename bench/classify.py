@@ -24,7 +24,7 @@ from detector.bundle import init_bundle
 from detector.classify import Classifier
 from detector.ensemble import EnsembleConfig
 from detector.googlenet import GoogLeNetConfig
-from detector.summary import matmul_peak, summarize
+from detector.summary import format_machine, machine, matmul_peak, summarize
 
 
 def images_per_second(clf: Classifier, images: list[np.ndarray], crops: int, min_seconds: float) -> float:
@@ -89,6 +89,7 @@ def main() -> None:
     bf16 = Classifier(bundle, EnsembleConfig(precision="bf16")).probabilities([photo], 10)
     doc = {
         "variant": args.variant,
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "macs_per_crop": macs,
@@ -100,6 +101,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
+        print(f"on {format_machine(doc['machine'])}")
         print(f"matmul peak: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s; "
               f"{macs / 1e9:.3f} GMAC per crop; {torch.get_num_threads()} threads")
         print(f"bf16 vs fp32 (10 crops): max probability difference {doc['bf16_max_prob_diff']:.4f}, "

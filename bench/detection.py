@@ -60,7 +60,7 @@ from detector.ensemble import EnsembleConfig
 from detector.googlenet import GoogLeNet
 from detector.image import read_image
 from detector.rcnn import MIN_SIDE, DetectConfig, Detections, Detector, RegionScorer, nms_per_class
-from detector.summary import _counts, matmul_peak
+from detector.summary import _counts, format_machine, machine, matmul_peak
 from eval.formats import Detections as DevkitDetections
 from eval.formats import read_imageset, write_submission
 from eval.ilsvrc import evaluate_files
@@ -465,7 +465,8 @@ def evaluate(out: Path, c: BenchConfig, log) -> dict:
                                 "qualifies": 100 * (full - results[f"ensemble of {n}, cascade K={k}"]["map"]) < 0.5}
                             for k in c.cascade if n > 1}}
     train_images = len(read_imageset(str(data / "ImageSets" / "DET" / "train.txt")))
-    return {"config": dataclasses.asdict(c), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    return {"config": dataclasses.asdict(c), "machine": machine(), "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
             "load_average": os.getloadavg(), "train_images": train_images, "val_images": len(images),
             "timing_images": len(timing), "input_size": bundle.preprocess.size, "context": config.context,
             "arch": bundle.arch.to_dict(), "gmacs_per_region": macs / 1e9,
@@ -494,7 +495,7 @@ def markdown(doc: dict, command: str) -> str:
              f"{2 * doc['gmacs_per_region']:.3f} GFLOP per region), {c['minutes_per_member']:g} min of training "
              f"each; MultiBox {c['multibox_epochs']} epochs. mAP: devkit rules on all val images. Seconds per "
              f"image: decode and proposals averaged over all val images, warp, networks and NMS over "
-             f"{doc['timing_images']}; {doc['threads']} thread(s), load average {doc['load_average'][0]:.1f}.", "",
+             f"{doc['timing_images']}; {format_machine(doc['machine'])}.", "",
              "| configuration | proposals | regions/img | mAP | decode | selective search | MultiBox | warp "
              "| networks | NMS | s/img |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

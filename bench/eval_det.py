@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from detector.summary import format_machine, machine
 from eval.formats import Detections, ImageAnnotation, read_submission, write_submission
 from eval.ilsvrc import MODES, DetectionEvaluator
 
@@ -81,7 +82,8 @@ def main() -> None:
     t = time.perf_counter()
     annotations, dets = generate(args.images, args.per_image)
     report = {"images": args.images, "objects": int(sum(len(a.det_ids) for a in annotations.values())),
-              "detections": len(dets), "cores": os.cpu_count(), "generate_s": round(time.perf_counter() - t, 2)}
+              "detections": len(dets), "cores": os.cpu_count(), "generate_s": round(time.perf_counter() - t, 2),
+              "machine": machine()}
     if args.io:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "submission.txt")
@@ -103,6 +105,7 @@ def main() -> None:
         return
     print(f"{report['images']} images, {report['objects']} objects, {report['detections']} detections, "
           f"{report['cores']} cores (generated in {report['generate_s']} s)")
+    print(f"on {format_machine(report['machine'])}")
     for key in ("write_submission_s", "read_submission_s"):
         if key in report:
             print(f"{key[:-2].replace('_', ' '):<18} {report[key]:6.2f} s")

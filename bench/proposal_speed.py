@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from skimage import data
 
+from detector.summary import format_machine, machine
 from proposals.combine import MergeConfig, Proposals, merge
 from proposals.multibox import MultiBox, MultiBoxConfig, load_multibox
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = run(args.model, args.repeat, args.threads)
+    result["machine"] = machine()
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -107,6 +109,7 @@ def main() -> None:
           f"(max {s['total_seconds_max']:.3f} s; acceptance < 1.5 s), {s['overlapped_seconds']:.3f} s with "
           f"selective search beside MultiBox")
     print(f"MultiBox: {result['multibox']}; {result['torch_threads']} torch threads on {result['cpus']} CPUs")
+    print(f"on {format_machine(result['machine'])}")
 
 
 if __name__ == "__main__":  # the selective search worker is spawned: it re-imports this file

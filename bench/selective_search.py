@@ -21,6 +21,7 @@ import time
 import numpy as np
 from skimage import data
 
+from detector.summary import format_machine, machine
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner, selective_search
 
 # every photo that ships inside scikit-image (no download); camera, coins and moon are grayscale
@@ -111,10 +112,12 @@ def main() -> None:
     args = parser.parse_args()
     modes = ["fast", "quality"] if args.quality else ["fast"]
     result = run(args.images, modes, args.repeat)
+    result["machine"] = machine()
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print_table(result, modes)
+        print(f"on {format_machine(result['machine'])}")
 
 
 if __name__ == "__main__":  # the runner's worker is spawned: it re-imports this file

@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
+from detector.summary import format_machine, machine
+
 SIDE = 6000
 
 
@@ -127,6 +129,7 @@ def main() -> int:
         after = tree_rss(server.pid)
         print(f"{args.bursts} x {args.uploads} x {args.kind} ({len(body):,} bytes, {SIDE}x{SIDE}) to "
               f"/v1/{args.route} in {seconds:.1f} s: statuses {dict(sorted(Counter(statuses).items()))}")
+        print(f"on {format_machine(machine())}")
         print(f"server RSS (with children): ready {ready / 1e9:.2f} GB, peak {peak[0] / 1e9:.2f} GB "
               f"(+{(peak[0] - ready) / 1e9:.2f} GB), 1 s after {after / 1e9:.2f} GB")
         return 0

@@ -36,6 +36,7 @@ from detector.bundle import init_bundle, save_bundle
 from detector.classify import Classifier
 from detector.googlenet import GoogLeNetConfig
 from detector.image import decode_image
+from detector.summary import format_machine, machine
 
 CONCURRENCY = (1, 4, 16)
 
@@ -178,12 +179,14 @@ def main() -> None:
                         row = asyncio.run(load(base, images, c, args.requests, args.crops))
                         results["modes"][mode][c] = best(results["modes"][mode].get(c), row)
     results["modes"] = {mode: [rows[c] for c in CONCURRENCY] for mode, rows in results["modes"].items()}
+    results["machine"] = machine()
     if args.json:
         print(json.dumps(results, indent=1))
         return
     d = results["direct"]
     print(f"GoogLeNet width {args.width}, {args.crops} crop(s), 500x375 JPEG uploads, {results['cpus']} CPUs, "
           f"{args.requests} requests per level, closed loop, best of {args.rounds} rounds")
+    print(f"on {format_machine(results['machine'])}")
     print(f"direct call (decode_image + Classifier.classify, 1 image): p50 {d['p50_ms']:.1f} ms, "
           f"{d['images_per_s']:.1f} images/s")
     print(f"{'mode':<14}{'conc':>5}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}  statuses")

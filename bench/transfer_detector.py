@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -36,31 +34,11 @@ from detector.bundle import load_bundle
 from detector.ensemble import EnsembleConfig
 from detector.image import read_image
 from detector.rcnn import MIN_SIDE, DetectConfig, Detector, contrast_frames, postprocess
+from detector.summary import format_machine, machine
 from eval.formats import Detections, read_annotations, read_blacklist, read_imageset
 from eval.ilsvrc import DetectionEvaluator
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags)
-    except OSError:
-        pass
-    return ""
 
 
 def image_sets(args) -> dict[str, tuple[Path, Path, Path | None]]:
@@ -163,12 +141,11 @@ def main() -> None:
                 rows.setdefault(method, {})[name] = {
                     "map": result.map, "classes": {c.name: c.ap for c in result.classes if c.ap is not None},
                     "extra_seconds_per_image": extra, "regions_per_image": regions}
-    doc = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads(),
-           "load": os.getloadavg()[0], "backend": args.backend, "model": str(args.model), "rows": rows}
+    doc = {"machine": machine(), "backend": args.backend, "model": str(args.model), "rows": rows}
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    print(f"{doc['cpu']} ({doc['flags']}), {doc['threads']} threads, load {doc['load']:.1f}, backend {args.backend}")
+    print(f"{format_machine(doc['machine'])}, backend {args.backend}")
     for method, sets in rows.items():
         cells = "  ".join(f"{n} mAP {r['map']:.3f} (+{r['extra_seconds_per_image']:.1f} s/img)" for n, r in sets.items())
         print(f"{method:<22} {cells}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from skimage import data
 
+from detector.summary import format_machine, machine
 from detector.warp import dilate_boxes, warp_regions
 
 FILL = (124, 116, 104)
@@ -61,7 +62,7 @@ def main() -> None:
             fn()
             best = min(best, time.perf_counter() - start)
         print(f"{name:58s} {REGIONS / best:8.0f} regions/s")
-    print(f"torch threads {torch.get_num_threads()}; load average {open('/proc/loadavg').read().split()[:3]}")
+    print(f"on {format_machine(machine())}")
 
 
 if __name__ == "__main__":

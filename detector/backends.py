@@ -14,8 +14,10 @@ Exports are cached in ``$IRCNN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/inception-
 architecture, the normalisation and ``EXPORT_VERSION``: each member is exported once, whichever bundle file or
 in-memory model it came from. OpenVINO also keeps its compiled kernels there (``openvino/``).
 
-    pip install "inception-rcnn[onnx]"        # ONNX Runtime, fp32
+    pip install inception-rcnn                # ONNX Runtime, fp32 (part of the plain install)
     pip install "inception-rcnn[openvino]"    # OpenVINO, fp32 or bf16 (bf16 needs AVX512_BF16 or AMX)
+
+``detector/autobackend.py`` (``backend="auto"``) measures which of them runs a member fastest on this machine.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""An ensemble of networks (GoogLeNets, EfficientNet-Lites, or a mix) whose softmax probabilities are averaged (section 7, step 3 of the paper).
+"""An ensemble of networks (GoogLeNets, EfficientNet-Lites, or a mix) whose softmax probabilities are averaged
+(section 7, step 3 of the paper).
 
 Input stays ``uint8`` until the last moment: the ensemble normalises ``Tensor[N, 3, S, S]`` uint8 crops itself,
 in chunks of ``batch_size``, in channels-last layout (about 1.7x faster than the default layout on AVX-512
 CPUs) and optionally under bfloat16 autocast. ``EnsembleConfig(backend="openvino" | "onnxruntime")`` runs the same
-members exported to ONNX instead (``detector/backends.py``), with the same input and output.
+members exported to ONNX instead (``detector/backends.py``), with the same input and output; ``backend="auto"``
+measures which of those is fastest here, per member architecture, and runs each member on its choice
+(``detector/autobackend.py``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detector.autobackend import Choice, choose_backend
 from detector.backends import BACKENDS, BackendMember
 from detector.bundle import Bundle
 
 PRECISIONS = ("fp32", "bf16")
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,10 @@ class EnsembleConfig:
     channels_last: bool = True  # NHWC convolutions; faster on CPUs with AVX-512 and on GPUs
     precision: str = "fp32"  # "bf16" runs under bfloat16 autocast: faster, probabilities differ by ~1e-2
     # "torch" (the reference), "onnxruntime" (fp32) or "openvino" (fp32/bf16): the members exported to ONNX with
-    # the normalisation folded in, once, cached by weight hash (detector/backends.py); channels_last is then moot
+    # the normalisation folded in, once, cached by weight hash (detector/backends.py); channels_last is then moot.
+    # "auto": the fastest of those measured here (detector/autobackend.py; with precision "bf16", bf16 is allowed,
+    # where native, not required; channels_last is then measured too). The library default stays the reference;
+    # the CLI and the service default to auto.
     backend: str = "torch"
 
     def __post_init__(self) -> None:
@@ -35,8 +43,8 @@ class EnsembleConfig:
             raise ValueError(f"batch_size must be in 1..1024, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend not in (AUTO,) + BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join((AUTO,) + BACKENDS)}, got {self.backend!r}")
         if self.backend == "onnxruntime" and self.precision != "fp32":
             raise ValueError("backend onnxruntime runs fp32 only; use backend openvino (or torch) for bf16")
 
@@ -60,11 +68,13 @@ class Ensemble(nn.Module):
                              persistent=False)
         self.to(next(members[0].parameters()).device)  # the buffers go where the members are (a bundle on cuda)
         self.eval()
-        if config.channels_last and config.backend == "torch":
-            self.to(memory_format=torch.channels_last)
-        # exported members, one runner each; the torch modules stay as the reference and for `members`
-        self.runners = [] if config.backend == "torch" else [
-            BackendMember(m, mean, std, config.backend, config.precision, size=size) for m in members]
+        self.choices = member_choices(members, mean, std, config, size)  # [Choice] per member
+        for member, choice in zip(members, self.choices):
+            if choice.backend == "torch" and choice.channels_last:
+                member.to(memory_format=torch.channels_last)
+        # exported members get a runner each (None: torch); the torch modules stay as the reference and for `members`
+        self.runners = [None if c.backend == "torch" else BackendMember(m, mean, std, c.backend, c.precision, size=size)
+                        for m, c in zip(members, self.choices)]
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, config: EnsembleConfig = EnsembleConfig()) -> Ensemble:
@@ -75,11 +85,8 @@ class Ensemble(nn.Module):
         return self.scale.device
 
     def normalize(self, images: Tensor) -> Tensor:
-        """``Tensor[N, 3, S, S]`` uint8 -> float32 network input, in the configured memory format."""
-        x = images.to(self.device, non_blocking=True).float() * self.scale + self.shift
-        if self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        """``Tensor[N, 3, S, S]`` uint8 -> float32 network input (default layout)."""
+        return images.to(self.device, non_blocking=True).float() * self.scale + self.shift
 
     @torch.inference_mode()
     def forward(self, images: Tensor, members: Sequence[int] | None = None) -> Tensor:
@@ -90,25 +97,43 @@ class Ensemble(nn.Module):
         chosen = list(range(len(self.members))) if members is None else list(members)
         if not chosen or any(not 0 <= i < len(self.members) for i in chosen):
             raise ValueError(f"members must be a non-empty list of indices in 0..{len(self.members) - 1}, got {chosen}")
+        on_torch = [i for i in chosen if self.runners[i] is None]
+        exported = [i for i in chosen if self.runners[i] is not None]
         probs = []
         for start in range(0, images.shape[0], self.config.batch_size):
             chunk = images[start:start + self.config.batch_size]
-            total = self._torch_sum(chunk, chosen) if not self.runners else self._backend_sum(chunk, chosen)
-            probs.append(total / len(chosen))
+            parts = ([self._torch_sum(chunk, on_torch)] if on_torch else []) + (
+                [self._backend_sum(chunk, exported)] if exported else [])
+            probs.append(sum(parts) / len(chosen))
         if not probs:
             return torch.zeros(0, self.members[0].config.num_classes, device=self.device)
         return torch.cat(probs)
 
     def _torch_sum(self, chunk: Tensor, chosen: list[int]) -> Tensor:
         x = self.normalize(chunk)
+        layouts = {False: x}
         total = None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-            for i in chosen:
-                p = self.members[i](x).float().softmax(dim=1)  # [n, K]
-                total = p if total is None else total + p
+        for i in chosen:
+            choice = self.choices[i]
+            if choice.channels_last not in layouts:
+                layouts[choice.channels_last] = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=choice.precision == "bf16"):
+                p = self.members[i](layouts[choice.channels_last]).float().softmax(dim=1)  # [n, K]
+            total = p if total is None else total + p
         return total
 
     def _backend_sum(self, chunk: Tensor, chosen: list[int]) -> Tensor:
         pixels = np.ascontiguousarray(chunk.cpu().numpy())
         total = sum(self.runners[i](pixels) for i in chosen)  # [n, K] float32
         return torch.from_numpy(total).to(self.device)
+
+
+def member_choices(members: Sequence[nn.Module], mean: tuple[float, ...], std: tuple[float, ...],
+                   config: EnsembleConfig, size: int | None) -> list[Choice]:
+    """How each member runs: as ``config`` says, or, for ``backend="auto"``, what ``choose_backend`` measured for
+    its architecture at ``size`` (members of one architecture share the cached measurement)."""
+    if config.backend != AUTO:
+        return [Choice(config.backend, config.precision, config.channels_last)] * len(members)
+    if size is None:
+        raise ValueError("backend auto measures the members at their input size: pass size (from_bundle does)")
+    return [choose_backend(m, mean, std, size, config.precision, config.batch_size) for m in members]

@@ -8,11 +8,13 @@ multiply-add per weight per output position.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 from torch import nn
 
+from detector.cpus import SPEED_FLAGS, cpu_flags, cpu_model, native_bf16
 from detector.googlenet import GoogLeNet, GoogLeNetConfig
 
 # Table 1, one row per line: (name, [children of GoogLeNet], output HxWxC, depth, params, ops); None = blank cell.
@@ -158,3 +160,20 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> floa
         torch.mm(a, b)
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
+
+
+def machine() -> dict:
+    """Where a benchmark ran, for its output: CPU model, the flags that decide the kernels (of ``SPEED_FLAGS``:
+    avx2, avx512f, avx512_bf16, amx_bf16, ...), torch's thread count, the CPUs, and the load average now."""
+    flags = cpu_flags()
+    return {"cpu": cpu_model(), "flags": [f for f in SPEED_FLAGS if f in flags], "native_bf16": native_bf16(),
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_average": [round(v, 2) for v in os.getloadavg()]}
+
+
+def format_machine(m: dict) -> str:
+    """``machine()`` as one line: ``Intel(R) Xeon(R) Processor (avx2 fma avx512f ...), 2 threads of 2 CPUs, load
+    average 1.2 / 1.5 / 2.0``."""
+    load = " / ".join(f"{v:.1f}" for v in m["load_average"])
+    return (f"{m['cpu']} ({' '.join(m['flags']) or 'none of ' + ' '.join(SPEED_FLAGS)}), {m['threads']} threads "
+            f"of {m['cpus']} CPUs, load average {load}")

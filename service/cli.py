@@ -123,6 +123,12 @@ def _add_model_commands(sub) -> None:
 
     p = sub.add_parser("info", help="describe a bundle")
     p.add_argument("dir", help="bundle directory")
+    p.add_argument("--backends", action="store_true", help="also what --backend auto runs each member "
+                   "architecture on here, and why: every candidate's measured images/s (measured now unless cached)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="with --backends: bf16 lets auto "
+                   "consider bf16 candidates (as --precision bf16 does for detect and classify)")
+    p.add_argument("--batch-size", type=int, default=32, help="with --backends: as detect's and classify's")
+    p.add_argument("--device", default="cpu", help="with --backends: cpu or cuda[:N]")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_model_info)
 
@@ -220,7 +226,34 @@ def _cmd_model_merge(args) -> int:
 def _cmd_model_info(args) -> int:
     from detector.bundle import load_bundle
 
-    _print_bundle(load_bundle(args.dir), args.json)
+    if not args.backends:
+        _print_bundle(load_bundle(args.dir), args.json)
+        return 0
+    if not 1 <= args.batch_size <= 1024:
+        raise CliError(f"--batch-size must be in 1..1024, got {args.batch_size}")
+    import dataclasses
+
+    from detector.autobackend import choose_backend, format_choice
+    from detector.members import describe_arch
+
+    bundle = load_bundle(args.dir, device=args.device)
+    pre = bundle.preprocess
+    info = bundle.describe()
+    seen, choices = set(), []
+    for member in bundle.members:  # one measurement per architecture, as auto makes it
+        arch = json.dumps(member.config.to_dict(), sort_keys=True)
+        if arch in seen:
+            continue
+        seen.add(arch)
+        choices.append((describe_arch(member.config), choose_backend(member, pre.mean, pre.std, pre.size,
+                                                                     args.precision, args.batch_size)))
+    if args.json:
+        info["backends"] = [{"arch": name, **dataclasses.asdict(c)} for name, c in choices]
+        _print_json(info)
+        return 0
+    _print_bundle(bundle, False)
+    for name, choice in choices:
+        print(format_choice(f"backend auto, {name}", choice))
     return 0
 
 
@@ -829,6 +862,16 @@ def _proposals_eval(args, ss_config, multibox, merge_config) -> int:
     return 0
 
 
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "openvino")
+BACKEND_HELP = ("auto (default): the fastest of torch (default layout or channels_last), ONNX Runtime and OpenVINO "
+                "that matches torch fp32 within 1e-4, measured once per member architecture on this machine (a few "
+                "seconds) and cached, see `ircnn model info BUNDLE --backends`; or force one: torch (the reference), "
+                "onnxruntime (fp32), openvino (fp32, bf16)")
+PRECISION_HELP = ("fp32 (default) or bf16 (bfloat16, probabilities differ by ~1e-2): faster only where bf16 is "
+                  "native (AVX512_BF16 or AMX CPUs, GPUs), slower elsewhere; with --backend auto, bf16 allows "
+                  "bf16 candidates where native and lets the measurement decide")
+
+
 # ---- ircnn classify --------------------------------------------------------------------------------------
 
 
@@ -839,7 +882,8 @@ def _add_classify_command(sub) -> None:
     p.add_argument("--crops", type=int, choices=(1, 10, 144), default=1, help="test-time crops (section 7)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=PRECISION_HELP)
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--json", action="store_true", help="one JSON object per image, in input order")
     p.set_defaults(func=_cmd_classify)
@@ -861,7 +905,8 @@ def _cmd_classify(args) -> int:
     from detector.ensemble import EnsembleConfig
 
     bundle = resolve_bundle(args.model, device=args.device)
-    classifier = Classifier(bundle, EnsembleConfig(batch_size=args.batch_size, precision=args.precision))
+    classifier = Classifier(bundle, EnsembleConfig(batch_size=args.batch_size, precision=args.precision,
+                                                   backend=args.backend))
     failed = 0
     for result in classifier.classify_paths(paths, crops=args.crops, top_k=args.top_k):
         if "error" in result:
@@ -883,7 +928,7 @@ def _cmd_classify(args) -> int:
 # Literals so that building the parser does not import torch; tests/service/test_detect.py checks them against
 # service.batch.FORMATS and detector.rcnn.DetectConfig's defaults.
 DETECT_FORMATS = ("jsonl", "coco", "ilsvrc")
-DETECT_DEFAULTS = {"score_threshold": 0.01, "max_detections": 100, "nms_iou": 0.3}
+DETECT_DEFAULTS = {"score_threshold": 0.01, "max_detections": 100, "nms_iou": 0.3, "max_regions": 3000}
 
 
 def _add_detect_command(sub) -> None:
@@ -929,11 +974,12 @@ def _add_detect_command(sub) -> None:
                    "(the paper: 2)")
     p.add_argument("--multibox", choices=("auto", "off"), default="auto",
                    help="auto: add the bundle's MultiBox boxes when it has a MultiBox network")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: bfloat16 autocast, faster on CPUs with AVX-512 BF16 / AMX")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
-                   help="run the members with PyTorch (the reference, default) or exported to ONNX Runtime (fp32) "
-                   "or OpenVINO (fp32, bf16): faster on CPUs; install with pip install 'inception-rcnn[openvino]'")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=PRECISION_HELP)
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
+    p.add_argument("--max-regions", type=int, default=DETECT_DEFAULTS["max_regions"], metavar="N",
+                   help=f"score the first N proposals per image, in the proposal generator's priority order "
+                   f"(default {DETECT_DEFAULTS['max_regions']}, at most 3000; the service's IRCNN_MAX_REGIONS): "
+                   "the networks' time grows with N; fewer regions cost recall")
     p.add_argument("--cascade", type=int, metavar="K", help="member 0 scores every region, the other members only "
                    "its K least-background regions per image (default: every member scores every region)")
     p.add_argument("--batch-size", type=int, default=32, help="regions per forward pass (default 32)")
@@ -967,6 +1013,8 @@ def _check_detect_args(args) -> None:
         raise CliError(f"--coarsen must be in 0.25..16, got {args.coarsen}")
     if not 1 <= args.batch_size <= 1024:
         raise CliError(f"--batch-size must be in 1..1024, got {args.batch_size}")
+    if not 1 <= args.max_regions <= 3000:
+        raise CliError(f"--max-regions must be in 1..3000, got {args.max_regions}")
     if args.out is None and args.format != "jsonl":
         raise CliError(f"--format {args.format} needs --out FILE (only jsonl can go to stdout)")
     if args.out is None and args.resume:
@@ -989,7 +1037,8 @@ def _cmd_detect(args) -> int:
     from service.batch import BatchConfig, DetectorSpec, run_batch
 
     config = DetectConfig(score_threshold=args.score_threshold, max_detections=args.max_detections,
-                          nms_iou=args.nms_iou, cascade_top_k=args.cascade, whole_objects=args.whole_objects,
+                          nms_iou=args.nms_iou, max_regions=args.max_regions, cascade_top_k=args.cascade,
+                          whole_objects=args.whole_objects,
                           ensemble=EnsembleConfig(batch_size=args.batch_size, precision=args.precision,
                                                   backend=args.backend))
     spec = DetectorSpec(args.model, config, selective_search=args.selective_search == "on",

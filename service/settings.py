@@ -41,14 +41,18 @@ class Settings(BaseSettings):
                                  "requests to batch with the first one")
     max_batch: int = Field(8, ge=1, le=1024, description="requests per batch (1 turns micro-batching off)")
     inference_batch_size: int = Field(32, ge=1, le=1024, description="crops per forward pass of a member")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: faster on CPUs with AMX/AVX-512-BF16 "
-                                              "and on GPUs; probabilities differ by ~1e-2")
-    backend: Literal["torch", "onnxruntime", "openvino"] = Field("torch", description="inference engine of the "
-                                                                  "members (detector/backends.py)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: faster only where bf16 is native "
+                                              "(AMX/AVX-512-BF16 CPUs, GPUs), slower elsewhere; probabilities "
+                                              "differ by ~1e-2; with backend auto it allows bf16 candidates")
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="inference engine of the members (detector/backends.py); auto: the fastest that "
+        "matches torch fp32, measured once per member architecture on this machine and cached "
+        "(detector/autobackend.py)")
     selective_search: bool = Field(True, description="detection proposals from coarsened selective search "
                                    "(plus MultiBox when the bundle has one)")
     max_regions: int = Field(3000, ge=1, le=3000, description="proposals scored per image by the detector "
-                             "(latency against recall; the paper's R-CNN scores about 2000)")
+                             "(latency against recall; the paper's R-CNN scores about 2000); `ircnn detect "
+                             "--max-regions` is the same dial")
     whole_objects: Literal["auto", "on", "off"] = Field("auto", description="prefer whole objects over their parts "
                                                         "(context frames + part suppression); auto: on for "
                                                         "det200-from-cls1000 bundles, off for det200")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +13,11 @@ from torch import nn
 
 # Tests never download: default_bundle() stops with its message instead of asking torchvision.
 os.environ["IRCNN_OFFLINE"] = "1"
+# Exports and `--backend auto`'s measured choices go to a cache of this run, never the user's ~/.cache (one per
+# run, so members exported or measured once serve every test after).
+if "IRCNN_CACHE_DIR" not in os.environ:
+    os.environ["IRCNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="ircnn-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["IRCNN_CACHE_DIR"], ignore_errors=True)
 # One intra-op thread: the test networks are tiny, and the suite shares its 2 cores with the processes it starts
 # (selective search workers, uvicorn, Ray). With two OpenMP threads each op's barrier waits for a descheduled
 # thread whenever anything else runs, and tiny-network tests ran 50-100x slower (measured).

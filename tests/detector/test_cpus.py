@@ -31,3 +31,19 @@ def test_training_defaults_never_ask_for_more_workers_than_cores():
     for what in ("classifier", "detector", "multibox"):
         args = parser.parse_args(["train", what, "--data", "d", "--out", "o"])
         assert 1 <= args.workers <= cores
+
+
+def test_machine_names_the_cpu_its_speed_flags_threads_and_load(monkeypatch):
+    from detector import cpus, summary
+
+    m = summary.machine()
+    assert m["cpu"] and m["threads"] >= 1 and len(m["load_average"]) == 3
+    assert set(m["flags"]) <= set(cpus.SPEED_FLAGS)
+    monkeypatch.setattr(cpus, "_cpuinfo", lambda: ("AMD EPYC 7B13", frozenset({"avx2", "fma", "sse2"})))
+    assert not cpus.native_bf16()  # AVX2 only: bf16 would be emulated
+    m = summary.machine()
+    assert m["cpu"] == "AMD EPYC 7B13" and m["flags"] == ["avx2", "fma"] and m["native_bf16"] is False
+    line = summary.format_machine(m)
+    assert line.startswith("AMD EPYC 7B13 (avx2 fma), ") and "load average" in line
+    monkeypatch.setattr(cpus, "_cpuinfo", lambda: ("Xeon", frozenset({"avx2", "avx512f", "amx_bf16"})))
+    assert cpus.native_bf16()

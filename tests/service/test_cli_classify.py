@@ -200,3 +200,27 @@ def test_missing_image_is_a_usage_error_before_the_model_loads(tmp_path, capsys,
                              tmp_path / "no-model")
         assert code == 2 and out == "", (command, err)
         assert err.strip() == f"ircnn: error: no such file or directory: {tmp_path / 'missing.jpg'}; check the path"
+
+
+def test_model_info_backends_says_what_auto_chose_and_why(tmp_path, capsys, tiny_bundle, monkeypatch):
+    """One measurement per member architecture (two identical members: one block), every candidate's images/s,
+    the choice marked; the second call reads the cache."""
+    from detector import autobackend
+
+    monkeypatch.setenv("IRCNN_CACHE_DIR", str(tmp_path / "cache"))
+    speed = {"torch fp32": 5.0, "torch fp32 channels_last": 7.5, "onnxruntime fp32": 21.4, "openvino fp32": 12.3}
+    probs = torch.softmax(torch.randn(8, 1000), 1)
+    monkeypatch.setattr(autobackend, "build_runner", lambda c, *args: c)
+    monkeypatch.setattr(autobackend, "measure", lambda c, pixels: (probs, speed[c.name]))
+    monkeypatch.setattr(autobackend, "time_batch", lambda c, pixels: 8 / speed[c.name])
+    monkeypatch.setattr(autobackend, "installed", lambda backend: True)
+    save_bundle(tmp_path / "b", tiny_bundle(members=2, width=0.125))
+    code, out, err = run(capsys, "model", "info", tmp_path / "b", "--backends")
+    assert code == 0, err
+    assert "members     2 x GoogLeNet (paper, width 0.125)" in out
+    assert out.count("backend auto, GoogLeNet (paper, width 0.125): onnxruntime fp32\n") == 1
+    assert "* onnxruntime fp32" in out and "21.4 images/s" in out and "4.28x torch fp32" in out
+    code, out, err = run(capsys, "model", "info", tmp_path / "b", "--backends", "--json")
+    assert code == 0, err
+    (doc,) = json.loads(out)["backends"]
+    assert doc["backend"] == "onnxruntime" and doc["cached"] and len(doc["measurements"]) == 4

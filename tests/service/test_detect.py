@@ -439,7 +439,7 @@ def test_backend_and_cascade_flags_reach_the_detector(tmp_path, capsys, tiny_bun
         assert code == 0, err
         return json.loads(out)["detections"]
 
-    reference = detect()
+    reference = detect("--backend", "torch")  # (the default, auto, may export and measure)
     assert not (tmp_path / "cache").exists()
     onnx = detect("--backend", "onnxruntime")
     assert len(list((tmp_path / "cache").rglob("*.onnx"))) == 2  # both members exported: the flag took effect
@@ -542,3 +542,41 @@ def test_resume_refuses_a_deeply_nested_journal_line_cleanly(tmp_path, capsys, m
         repair_journal(out)
     code, _, err = run(capsys, "detect", image_dir / "a.jpg", "--model", model, "--out", out, "--resume")
     assert code == 2 and "JSON nested more than" in err and "Traceback" not in err
+
+
+def test_backend_auto_is_the_default_and_torch_still_forces_torch(tmp_path, capsys, model, image_dir, monkeypatch):
+    """`ircnn detect` and `ircnn classify` resolve their members with auto unless told otherwise; `--backend torch`
+    never measures; `--max-regions N` caps the regions the networks score."""
+    from detector import ensemble
+    from detector.autobackend import Choice
+    from service.cli import build_parser
+    from service.settings import Settings
+
+    parser = build_parser()
+    assert parser.parse_args(["detect", "x.jpg"]).backend == "auto"
+    assert parser.parse_args(["classify", "x.jpg"]).backend == "auto"
+    assert parser.parse_args(["detect", "x.jpg"]).max_regions == 3000
+    assert Settings().backend == "auto"
+    asked = []
+
+    def fake_choice(member, mean, std, size, precision, batch):
+        asked.append((size, precision))
+        return Choice("torch", channels_last=False, reason="fake")
+
+    monkeypatch.setattr(ensemble, "choose_backend", fake_choice)
+    image = image_dir / "a.jpg"
+    code, out, err = run(capsys, "detect", image, "--model", model, "--out", tmp_path / "a.jsonl", "--json")
+    assert code == 0, err
+    assert asked == [(64, "fp32")]  # the bundle's input size, fp32 unless bf16 is allowed
+    full = json.loads(out)["regions_per_image"]
+    asked.clear()
+    code, out, err = run(capsys, "detect", image, "--model", model, "--backend", "torch", "--max-regions", 5,
+                         "--out", tmp_path / "b.jsonl", "--json")
+    assert code == 0, err
+    assert asked == []
+    assert json.loads(out)["regions_per_image"] <= 5 < full
+    code, _, err = run(capsys, "detect", image, "--model", model, "--max-regions", 0)
+    assert code == 2 and "--max-regions must be in 1..3000, got 0" in err
+    code, _, err = run(capsys, "classify", image, "--model", model, "--precision", "bf16")
+    assert code == 0, err
+    assert asked == [(64, "bf16")]
