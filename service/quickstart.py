@@ -68,7 +68,7 @@ def steps(out: Path, c: QuickstartConfig) -> list[tuple[str, list[str]]]:
         ("detect on the held-out val images (selective search 2x + MultiBox, ensemble, per-class NMS)",
          ["detect", str(data / "Data" / "DET" / "val"), "--model", str(model), "--format", "ilsvrc",
           "--imageset", str(data / "ImageSets" / "DET" / "val.txt"), "--out", str(out / "detections.txt"),
-          "--save-vis", str(out / "vis"), "--backend", "onnxruntime", "--json"]),
+          "--save-vis", str(out / "vis"), "--json"]),
         ("score them with the devkit's rules",
          ["eval", "det", "--annotations", str(data / "Annotations" / "DET"),
           "--imageset", str(data / "ImageSets" / "DET" / "val.txt"), "--predictions", str(out / "detections.txt"),
