@@ -55,14 +55,18 @@ def runner():
         yield r
 
 
-def test_photo_boxes_are_valid_and_deterministic():
+def test_photo_boxes_are_valid_and_deterministic(runner):
     image = photo("chelsea")  # 451 x 300
-    boxes = selective_search(image)
+    boxes = runner(image)  # selective_search(image) in the worker process
     check_boxes(boxes, 300, 451)
     assert 200 < len(boxes) < 2000
     # R-CNN's 20 px filter at the 500 px scale (500 x 333 here): nothing under 20 working px on either side
     assert ((boxes[:, 2:] - boxes[:, :2]) >= np.array([20 * 451 / 500, 20 * 300 / 333]) - 1e-3).all()
-    assert np.array_equal(selective_search(image), boxes)  # srand(seed) before OpenCV's random ranking
+    # srand(seed) before OpenCV's random ranking: the same order again. Checked in the worker process, where the
+    # detector runs it: in this shared test process a thread left by an earlier test may call rand() meanwhile
+    # (the module docstring's one condition), and once did
+    assert np.array_equal(runner(image), boxes)
+    assert np.array_equal(np.unique(selective_search(image), axis=0), np.unique(boxes, axis=0))  # here: same boxes
     reseeded = selective_search(image, SelectiveSearchConfig(seed=2))
     assert not np.array_equal(reseeded, boxes)  # another order ...
     assert np.array_equal(np.unique(reseeded, axis=0), np.unique(boxes, axis=0))  # ... of the same boxes

@@ -212,7 +212,7 @@ def test_model_info_backends_says_what_auto_chose_and_why(tmp_path, capsys, tiny
     probs = torch.softmax(torch.randn(8, 1000), 1)
     monkeypatch.setattr(autobackend, "build_runner", lambda c, *args: c)
     monkeypatch.setattr(autobackend, "measure", lambda c, pixels: (probs, speed[c.name]))
-    monkeypatch.setattr(autobackend, "time_batch", lambda c, pixels: 8 / speed[c.name])
+    monkeypatch.setattr(autobackend, "time_batch", lambda c, pixels: pixels.shape[0] / speed[c.name])
     monkeypatch.setattr(autobackend, "installed", lambda backend: True)
     save_bundle(tmp_path / "b", tiny_bundle(members=2, width=0.125))
     code, out, err = run(capsys, "model", "info", tmp_path / "b", "--backends")
