@@ -4,6 +4,7 @@ backpressure, metrics, and the micro-batcher underneath."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import struct
@@ -321,24 +322,33 @@ def test_readyz_waits_for_the_warm_up_forward(serve, tiny_bundle, photo):
     assert client.get("/readyz").json()["ready"] is True
 
 
-def test_full_queue_answers_503_with_retry_after_then_recovers(serve, tiny_bundle, photo):
-    clf = GatedClassifier(tiny_bundle(width=0.125))
-    client = serve(Settings(queue_size=1, max_batch=1, retry_after_s=2), classifier=clf)
-    batcher = client.app.state.service.batcher
-    post = lambda: client.post("/v1/classify", content=encode(photo),  # noqa: E731
-                               headers={"content-type": "image/png"})
+@contextlib.contextmanager
+def one_running_one_queued(client, clf: GatedClassifier, post):
+    """Hold one ``post()`` at the classifier's gate and queue a second behind it; on exit the gate opens and both
+    must answer 200."""
     clf.entered.clear()
     clf.gate.clear()
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(post)
         assert clf.entered.wait(30)
         queued = pool.submit(post)
-        wait_until(lambda: batcher.depth == 1, what="a queued job")
+        wait_until(lambda: client.app.state.service.batcher.depth == 1, what="a queued job")
+        try:
+            yield
+        finally:
+            clf.gate.set()
+        assert running.result().status_code == queued.result().status_code == 200
+
+
+def test_full_queue_answers_503_with_retry_after_then_recovers(serve, tiny_bundle, photo):
+    clf = GatedClassifier(tiny_bundle(width=0.125))
+    client = serve(Settings(queue_size=1, max_batch=1, retry_after_s=2), classifier=clf)
+    post = lambda: client.post("/v1/classify", content=encode(photo),  # noqa: E731
+                               headers={"content-type": "image/png"})
+    with one_running_one_queued(client, clf, post):
         r = post()
         assert_error(r, 503, "queue_full")
         assert r.headers["retry-after"] == "2"
-        clf.gate.set()
-        assert running.result().status_code == queued.result().status_code == 200
     assert post().status_code == 200
     assert 'status="503"' in client.get("/metrics").text
 
@@ -470,20 +480,12 @@ def test_decoded_pixels_in_flight_are_bounded_with_503_and_retry_after(serve, ti
     service = client.app.state.service
     post = lambda: client.post("/v1/classify", content=encode(photo),  # noqa: E731
                                headers={"content-type": "image/png"})
-    clf.entered.clear()
-    clf.gate.clear()
-    with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(post)
-        assert clf.entered.wait(30)
-        queued = pool.submit(post)
-        wait_until(lambda: service.batcher.depth == 1, what="a queued job")
+    with one_running_one_queued(client, clf, post):
         assert service.pixels_in_flight == 2 * 10_800
         r = post()
         err = assert_error(r, 503, "busy")
         assert r.headers["retry-after"] == "3" and "IRCNN_MAX_PIXELS_IN_FLIGHT" in err["message"]
         assert "ircnn_pixels_in_flight 21600.0" in client.get("/metrics").text
-        clf.gate.set()
-        assert running.result().status_code == queued.result().status_code == 200
     assert service.pixels_in_flight == 0
     assert post().status_code == 200 and service.pixels_in_flight == 0
     # failures give their pixels back too
