@@ -323,21 +323,26 @@ def test_readyz_waits_for_the_warm_up_forward(serve, tiny_bundle, photo):
 
 
 @contextlib.contextmanager
-def one_running_one_queued(client, clf: GatedClassifier, post):
-    """Hold one ``post()`` at the classifier's gate and queue a second behind it; on exit the gate opens and both
-    must answer 200."""
+def held_at_gate(clf: GatedClassifier, post, queued: int = 0, client=None):
+    """Hold one ``post()`` at the classifier's gate (and queue ``queued`` more behind it, on ``client``); on exit
+    the gate opens and every one of them must answer 200."""
     clf.entered.clear()
     clf.gate.clear()
-    with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(post)
+    with ThreadPoolExecutor(1 + queued) as pool:
+        futures = [pool.submit(post)]
         assert clf.entered.wait(30)
-        queued = pool.submit(post)
-        wait_until(lambda: client.app.state.service.batcher.depth == 1, what="a queued job")
+        futures += [pool.submit(post) for _ in range(queued)]
+        if queued:
+            wait_until(lambda: client.app.state.service.batcher.depth == queued, what="the queued jobs")
         try:
             yield
         finally:
             clf.gate.set()
-        assert running.result().status_code == queued.result().status_code == 200
+        assert [f.result().status_code for f in futures] == [200] * (1 + queued)
+
+
+def one_running_one_queued(client, clf: GatedClassifier, post):
+    return held_at_gate(clf, post, queued=1, client=client)
 
 
 def test_full_queue_answers_503_with_retry_after_then_recovers(serve, tiny_bundle, photo):
@@ -667,15 +672,10 @@ def test_several_images_count_against_the_pixel_budget(serve, tiny_bundle, photo
     client = serve(Settings(max_pixels=25_000, max_pixels_in_flight=30_000, max_batch=1), classifier=clf)
     service = client.app.state.service
     png = encode(photo)
-    clf.entered.clear()
-    clf.gate.clear()
-    with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(client.post, "/v1/classify", content=png, headers={"content-type": "image/png"})
-        assert clf.entered.wait(30)
+    post = lambda: client.post("/v1/classify", content=png, headers={"content-type": "image/png"})  # noqa: E731
+    with held_at_gate(clf, post):
         two = [("image", ("a.png", png, "image/png"))] * 2  # 21,600 more pixels: 32,400 > 30,000
         assert_error(client.post("/v1/classify", files=two), 503, "busy")
-        clf.gate.set()
-        assert held.result().status_code == 200
     assert [x["image"] for x in client.post("/v1/classify", files=two).json()["results"]] == ["a.png", "a.png"]
     assert service.pixels_in_flight == 0
 
@@ -695,14 +695,9 @@ def test_several_images_that_do_not_fit_the_queue_get_503_and_leave_nothing_queu
     client = serve(Settings(queue_size=1, max_batch=1), classifier=clf)
     service = client.app.state.service
     png = encode(photo)
-    clf.entered.clear()
-    clf.gate.clear()
-    with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(client.post, "/v1/classify", content=png, headers={"content-type": "image/png"})
-        assert clf.entered.wait(30)
+    post = lambda: client.post("/v1/classify", content=png, headers={"content-type": "image/png"})  # noqa: E731
+    with held_at_gate(clf, post):
         two = [("image", ("a.png", png, "image/png"))] * 2  # one fits the queue, the second does not
         assert_error(client.post("/v1/classify", files=two), 503, "queue_full")
-        clf.gate.set()
-        assert held.result().status_code == 200
     wait_until(lambda: service.batcher.dropped == 1, what="the first image's job dropped, never run")
     assert service.batcher.depth == 0 and service.pixels_in_flight == 0
