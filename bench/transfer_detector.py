@@ -33,7 +33,7 @@ import torch
 from detector.bundle import load_bundle
 from detector.ensemble import EnsembleConfig
 from detector.image import read_image
-from detector.rcnn import MIN_SIDE, DetectConfig, Detector, contrast_frames, postprocess
+from detector.rcnn import DetectConfig, Detector, contrast_frames, postprocess
 from detector.summary import format_machine, machine
 from eval.formats import Detections, read_annotations, read_blacklist, read_imageset
 from eval.ilsvrc import DetectionEvaluator
@@ -64,11 +64,7 @@ def cached_scores(detector: Detector, name: str, root: Path, imageset: dict[str,
                 out[index] = {k: z[k] for k in z.files}
             continue
         image = read_image(str(root / "Data" / "DET" / f"{stem}.JPEG"))
-        h, w = image.shape[:2]
-        boxes = detector.propose(image).boxes[: detector.config.max_regions]
-        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
-        boxes = boxes[((boxes[:, 2] - boxes[:, 0]) >= MIN_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_SIDE)]
+        boxes = detector.regions(image, detector.propose(image))
         t0 = time.perf_counter()
         probs, _ = detector.scorer.score_regions(image, boxes)
         t1 = time.perf_counter()

@@ -355,14 +355,19 @@ class Detector:
         """``image`` uint8 RGB ``[H, W, 3]`` -> merged proposals (at most ``config.max_regions``)."""
         return self._propose(image)[0]
 
-    def score(self, image: np.ndarray, proposals: Proposals | Tensor) -> Detections:
-        """Score the first ``config.max_regions`` proposals, clipped to the image, and keep the detections."""
+    def regions(self, image: np.ndarray, proposals: Proposals | Tensor) -> Tensor:
+        """The boxes ``score`` scores: the first ``config.max_regions`` proposals, clipped to the image, without
+        those under ``MIN_SIDE`` px on a side. ``Tensor[R, 4]``."""
         h, w = check_image(image)
         boxes = proposals.boxes if isinstance(proposals, Proposals) else proposals
         boxes = check_boxes(boxes[: self.config.max_regions])
         boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
                              boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
-        boxes = boxes[((boxes[:, 2] - boxes[:, 0]) >= MIN_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_SIDE)]
+        return boxes[((boxes[:, 2] - boxes[:, 0]) >= MIN_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_SIDE)]
+
+    def score(self, image: np.ndarray, proposals: Proposals | Tensor) -> Detections:
+        """Score the first ``config.max_regions`` proposals, clipped to the image, and keep the detections."""
+        boxes = self.regions(image, proposals)
         probs, seconds = self.scorer.score_regions(image, boxes)
         regions = len(boxes)
         if self.whole_objects and len(boxes):
