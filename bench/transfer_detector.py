@@ -22,7 +22,6 @@ The real-photo set is ``data/real_photos`` of this repository; ``--synth DIR`` i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from detector import efficientnet_lite
 from detector.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLiteConfig
 from detector.googlenet import GoogLeNet, GoogLeNetConfig
-from detector.members import ArchConfig, arch_from_dict, arch_name, build_member, describe_arch
+from detector.members import ArchConfig, arch_from_dict, build_member, describe_arch
 from eval.formats import parse_json
 
 FORMAT = 1

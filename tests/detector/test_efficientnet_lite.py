@@ -18,7 +18,7 @@ from detector.efficientnet_lite import LITE_MEAN, EfficientNetLiteConfig
 from detector.ensemble import Ensemble, EnsembleConfig
 from detector.googlenet import GoogLeNetConfig
 from detector.image import read_image
-from detector.rcnn import DetectConfig, Detector, RegionScorer, postprocess, suppress_parts, Detections
+from detector.rcnn import DetectConfig, Detections, Detector, suppress_parts
 from detector.warp import warp_frames, warp_regions
 
 REAL = Path(__file__).resolve().parents[2] / "data" / "real_photos" / "Data" / "DET" / "val"
