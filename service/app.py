@@ -486,9 +486,13 @@ async def run_jobs(service: Service, request: Request, kind: str, payloads: list
         await asyncio.wait({everything, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not everything.done():  # the client left (or this task was cancelled): drop the jobs
+        left = not everything.done()  # the client left (or this task was cancelled): drop the jobs
+        if left:
+            # A cancelled gather ends later, with CancelledError as its exception (not as "cancelled"): retrieve
+            # it so that asyncio does not log it as never retrieved.
+            everything.add_done_callback(lambda f: f.cancelled() or f.exception())
             everything.cancel()
-    if everything.cancelled():
+    if left:
         raise ClientDisconnect()
     out = list(payloads)
     for i, result in zip(futures, everything.result()):

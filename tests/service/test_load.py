@@ -6,6 +6,11 @@ classifies and detects (selective search in its worker process, as in production
   to 0 in /metrics; a queued job whose client left is dropped, not run);
 - a full queue (IRCNN_QUEUE_SIZE=4) answers 503 with Retry-After, then recovers;
 - SIGTERM during an in-flight request: that request completes, then the process exits 0.
+
+"A request in flight" is made deterministic rather than slow: ``held_detection`` stops the server's selective
+search worker process (SIGSTOP), posts a detection, which then waits in the worker thread for its proposals for as
+long as the test needs, and lets it go (SIGCONT) at the end. A slow request (144 crops) would be a race on a fast
+backend: it can finish before the test has filled the queue behind it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -127,6 +133,34 @@ def server(bundle_dir, tmp_path_factory):
     s.stop()
 
 
+def _spawned_children(pid: int) -> list[int]:
+    """PIDs of the processes that ``pid`` started with multiprocessing's "spawn" (the selective search worker)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
+                    b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                out.append(int(stat.parent.name))
+    return out
+
+
+@contextlib.contextmanager
+def held_detection(server, pool: ThreadPoolExecutor):
+    """A detection request held in flight (in the worker thread, waiting for proposals) until the block ends;
+    yields its future."""
+    workers = _spawned_children(server.proc.pid)
+    assert workers, "found no selective search worker process under the server"
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        held = pool.submit(server.post, "/v1/detect", _png(99))
+        server.wait_metric("ircnn_inflight_jobs", 1)
+        yield held
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+
+
 def _raw_request(port: int, route: str, body: bytes, declared: int | None = None) -> socket.socket:
     """Send a request on a raw socket (so that the test can drop the connection) and return the socket."""
     sock = socket.create_connection(("127.0.0.1", port))
@@ -177,30 +211,31 @@ def test_disconnect_mid_upload_leaves_nothing_stuck(server):
 
 def test_disconnect_mid_inference_drops_the_queued_job(server):
     dropped = server.metric("ircnn_dropped_jobs_total", task="classify")
+    before = server.metric("ircnn_requests_total", method="POST", route="/v1/classify", status="499")
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(server.post, "/v1/classify", _png(2), crops=144)  # holds the worker a while
-        server.wait_metric("ircnn_inflight_jobs", 1)
-        sock = _raw_request(server.port, "/v1/classify?crops=144", _png(3))
-        server.wait_metric("ircnn_queue_depth", 1)  # queued behind the slow one
-        sock.close()  # the client gives up
-        assert slow.result().status_code == 200
+        with held_detection(server, pool) as held:
+            sock = _raw_request(server.port, "/v1/classify?crops=144", _png(3))
+            server.wait_metric("ircnn_queue_depth", 1)  # queued behind the held one
+            sock.close()  # the client gives up
+            server.wait_metric("ircnn_requests_total", before + 1, method="POST", route="/v1/classify",
+                               status="499")
+        assert held.result().status_code == 200
     server.wait_metric("ircnn_queue_depth", 0)
     server.wait_metric("ircnn_inflight_jobs", 0)
     assert server.metric("ircnn_dropped_jobs_total", task="classify") == dropped + 1  # never ran
-    assert server.metric("ircnn_requests_total", method="POST", route="/v1/classify", status="499") >= 1
+    assert server.metric("ircnn_requests_total", method="POST", route="/v1/classify", status="500") == 0
     assert server.post("/v1/classify", _png(4)).status_code == 200
 
 
 def test_full_queue_gives_503_with_retry_after_then_recovers(server):
     with ThreadPoolExecutor(1 + QUEUE_SIZE) as pool:
-        running = pool.submit(server.post, "/v1/classify", _png(5), crops=144)
-        server.wait_metric("ircnn_inflight_jobs", 1)
-        queued = [pool.submit(server.post, "/v1/classify", _png(6)) for _ in range(QUEUE_SIZE)]
-        server.wait_metric("ircnn_queue_depth", QUEUE_SIZE)
-        refused = [server.post(route, _png(7)) for route in ("/v1/classify", "/v1/detect")]
-        for r in refused:
-            assert r.status_code == 503 and r.headers["retry-after"] == "3"
-            assert r.json()["error"]["code"] == "queue_full"
+        with held_detection(server, pool) as running:
+            queued = [pool.submit(server.post, "/v1/classify", _png(6)) for _ in range(QUEUE_SIZE)]
+            server.wait_metric("ircnn_queue_depth", QUEUE_SIZE)
+            refused = [server.post(route, _png(7)) for route in ("/v1/classify", "/v1/detect")]
+            for r in refused:
+                assert r.status_code == 503 and r.headers["retry-after"] == "3"
+                assert r.json()["error"]["code"] == "queue_full"
         assert [f.result().status_code for f in [running, *queued]] == [200] * (1 + QUEUE_SIZE)
     assert server.post("/v1/classify", _png(8)).status_code == 200
     assert server.post("/v1/detect", _png(9)).status_code == 200
@@ -208,11 +243,12 @@ def test_full_queue_gives_503_with_retry_after_then_recovers(server):
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(server):
     with ThreadPoolExecutor(1) as pool:
-        inflight = pool.submit(server.post, "/v1/classify", _png(10), crops=144)
-        server.wait_metric("ircnn_inflight_jobs", 1)
-        server.proc.send_signal(signal.SIGTERM)
+        with held_detection(server, pool) as inflight:
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the signal has arrived while the request is still held
+            assert server.proc.poll() is None, "the server exited with a request in flight"
         r = inflight.result()
-    assert r.status_code == 200 and r.json()["crops"] == 144
+    assert r.status_code == 200 and isinstance(r.json()["detections"], list)
     assert server.proc.wait(60) == 0, server.output()
     with pytest.raises(httpx.TransportError):  # and it is gone
         httpx.get(server.base + "/healthz", timeout=2)
