@@ -61,8 +61,9 @@ from detector.googlenet import GoogLeNet
 from detector.image import read_image
 from detector.rcnn import MIN_SIDE, DetectConfig, Detections, Detector, RegionScorer, nms_per_class
 from detector.summary import _counts, format_machine, machine, matmul_peak
-from eval.formats import Detections as DevkitDetections
-from eval.formats import read_imageset, write_submission
+from eval.annotations import read_imageset
+from eval.detections import DetectionTable
+from eval.submission import write_submission
 from eval.ilsvrc import evaluate_files
 from proposals.combine import MergeConfig, ProposalGenerator, Proposals, merge
 from proposals.multibox import load_multibox
@@ -310,10 +311,10 @@ def derived_detections(row: Row, scored: list[Scored], det_ids: torch.Tensor, co
 
 def devkit_map(detections: list[Detections], images: list[ValImage], data: Path, submission: Path) -> float:
     """Write the detections as a devkit submission and score it in devkit mode (what ``ircnn eval det`` does)."""
-    parts = [DevkitDetections(np.full(len(d), v.index, np.int64), d.det_ids.numpy().astype(np.int64),
+    parts = [DetectionTable(np.full(len(d), v.index, np.int64), d.det_ids.numpy().astype(np.int64),
                               d.scores.double().numpy(), d.boxes.double().numpy()) for d, v in zip(detections, images)]
     submission.parent.mkdir(parents=True, exist_ok=True)
-    write_submission(str(submission), DevkitDetections.concat(parts))
+    write_submission(str(submission), DetectionTable.concat(parts))
     result, _ = evaluate_files(str(data / "Annotations" / "DET"), str(data / "ImageSets" / "DET" / "val.txt"),
                                str(submission), mode="ilsvrc")
     return result.map

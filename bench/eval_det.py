@@ -23,11 +23,13 @@ import time
 import numpy as np
 
 from detector.summary import format_machine, machine
-from eval.formats import Detections, ImageAnnotation, read_submission, write_submission
+from eval.annotations import ImageAnnotation
+from eval.detections import DetectionTable
+from eval.submission import read_submission, write_submission
 from eval.ilsvrc import MODES, DetectionEvaluator
 
 
-def generate(images: int, per_image: int, seed: int = 0) -> tuple[dict[int, ImageAnnotation], Detections]:
+def generate(images: int, per_image: int, seed: int = 0) -> tuple[dict[int, ImageAnnotation], DetectionTable]:
     rng = np.random.default_rng(seed)
     width, height = 500, 375
     n_obj = rng.poisson(2.75, size=images)
@@ -53,14 +55,14 @@ def generate(images: int, per_image: int, seed: int = 0) -> tuple[dict[int, Imag
     far = images * (per_image - near_per_image)
     far_xy = rng.uniform(0, 1, size=(far, 2)) * [width, height]
     far_wh = np.exp(rng.uniform(np.log(8), np.log(300), size=(far, 2)))
-    dets = Detections(
+    dets = DetectionTable(
         image=np.concatenate([gt_image[src], np.repeat(np.arange(1, images + 1), per_image - near_per_image)]),
         det_id=np.concatenate([near_class, rng.integers(1, 201, size=far)]),
         score=np.round(np.concatenate([near_score, rng.beta(1, 4, size=far)]), 4),  # rounded: plenty of ties
         boxes=np.round(np.concatenate([near_boxes, np.c_[far_xy, far_xy + far_wh]])),
     )
     shuffle = rng.permutation(len(dets))  # a file is not sorted by anything
-    dets = Detections(dets.image[shuffle], dets.det_id[shuffle], dets.score[shuffle], dets.boxes[shuffle])
+    dets = DetectionTable(dets.image[shuffle], dets.det_id[shuffle], dets.score[shuffle], dets.boxes[shuffle])
 
     starts = np.cumsum(n_obj) - n_obj
     annotations = {i + 1: ImageAnnotation(f"ILSVRC2013_val_{i + 1:08d}", width, height,

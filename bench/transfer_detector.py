@@ -34,7 +34,8 @@ from detector.ensemble import EnsembleConfig
 from detector.image import read_image
 from detector.rcnn import DetectConfig, Detector, contrast_frames, postprocess
 from detector.summary import format_machine, machine
-from eval.formats import Detections, read_annotations, read_blacklist, read_imageset
+from eval.annotations import read_annotations, read_blacklist, read_imageset
+from eval.detections import DetectionTable
 from eval.ilsvrc import DetectionEvaluator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def cached_scores(detector: Detector, name: str, root: Path, imageset: dict[str,
 
 
 def run_method(scores: dict[int, dict], det_ids: torch.Tensor, config: DetectConfig, frames: int,
-               parts: bool) -> Detections:
+               parts: bool) -> DetectionTable:
     found = []
     for index, s in scores.items():
         boxes, probs = torch.from_numpy(s["boxes"]), torch.from_numpy(s["probs"])
@@ -85,9 +86,9 @@ def run_method(scores: dict[int, dict], det_ids: torch.Tensor, config: DetectCon
             top = probs[:, 0].argsort()[:frames]
             boxes, probs = boxes[top], contrast_frames(probs[top], torch.from_numpy(s["frames"])[top])
         dets = postprocess(boxes, probs, det_ids, config, whole_objects=parts)
-        found.append(Detections(np.full(len(dets), index, np.int64), dets.det_ids.numpy().astype(np.int64),
+        found.append(DetectionTable(np.full(len(dets), index, np.int64), dets.det_ids.numpy().astype(np.int64),
                                 dets.scores.double().numpy(), dets.boxes.double().numpy()))
-    return Detections.concat(found)
+    return DetectionTable.concat(found)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from detector import efficientnet_lite
 from detector.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLiteConfig
 from detector.googlenet import GoogLeNet, GoogLeNetConfig
 from detector.members import ArchConfig, arch_from_dict, build_member, describe_arch
-from eval.formats import parse_json
+from eval.parsing import parse_json
 
 FORMAT = 1
 # "classes": a classifier over its own class folders (``provenance["classes"]`` in head order), made by training.

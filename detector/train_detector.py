@@ -65,7 +65,7 @@ from detector.image import read_image
 from detector.rcnn import fill_colour
 from detector.train import EMA, Dist, _seed, _sum_over_processes, load_members, save_member, setup_dist
 from eval.classes import det200
-from eval.formats import read_split
+from eval.annotations import read_det_split
 
 STATE_FORMAT = 1
 STATE_NAME = "state.json"
@@ -185,7 +185,7 @@ def read_detection_split(root: str | os.PathLike, imageset: str) -> list[DetImag
     root = Path(root)
     return [DetImage(root / "Data" / "DET" / (name + IMAGE_SUFFIX), a.width, a.height,
                      a.boxes.astype(np.float32).reshape(-1, 4), a.det_ids.astype(np.int64))
-            for name, a in read_split(str(root), imageset)]
+            for name, a in read_det_split(str(root), imageset)]
 
 
 # ---- proposal cache --------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from eval.annotations import image_key
 from eval.classes import cls1000, cls1000_devkit_ids
-from eval.formats import image_key, numbered_lines, parse_json  # image_key is re-exported for callers
+from eval.parsing import numbered_lines, parse_json
 
 LABEL_FORMATS = ("imagefolder", "pairs", "ilsvrc2012")
 

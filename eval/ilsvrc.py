@@ -15,7 +15,7 @@ Modes (``MODES``):
   annotations): boxes without ``+1``, the top 100 detections per image and class, COCO's matching, 101-point
   interpolated precision. Written here in numpy; ``tests/eval/test_coco50.py`` checks it against pycocotools.
 
-Boxes arrive in the project convention (x1, y1, x2, y2, width ``x2 - x1``, see ``eval/formats.py``). The devkit
+Boxes arrive in the project convention (x1, y1, x2, y2, width ``x2 - x1``, see ``eval/boxes.py``). The devkit
 works on inclusive integer pixels ``xmin..xmax`` with width ``xmax - xmin + 1``; ``devkit_boxes`` converts
 (``xmax = x2 - 1``) so that the devkit's formulas are reproduced literally on the devkit's own numbers.
 
@@ -40,16 +40,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from eval.annotations import ImageAnnotation, read_annotations, read_blacklist, read_imageset
 from eval.classes import det200
-from eval.formats import (
-    Detections,
-    ImageAnnotation,
-    Predictions,
-    read_annotations,
-    read_blacklist,
-    read_imageset,
-    read_predictions,
-)
+from eval.detections import DetectionTable
+from eval.predictions import Predictions, read_predictions
 
 MODES = ("ilsvrc", "iou50", "voc07", "coco50")
 
@@ -326,7 +320,7 @@ def _pair_key(image: np.ndarray, det_id: np.ndarray) -> np.ndarray:
     return image * 256 + det_id  # DET ids are 1..200 < 256
 
 
-def score(gt: GroundTruth, dets: Detections, mode: str = "ilsvrc",
+def score(gt: GroundTruth, dets: DetectionTable, mode: str = "ilsvrc",
           blacklist: Iterable[tuple[int, int]] = ()) -> DetectionResult:
     """Per-class AP and mAP of ``dets`` against ``gt`` under ``mode`` (see the module docstring).
 
@@ -480,13 +474,13 @@ class DetectionEvaluator:
         self.reset()
 
     def reset(self) -> None:
-        self._parts: list[Detections] = []
+        self._parts: list[DetectionTable] = []
 
-    def process(self, detections: Detections) -> None:
+    def process(self, detections: DetectionTable) -> None:
         self._parts.append(detections)
 
     def evaluate(self) -> DetectionResult:
-        return score(self.gt, Detections.concat(self._parts), self.mode, self.blacklist)
+        return score(self.gt, DetectionTable.concat(self._parts), self.mode, self.blacklist)
 
 
 def evaluate_files(annotations_dir: str, imageset_path: str, predictions_path: str, *, mode: str = "ilsvrc",

@@ -1,7 +1,7 @@
 """Training MultiBox on ILSVRC-format detection data (``ircnn train multibox``); kept out of the inference path.
 
 - **Data**: ``ROOT/ImageSets/DET/<split>.txt`` names images ``ROOT/Data/DET/<name>.JPEG`` with ground truth
-  ``ROOT/Annotations/DET/<name>.xml`` (``eval.formats``); boxes are normalised by the annotated image size.
+  ``ROOT/Annotations/DET/<name>.xml`` (``eval.annotations``); boxes are normalised by the annotated image size.
 - **Priors**: ``kmeans_priors`` of every training box, computed once per run (deterministic; a resumed run takes
   them from its checkpoint).
 - **Matching**: ``match="priors"`` (default) assigns each image's ground truth to the priors by location alone,
@@ -48,7 +48,7 @@ from detector.cpus import default_workers
 from detector.googlenet import VARIANTS, GoogLeNetConfig
 from detector.image import read_image
 from detector.train import CHECKPOINT_FORMAT, EMA, load_checkpoint, restore_training, save_checkpoint
-from eval.formats import read_split as read_det_split
+from eval.annotations import read_det_split
 from proposals.multibox import (ALPHA, MultiBox, MultiBoxConfig, kmeans_priors, multibox_loss,
                                 resize_image, save_multibox)
 from proposals.recall import best_overlaps

@@ -40,7 +40,9 @@ import numpy as np
 
 from detector.image import IMAGE_SUFFIXES, list_images, read_image
 from eval.classes import det200
-from eval.formats import ImageLookup, parse_json, read_imageset, to_devkit_ints, to_xywh
+from eval.annotations import ImageLookup, read_imageset
+from eval.boxes import to_devkit_ints, to_xywh
+from eval.parsing import parse_json
 
 if TYPE_CHECKING:
     from detector.rcnn import DetectConfig
@@ -333,7 +335,7 @@ class DetectOutput:
                     f.write(("," if rows else "") + ",".join(
                         json.dumps({"image_id": image_id.id, "category_id": d["det_id"], "bbox": b,
                                     "score": d["score"]}) for d, b in zip(dets, to_xywh(boxes).tolist())))
-                else:  # the devkit's integers exactly as eval.formats.write_submission writes them
+                else:  # the devkit's integers exactly as eval.submission.write_submission writes them
                     f.writelines(f"{image_id.id} {d['det_id']} {float(d['score'])!r} {b[0]} {b[1]} {b[2]} {b[3]}\n"
                                  for d, b in zip(dets, to_devkit_ints(boxes).tolist()))
                 rows += len(dets)

@@ -18,10 +18,10 @@ from detector.cpus import default_workers
 
 # Literals here so that building the parser imports nothing heavy (torch, cv2, numpy): `ircnn --help`, any
 # `--help` and usage errors answer at once. tests/service checks them against detector.googlenet.VARIANTS,
-# detector.efficientnet_lite.VARIANTS and eval.synth's CLASSES and MAX_IMAGES.
+# detector.efficientnet_lite.VARIANTS, eval.synth_photos.CLASSES and eval.synth.MAX_IMAGES.
 VARIANTS = ("paper", "torchvision")
 LITE_VARIANTS = ("lite0", "lite1", "lite2", "lite3", "lite4")
-SYNTH_CLASSES = ("cat", "person", "cup or mug", "motorcycle", "horse")  # eval.synth.CLASSES, in order
+SYNTH_CLASSES = ("cat", "person", "cup or mug", "motorcycle", "horse")  # eval.synth_photos.CLASSES, in order
 SYNTH_MAX_IMAGES = 1_000_000
 
 
@@ -788,7 +788,7 @@ def _proposals_eval(args, ss_config, multibox, merge_config) -> int:
     import torch
 
     from detector.image import read_image
-    from eval.formats import read_annotations, read_imageset
+    from eval.annotations import read_annotations, read_imageset
     from proposals.combine import Proposals, merge
     from proposals.recall import CoverageEvaluator, plot_recall_curves
     from proposals.selective_search import SelectiveSearchRunner

@@ -3,7 +3,7 @@
     python data/real_photos/build.py            # rewrites Data/, Annotations/, ImageSets/ and the CLS labels here
 
 The boxes below were drawn by hand on each photo (README.md says how); they are the set's ground truth, written as
-ILSVRC DET XML with ``eval.formats.write_annotation``. Images are stored as JPEG (quality 95; grayscale photos
+ILSVRC DET XML with ``eval.annotations.write_annotation``. Images are stored as JPEG (quality 95; grayscale photos
 stay grayscale) so the set stays small in the repository.
 """
 
@@ -18,7 +18,7 @@ import skimage.data
 from PIL import Image
 
 from eval.classes import det200
-from eval.formats import write_annotation, write_imageset
+from eval.annotations import write_annotation, write_imageset
 
 HERE = Path(__file__).resolve().parent
 

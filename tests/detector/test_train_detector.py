@@ -21,9 +21,10 @@ from detector.train_detector import (MEMBER_VARIANTS, CachedProposals, DetectorT
                                      WindowBatches, Windows, WindowSampler, label_windows, member_variant,
                                      read_detection_split, train_detector)
 from detector.warp import warp_regions
-from eval.formats import Detections as DevkitDetections
-from eval.formats import read_imageset, write_submission
+from eval.annotations import read_imageset
+from eval.detections import DetectionTable
 from eval.ilsvrc import evaluate_files
+from eval.submission import write_submission
 from eval.synth import SynthConfig, write_synth_set
 from proposals.combine import ProposalGenerator
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
@@ -295,9 +296,9 @@ def detect_map(bundle, synth: Path, proposals: dict[str, torch.Tensor], context:
         image = read_image(synth / "Data/DET" / f"{name}.JPEG")
         dets = detector.score(image, proposals[name])
         n = len(dets.scores)
-        parts.append(DevkitDetections(np.full(n, index, np.int64), dets.det_ids.numpy().astype(np.int64),
+        parts.append(DetectionTable(np.full(n, index, np.int64), dets.det_ids.numpy().astype(np.int64),
                                       dets.scores.double().numpy(), dets.boxes.double().numpy()))
-    write_submission(str(out), DevkitDetections.concat(parts))
+    write_submission(str(out), DetectionTable.concat(parts))
     result, _ = evaluate_files(str(synth / "Annotations/DET"), str(synth / "ImageSets/DET/val.txt"), str(out),
                                mode="ilsvrc")
     return result.map

@@ -3,12 +3,12 @@ import json
 import numpy as np
 import pytest
 
+from eval.annotations import image_key
 from eval.classification import (
     ClassificationEvaluator,
     Prediction,
     detect_labels_format,
     evaluate_files,
-    image_key,
     read_labels,
     read_predictions,
     top_k_error,

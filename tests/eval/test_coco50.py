@@ -8,7 +8,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from eval.formats import Detections, ImageAnnotation
+from eval.annotations import ImageAnnotation
+from eval.detections import DetectionTable
 from eval.ilsvrc import GroundTruth, score
 
 CLASSES = (1, 2, 7, 200)  # a few DET ids; the random cases use a subset
@@ -49,10 +50,10 @@ def random_case(rng):
         scores = rng.random(n_det)
         if rng.random() < 0.5:
             scores = np.round(scores, 1)  # many ties
-        dets.append(Detections(np.full(n_det, index), dcls.astype(np.int64), scores, np.c_[dxy, dxy + dwh]))
+        dets.append(DetectionTable(np.full(n_det, index), dcls.astype(np.int64), scores, np.c_[dxy, dxy + dwh]))
         if rng.random() < 0.3:
             add_tricky_pair(rng, annotations[index], dets, index, int(rng.choice(classes)))
-    return annotations, Detections.concat(dets)
+    return annotations, DetectionTable.concat(dets)
 
 
 def add_tricky_pair(rng, annotation, dets, index, det_id):
@@ -76,7 +77,7 @@ def add_tricky_pair(rng, annotation, dets, index, det_id):
     annotation.boxes = np.concatenate([annotation.boxes, np.array(objects, dtype=np.float64)[order]])
     annotation.det_ids = np.concatenate([annotation.det_ids, [det_id, det_id]])
     scores = rng.permutation([0.9, 0.4]) if rng.random() < 0.3 else np.array([0.9, 0.4])
-    dets.append(Detections(np.full(2, index), np.full(2, det_id), scores, np.array(boxes, dtype=np.float64)))
+    dets.append(DetectionTable(np.full(2, index), np.full(2, det_id), scores, np.array(boxes, dtype=np.float64)))
 
 
 def pycocotools_ap(annotations, dets, full_params=False):
@@ -138,7 +139,7 @@ def test_coco50_equals_pycocotools_on_random_cases(seed):
 def test_coco50_class_with_objects_but_no_detections_is_zero():
     annotations = {1: ImageAnnotation("a", 50, 50, np.array([[0.0, 0, 10, 10]]), np.array([1])),
                    2: ImageAnnotation("b", 50, 50, np.array([[0.0, 0, 10, 10]]), np.array([2]))}
-    dets = Detections(np.array([1]), np.array([1]), np.array([0.5]), np.array([[0.0, 0, 10, 10]]))
+    dets = DetectionTable(np.array([1]), np.array([1]), np.array([0.5]), np.array([[0.0, 0, 10, 10]]))
     result = score(GroundTruth.from_annotations(annotations), dets, "coco50")
     aps = {c.det_id: c.ap for c in result.classes}
     assert aps == pytest.approx({1: 1.0, 2: 0.0}, abs=1e-12)  # COCO's precision tp / (tp + fp + eps) < 1

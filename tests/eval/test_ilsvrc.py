@@ -5,14 +5,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from eval.formats import (
-    Detections,
-    ImageAnnotation,
-    write_annotation,
-    write_coco_results,
-    write_imageset,
-    write_submission,
-)
+from eval.annotations import ImageAnnotation, write_annotation, write_imageset
+from eval.coco import write_coco_results
+from eval.detections import DetectionTable
 from eval.ilsvrc import (
     DetectionEvaluator,
     GroundTruth,
@@ -24,6 +19,7 @@ from eval.ilsvrc import (
     voc07_ap,
     voc_ap,
 )
+from eval.submission import write_submission
 from service.cli import main
 
 A, B = 1, 2  # DET ids: accordion, airplane
@@ -43,9 +39,9 @@ def ann(*objects, name="img"):
 def dets(*rows):
     """Detections from (image, det_id, score, devkit box) rows, in file order."""
     if not rows:
-        return Detections.empty()
+        return DetectionTable.empty()
     image, det_id, conf, boxes = zip(*rows)
-    return Detections(np.array(image), np.array(det_id), np.array(conf, dtype=np.float64),
+    return DetectionTable(np.array(image), np.array(det_id), np.array(conf, dtype=np.float64),
                       np.array([box(*b) for b in boxes], dtype=np.float64))
 
 
@@ -184,8 +180,8 @@ def test_inputs_not_mutated_and_accumulator_matches_one_call():
     assert all((x == y).all() for x, y in zip(before, (d.image, d.det_id, d.score, d.boxes)))
     assert (annotations[1].boxes == gt_before).all()
     evaluator = DetectionEvaluator(annotations)
-    evaluator.process(Detections(d.image[:2], d.det_id[:2], d.score[:2], d.boxes[:2]))
-    evaluator.process(Detections(d.image[2:], d.det_id[2:], d.score[2:], d.boxes[2:]))
+    evaluator.process(DetectionTable(d.image[:2], d.det_id[:2], d.score[:2], d.boxes[:2]))
+    evaluator.process(DetectionTable(d.image[2:], d.det_id[2:], d.score[2:], d.boxes[2:]))
     assert evaluator.evaluate().map == whole.map
     evaluator.reset()
     assert evaluator.evaluate().map == 0.0
@@ -349,7 +345,7 @@ def as_detections(lines):
     rows = [(index[os.path.splitext(os.path.basename(r["image"]))[0]], d["det_id"], d["score"], d["box"])
             for r in lines for d in r["detections"]]
     image, det_id, conf, boxes = zip(*rows)
-    return Detections(np.array(image), np.array(det_id), np.array(conf), np.array(boxes, dtype=np.float64))
+    return DetectionTable(np.array(image), np.array(det_id), np.array(conf), np.array(boxes, dtype=np.float64))
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "ilsvrc", "coco"])

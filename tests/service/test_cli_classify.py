@@ -149,7 +149,8 @@ def test_help_and_usage_errors_import_nothing_heavy():
     import sys
 
     from eval.classes import det200
-    from eval.synth import CLASSES, MAX_IMAGES
+    from eval.synth import MAX_IMAGES
+    from eval.synth_photos import CLASSES
     from service import cli
 
     assert cli.SYNTH_MAX_IMAGES == MAX_IMAGES and len(cli.SYNTH_CLASSES) == len(CLASSES)

@@ -66,7 +66,7 @@ def test_detect_finds_the_cat_and_draws_it(bundles, capsys, tmp_path):
 
 def test_eval_det_scores_the_real_photo_set(tmp_path, capsys):
     """Ground truth as predictions scores 1.0: the set's files are what the devkit reader expects."""
-    from eval.formats import read_annotations, read_imageset
+    from eval.annotations import read_annotations, read_imageset
 
     imageset = read_imageset(str(SET / "ImageSets" / "DET" / "val.txt"))
     annotations = read_annotations(str(SET / "Annotations" / "DET"), imageset)

@@ -8,18 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.formats import (
-    Detections,
-    ImageLookup,
-    read_coco_gt,
-    read_coco_results,
-    read_jsonl_detections,
-    read_predictions,
-    read_submission,
-    to_devkit_ints,
-    write_coco_results,
-    write_submission,
-)
+from eval.annotations import ImageLookup
+from eval.boxes import to_devkit_ints
+from eval.coco import read_coco_gt, read_coco_results, write_coco_results
+from eval.detections import DetectionTable
+from eval.predictions import read_predictions
+from eval.records import read_jsonl_detections
+from eval.submission import read_submission, write_submission
 from service import batch
 from service.batch import DetectOutput, imageset_ids, input_files, relative_names, repair_journal
 from service.vis import VisWriter, draw_detections, vis_name
@@ -94,11 +89,11 @@ def test_output_arguments_are_checked(tmp_path):
 
 
 def flat(records, ids):
-    """Records -> eval.formats.Detections, the way an independent writer would see them."""
+    """Records -> eval.detections.DetectionTable, the way an independent writer would see them."""
     rows = [(ids[r["image"]], d["det_id"], d["score"], d["box"]) for r in records if "error" not in r
             for d in r["detections"]]
     image, det_id, score, boxes = zip(*rows)
-    return Detections(np.array(image), np.array(det_id), np.array(score), np.array(boxes, dtype=np.float64))
+    return DetectionTable(np.array(image), np.array(det_id), np.array(score), np.array(boxes, dtype=np.float64))
 
 
 def test_coco_and_ilsvrc_files_equal_eval_formats_writers(tmp_path):

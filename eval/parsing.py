@@ -1,0 +1,112 @@
+"""What every reader of eval's files shares: numbered text lines, JSON parsed with a nesting limit, and the checks
+of the values those files hold.
+
+Every reader raises ValueError naming the file, the line (or the JSON entry) and what is wrong: numbers are
+checked for range (image indices 1..``MAX_IMAGE_INDEX``, DET ids 1..200, coordinates finite within
+``eval.boxes.MAX_COORD``, scores finite), and JSON for its nesting depth before it is parsed (``parse_json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+
+import numpy as np
+
+from eval.classes import det200
+
+# Image indices (imagesets, blacklists, submissions, COCO ids) above this are refused: ILSVRC's largest set has
+# about 500,000 images, and the devkit reads them as MATLAB int32.
+MAX_IMAGE_INDEX = 2**31 - 1
+# Deepest nesting of JSON arrays and objects read from a file (ours need 4); Python's parser recurses once per
+# level, and a few thousand levels end in RecursionError instead of a message.
+MAX_JSON_DEPTH = 32
+
+
+def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped line) for each non-empty line of a text file."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if line:
+                yield number, line
+
+
+def check_index(index: int, name: str = "image index") -> None:
+    """Refuse an image index outside 1..``MAX_IMAGE_INDEX`` (ValueError without a location; callers add it)."""
+    if index < 1:
+        raise ValueError(f"{name} {index} must be >= 1")
+    if index > MAX_IMAGE_INDEX:
+        raise ValueError(f"{name} {index:.6g} is more than {MAX_IMAGE_INDEX} (2^31 - 1)")
+
+
+# ---- JSON ------------------------------------------------------------------------------------------------
+
+
+def load_json(path: str):
+    """The JSON document in a file (``parse_json``); invalid JSON raises ValueError naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return parse_json(text, path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def parse_json(text: str, where: str = "", max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads(text)`` once its arrays and objects are known to nest at most ``max_depth`` deep.
+
+    Deeper input raises ValueError starting with ``where`` (a file, or ``file:line`` for one line of a JSON-lines
+    file; nothing when empty) and, in a text of several lines, the line where the limit is passed; invalid JSON
+    raises ``json.JSONDecodeError`` as ``json.loads`` does. Brackets inside strings do not count.
+    """
+    if text.count("[") + text.count("{") > max_depth:  # else it cannot nest that deep
+        stripped = _JSON_STRING.sub("", text)  # JSON strings hold no raw newlines: line numbers survive
+        data = np.frombuffer(stripped.encode("utf-8", "replace"), np.uint8)
+        opens = (data == ord("[")) | (data == ord("{"))
+        at = np.flatnonzero(opens | (data == ord("]")) | (data == ord("}")))  # [B] every bracket
+        over = np.flatnonzero(np.cumsum(np.where(opens[at], 1, -1)) > max_depth)
+        if over.size:
+            line = 1 + int(np.count_nonzero(data[: at[over[0]]] == ord("\n")))
+            if "\n" in text.strip():
+                where = f"{where}:{line}" if where else f"line {line}"
+            raise ValueError(f"{where}{': ' if where else ''}JSON nested more than {max_depth} levels deep "
+                             "(arrays and objects); not a file this program writes")
+    return json.loads(text)
+
+
+def json_int(value, name: str, where: str) -> int:
+    """A JSON integer field ``name`` (not a bool, not a float), or ValueError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}: {name!r} must be an integer, got {value!r}")
+    return value
+
+
+def json_index(value, name: str, where: str) -> int:
+    """A JSON image index field ``name`` in 1..``MAX_IMAGE_INDEX``."""
+    index = json_int(value, name, where)
+    try:
+        check_index(index, repr(name))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return index
+
+
+def json_det_id(value, where: str) -> int:
+    """A JSON DET id 1..200 (COCO ``category_id``, our records' ``det_id``)."""
+    det_id = json_int(value, "category_id", where)
+    if det_id not in det200().row_of_id:
+        raise ValueError(f"{where}: category_id {det_id} is not a DET id 1..200")
+    return det_id
+
+
+def json_score(value, where: str) -> float:
+    """A finite JSON number ``score``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: 'score' must be a finite number, got {value!r}")
+    return float(value)

@@ -1,0 +1,108 @@
+"""The devkit's detection submission files: lines ``<image_index> <det_id> <confidence> <xmin> <ymin> <xmax>
+<ymax>`` with devkit inclusive integer boxes (``eval.boxes``)."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from typing import TextIO
+
+import numpy as np
+
+from eval.boxes import MAX_COORD, check_box, from_devkit, to_devkit_ints
+from eval.detections import DetectionTable, as_tables, text_output
+from eval.parsing import MAX_IMAGE_INDEX, check_index, numbered_lines
+
+_SUBMISSION_LINE = "'<image_index> <det_id> <confidence> <xmin> <ymin> <xmax> <ymax>'"
+
+
+def write_submission(out: str | os.PathLike | TextIO,
+                     detections: DetectionTable | Iterable[DetectionTable]) -> int:
+    """Write devkit submission lines ``<image_index> <det_id> <confidence> <xmin> <ymin> <xmax> <ymax>``.
+
+    ``out`` is a path or an open text file; ``detections`` one table or tables written one after another
+    (``as_tables``). Boxes become devkit inclusive integers exactly as ``eval.annotations.write_annotation`` writes
+    ground truth; confidences are written in full (shortest round-trip repr) so that ties and order survive reading
+    back. Returns the number of lines written.
+    """
+    rows = 0
+    with text_output(out) as f:
+        for table in as_tables(detections):
+            ints = to_devkit_ints(table.boxes).tolist()
+            f.writelines(f"{i} {c} {s!r} {b[0]} {b[1]} {b[2]} {b[3]}\n" for i, c, s, b in
+                         zip(table.image.tolist(), table.det_id.tolist(), table.score.tolist(), ints))
+            rows += len(table)
+    return rows
+
+
+def read_submission(path: str) -> DetectionTable:
+    """Devkit submission lines -> ``DetectionTable`` (boxes ``x1 = xmin, x2 = xmax + 1``; float coordinates allowed,
+    as the devkit reads them with ``%f``). Raises ValueError naming the file and line of a malformed line.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": an empty file is fine
+            table = np.loadtxt(path, dtype=np.float64, ndmin=2, comments=None)  # fast path, C parser
+    except ValueError:
+        table = None
+    if table is not None and table.size == 0:
+        return DetectionTable.empty()
+    if table is None or table.shape[1] != 7 or not _submission_ok(table):
+        return _read_submission_slowly(path)  # finds the bad line and raises, naming it
+    return DetectionTable(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2].copy(),
+                      from_devkit(table[:, 3:]))
+
+
+def _submission_ok(table: np.ndarray) -> bool:
+    ids = table[:, :2]
+    coords = table[:, 3:]
+    return bool((ids == np.floor(ids)).all() and ((table[:, 0] >= 1) & (table[:, 0] <= MAX_IMAGE_INDEX)).all()
+                and ((table[:, 1] >= 1) & (table[:, 1] <= 200)).all() and np.isfinite(table[:, 2]).all()
+                and (np.abs(coords) <= MAX_COORD).all())  # NaN fails every comparison
+
+
+def _read_submission_slowly(path: str) -> DetectionTable:
+    rows = []
+    for number, line in numbered_lines(path):
+        where = f"{path}:{number}"
+        tokens = line.split()
+        if len(tokens) != 7:
+            raise ValueError(f"{where}: expected 7 fields {_SUBMISSION_LINE}, got {len(tokens)}: {line!r}")
+        try:
+            index, det_id = (_integral(t, name) for t, name in zip(tokens[:2], ("image index", "DET id")))
+            check_index(index)
+            if not 1 <= det_id <= 200:
+                raise ValueError(f"DET id {det_id} out of range 1..200")
+            values = [_float(t) for t in tokens[2:]]
+            _check_score(values[0])
+            check_box(values[1:], "box")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        rows.append([index, det_id, *values])
+    table = np.array(rows, dtype=np.float64).reshape(-1, 7)
+    return DetectionTable(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2].copy(),
+                      from_devkit(table[:, 3:]))
+
+
+def _integral(token: str, name: str) -> int:
+    try:
+        value = float(token)
+    except ValueError:
+        raise ValueError(f"{name} {token!r} is not an integer") from None
+    if not value.is_integer():
+        raise ValueError(f"{name} {token!r} is not an integer")
+    return int(value)
+
+
+def _float(token: str) -> float:
+    try:
+        return float(token)
+    except ValueError:
+        raise ValueError(f"{token!r} is not a number") from None
+
+
+def _check_score(v: float) -> None:
+    if not math.isfinite(v):
+        raise ValueError(f"score {v!r} is not a finite number")
