@@ -43,7 +43,8 @@ from torchvision.ops import batched_nms
 from detector.bundle import Bundle, Preprocess, check_det_ids
 from detector.ensemble import Ensemble, EnsembleConfig
 from detector.warp import MAX_REGIONS, check_boxes, check_image, warp_frames, warp_regions
-from eval.classes import det200, det200_from_cls1000
+from eval.classes import det200_from_cls1000
+from eval.records import detections_json
 from proposals.combine import MergeConfig, ProposalGenerator, Proposals
 from proposals.multibox import load_multibox
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
@@ -125,13 +126,7 @@ class Detections:
 
     def to_json(self) -> list[dict]:
         """``[{"box": [x1, y1, x2, y2], "det_id", "wnid", "name", "score"}, ...]`` (the `ircnn detect --json` shape)."""
-        vocab = det200()
-        out = []
-        for box, det_id, score in zip(self.boxes.tolist(), self.det_ids.tolist(), self.scores.tolist()):
-            row = vocab.row_of_id[det_id]
-            out.append({"box": [round(v, 2) for v in box], "det_id": det_id, "wnid": vocab.wnids[row],
-                        "name": vocab.names[row], "score": round(score, 6)})
-        return out
+        return detections_json(self.boxes, self.scores, self.det_ids)
 
 
 def fill_colour(preprocess: Preprocess) -> tuple[int, int, int]:
@@ -396,9 +391,3 @@ class Detector:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def detection_record(path: str, image: np.ndarray, dets: Detections) -> dict:
-    """The ``ircnn detect`` JSON object: ``{"image", "width", "height", "detections": [...]}``."""
-    h, w = image.shape[:2]
-    return {"image": str(path), "width": int(w), "height": int(h), "detections": dets.to_json()}

@@ -39,10 +39,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from detector.image import IMAGE_SUFFIXES, list_images, read_image
-from eval.classes import det200
 from eval.annotations import ImageLookup, read_imageset
-from eval.boxes import to_devkit_ints, to_xywh
+from eval.coco import coco_categories, write_coco_results
 from eval.parsing import parse_json
+from eval.records import detection_record, error_record, record_table, write_record
+from eval.submission import write_submission
 
 if TYPE_CHECKING:
     from detector.rcnn import DetectConfig
@@ -53,10 +54,6 @@ IMAGES_SUFFIX = ".images.json"  # beside a coco / ilsvrc output: file_name -> id
 
 
 # ---- one image -------------------------------------------------------------------------------------------
-
-
-def error_record(path: str | os.PathLike, error: Exception | str) -> dict:
-    return {"image": str(path), "error": str(error)}
 
 
 def path_key(path: str | os.PathLike) -> str:
@@ -101,8 +98,6 @@ def prepare(detector, path: str | os.PathLike) -> Prepared | dict:
 
 def finish(detector, prepared: Prepared | dict) -> Result:
     """Score the proposals of a prepared image (networks + NMS) into its record."""
-    from detector.rcnn import detection_record
-
     if isinstance(prepared, dict):
         return Result(prepared, None)
     try:
@@ -110,7 +105,9 @@ def finish(detector, prepared: Prepared | dict) -> Result:
     except ValueError as e:
         return Result(error_record(prepared.path, e), None, prepared.seconds)
     seconds = {**prepared.seconds, **dets.seconds}  # + warp, networks, nms
-    return Result(detection_record(prepared.path, prepared.image, dets), prepared.image, seconds, dets.regions)
+    h, w = prepared.image.shape[:2]
+    record = detection_record(prepared.path, w, h, dets.boxes, dets.scores, dets.det_ids)
+    return Result(record, prepared.image, seconds, dets.regions)
 
 
 def detect_one(detector, path: str | os.PathLike) -> dict:
@@ -219,8 +216,8 @@ def repair_journal(path: str | os.PathLike, drop_errors: bool = False) -> tuple[
         if "error" in doc:
             failed.add(image)
     if duplicates or (drop_errors and failed):  # duplicates: not one run of ours (two runs into one file?)
-        _atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in iter_journal(path)
-                                                   if not (drop_errors and "error" in r)))
+        _atomic_write(path, lambda f: [write_record(f, r) for r in iter_journal(path)
+                                       if not (drop_errors and "error" in r)])
     elif complete < os.path.getsize(path):
         os.truncate(path, complete)
     return images, failed
@@ -286,7 +283,7 @@ class DetectOutput:
         self._file = open(self.journal_path, "a" if resume else "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        write_record(self._file, record)
         self._file.flush()
 
     def close(self) -> None:
@@ -306,9 +303,7 @@ class DetectOutput:
         self.close()
         if self.format == "jsonl":
             return {}
-        images, failed, rows = [], [], 0
-        vocab = det200()
-        categories = [{"id": i, "name": n, "wnid": w} for i, n, w in zip(vocab.ids, vocab.names, vocab.wnids)]
+        images, failed = [], []
         # Written in input order, whichever order the journal has (the Ray engine's: as its workers finished).
         offsets: dict[str, int] = {}
         for image, start in journal_offsets(self.journal_path).items():
@@ -316,38 +311,30 @@ class DetectOutput:
         wanted = [(image_id, offsets[path_key(p)]) for p, image_id in ids.items() if path_key(p) in offsets]
         skipped = len(offsets) - len(wanted)  # recorded by a run over other inputs
 
-        def write(f) -> None:
-            nonlocal rows
-            if self.format == "coco":
-                f.write("[")
+        def tables():
+            """The detections of each image of ``wanted``, in that order, one journal record at a time."""
             records = read_records(self.journal_path, (start for _, start in wanted))
-            for (image_id, _), record in zip(wanted, records):
+            for (image_id, start), record in zip(wanted, records):
                 entry = {"id": image_id.id, "file_name": image_id.file_name, "path": record["image"]}
                 if "error" in record:
                     failed.append({**entry, "error": record["error"]})
                     continue
                 images.append({**entry, "width": record["width"], "height": record["height"]})
-                dets = record["detections"]
-                if not dets:
-                    continue
-                boxes = np.array([d["box"] for d in dets], dtype=np.float64)
-                if self.format == "coco":
-                    f.write(("," if rows else "") + ",".join(
-                        json.dumps({"image_id": image_id.id, "category_id": d["det_id"], "bbox": b,
-                                    "score": d["score"]}) for d, b in zip(dets, to_xywh(boxes).tolist())))
-                else:  # the devkit's integers exactly as eval.submission.write_submission writes them
-                    f.writelines(f"{image_id.id} {d['det_id']} {float(d['score'])!r} {b[0]} {b[1]} {b[2]} {b[3]}\n"
-                                 for d, b in zip(dets, to_devkit_ints(boxes).tolist()))
-                rows += len(dets)
-            if self.format == "coco":
-                f.write("]\n")
+                yield record_table(record, image_id.id, f"{self.journal_path} (byte {start})")
+
+        writer = write_coco_results if self.format == "coco" else write_submission
+        rows = 0
+
+        def write(f) -> None:
+            nonlocal rows
+            rows = writer(f, tables())
 
         _atomic_write(self.out, write)
         images.sort(key=lambda e: e["id"])
         failed.sort(key=lambda e: e["id"])
         # A COCO ground-truth skeleton: read_coco_gt reads it, a user fills in "annotations" or matches by name.
         _atomic_write(self.out + IMAGES_SUFFIX, lambda f: json.dump(
-            {"images": images, "failed": failed, "annotations": [], "categories": categories}, f))
+            {"images": images, "failed": failed, "annotations": [], "categories": coco_categories()}, f))
         return {"rows": rows, "images_file": self.out + IMAGES_SUFFIX, "journal_records_not_in_inputs": skipped}
 
 

@@ -16,10 +16,10 @@ import torchvision
 from skimage import data
 
 from detector.bundle import Bundle, Preprocess, load_bundle
-from detector.rcnn import (DetectConfig, Detections, Detector, RegionScorer, detection_record, fill_colour,
-                           nms_per_class)
+from detector.rcnn import DetectConfig, Detections, Detector, RegionScorer, fill_colour, nms_per_class
 from detector.warp import warp_regions
 from eval.classes import det200
+from eval.records import detection_record
 from proposals.combine import ProposalGenerator, Proposals
 from proposals.multibox import MultiBox, MultiBoxConfig, save_multibox
 from service.cli import main
@@ -279,7 +279,8 @@ def test_detector_end_to_end_on_a_photo_with_selective_search(tiny_bundle, tmp_p
     assert (dets.scores >= 0.05).all() and (dets.scores[:-1] >= dets.scores[1:]).all()
     assert set(dets.det_ids.tolist()) <= {26, 124, 2}
 
-    record = detection_record("photos/astronaut.png", image, dets)
+    record = detection_record("photos/astronaut.png", image.shape[1], image.shape[0], dets.boxes, dets.scores,
+                              dets.det_ids)
     assert list(record) == ["image", "width", "height", "detections"]
     assert record["image"] == "photos/astronaut.png" and (record["width"], record["height"]) == (200, 200)
     first = record["detections"][0]

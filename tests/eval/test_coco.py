@@ -86,3 +86,20 @@ def test_coco_gt_refuses_crowd(tmp_path):
                                                     "iscrowd": 1}]}
     with pytest.raises(ValueError, match=r"annotations\[0\]: crowd annotations"):
         read_coco_gt(write(tmp_path, "gt.json", json.dumps(doc)))
+
+
+def test_coco_results_bytes_and_many_tables(tmp_path):
+    """The `ircnn detect --format coco` layout: entries joined by ',' and a newline, whether given at once or as
+    one table per image (empty ones write nothing)."""
+    d = detections()
+    assert write_coco_results(str(tmp_path / "one.json"), d) == 3
+    text = (tmp_path / "one.json").read_text()
+    assert text.startswith('[{"image_id": 2, "category_id": 28, "bbox": [10.0, 5.0, 10.0, 20.0], "score": 0.5},'
+                           '{"image_id": 1,') and text.endswith("}]\n")
+    parts = [DetectionTable(d.image[k:k + 1], d.det_id[k:k + 1], d.score[k:k + 1], d.boxes[k:k + 1])
+             for k in range(len(d))]
+    with open(tmp_path / "many.json", "w", encoding="utf-8") as f:
+        assert write_coco_results(f, iter([parts[0], DetectionTable.empty(), *parts[1:]])) == 3
+    assert (tmp_path / "many.json").read_text() == text
+    assert write_coco_results(str(tmp_path / "none.json"), []) == 0
+    assert (tmp_path / "none.json").read_text() == "[]\n"

@@ -59,3 +59,14 @@ def test_submission_keeps_float_coordinates(tmp_path):
 def test_submission_errors_name_file_and_line(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):
         read_submission(write(tmp_path, "sub.txt", text))
+
+
+def test_submission_of_many_tables_equals_their_concatenation(tmp_path):
+    d = detections()
+    parts = [DetectionTable(d.image[k:k + 1], d.det_id[k:k + 1], d.score[k:k + 1], d.boxes[k:k + 1])
+             for k in range(len(d))]
+    assert write_submission(str(tmp_path / "one.txt"), d) == 3
+    with open(tmp_path / "many.txt", "w", encoding="utf-8") as f:  # an open file, as a streaming writer passes
+        assert write_submission(f, iter([DetectionTable.empty(), *parts])) == 3
+    assert (tmp_path / "many.txt").read_text() == (tmp_path / "one.txt").read_text()
+    assert write_submission(str(tmp_path / "none.txt"), []) == 0 and (tmp_path / "none.txt").read_text() == ""

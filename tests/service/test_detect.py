@@ -96,7 +96,16 @@ def flat(records, ids):
     return DetectionTable(np.array(image), np.array(det_id), np.array(score), np.array(boxes, dtype=np.float64))
 
 
-def test_coco_and_ilsvrc_files_equal_eval_formats_writers(tmp_path):
+# RECORDS as `ircnn detect --format coco | ilsvrc` has always written them (position ids 1..4).
+FILES = {
+    "coco": '[{"image_id": 1, "category_id": 59, "bbox": [1.4, 2.5, 29.200000000000003, 37.99], "score": 0.9},'
+            '{"image_id": 1, "category_id": 124, "bbox": [0.0, 0.0, 80.0, 60.0], "score": 0.25},'
+            '{"image_id": 4, "category_id": 124, "bbox": [10.5, 10.5, 10.0, 10.5], "score": 0.5}]\n',
+    "ilsvrc": "1 59 0.9 1 3 30 39\n1 124 0.25 0 0 79 59\n4 124 0.5 11 11 20 20\n",
+}
+
+
+def test_coco_and_ilsvrc_files_equal_eval_writers_byte_for_byte(tmp_path):
     files = [batch.Path(r["image"]) for r in RECORDS]
     ids = batch.position_ids(files, relative_names(["d"], files))
     number = {k: v.id for k, v in ids.items()}
@@ -109,10 +118,10 @@ def test_coco_and_ilsvrc_files_equal_eval_formats_writers(tmp_path):
         info = o.finish(ids)
         assert info["rows"] == 3 and info["journal_records_not_in_inputs"] == 0
         writer(str(tmp_path / f"reference.{fmt}"), flat(RECORDS, number))
+        assert out.read_text() == (tmp_path / f"reference.{fmt}").read_text() == FILES[fmt]
         if fmt == "coco":
             assert json.loads(out.read_text()) == json.loads((tmp_path / "reference.coco").read_text())
-        else:  # byte for byte: the devkit integers xmin = round(x1), xmax = round(x2) - 1
-            assert out.read_text() == (tmp_path / "reference.ilsvrc").read_text()
+        else:  # the devkit integers xmin = round(x1), xmax = round(x2) - 1
             assert read_submission(str(out)).boxes[0].tolist() == [1, 3, 31, 40]
         assert read_lines(str(out) + ".partial.jsonl") == RECORDS
         imageset, gt = read_coco_gt(str(out) + ".images.json")  # a COCO ground-truth skeleton
@@ -120,6 +129,19 @@ def test_coco_and_ilsvrc_files_equal_eval_formats_writers(tmp_path):
         doc = json.loads((tmp_path / f"dets.{fmt}.images.json").read_text())
         assert doc["failed"] == [{"id": 2, "file_name": "d/broken.jpg", "path": "d/broken.jpg",
                                   "error": "image data is truncated"}]
+
+
+def test_a_journal_record_with_a_bad_detection_is_refused_naming_the_journal(tmp_path):
+    files = [batch.Path("d/a.jpg")]
+    ids = batch.position_ids(files, relative_names(["d"], files))
+    out = tmp_path / "dets.txt"
+    bad = record("d/a.jpg", [((0.0, 0.0, 5.0, 5.0), CAT, 0.9)])
+    bad["detections"][0]["box"] = [0, 0, 5]
+    with DetectOutput(out, "ilsvrc") as o:
+        o.write(bad)
+    with pytest.raises(ValueError, match=r"dets.txt.partial.jsonl \(byte 0\): detection 0: 'box' must be"):
+        o.finish(ids)
+    assert not out.exists()
 
 
 def test_coco_resume_after_interruption_has_no_duplicates(tmp_path):
