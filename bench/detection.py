@@ -312,7 +312,7 @@ def derived_detections(row: Row, scored: list[Scored], det_ids: torch.Tensor, co
 def devkit_map(detections: list[Detections], images: list[ValImage], data: Path, submission: Path) -> float:
     """Write the detections as a devkit submission and score it in devkit mode (what ``ircnn eval det`` does)."""
     parts = [DetectionTable(np.full(len(d), v.index, np.int64), d.det_ids.numpy().astype(np.int64),
-                              d.scores.double().numpy(), d.boxes.double().numpy()) for d, v in zip(detections, images)]
+                            d.scores.double().numpy(), d.boxes.double().numpy()) for d, v in zip(detections, images)]
     submission.parent.mkdir(parents=True, exist_ok=True)
     write_submission(str(submission), DetectionTable.concat(parts))
     result, _ = evaluate_files(str(data / "Annotations" / "DET"), str(data / "ImageSets" / "DET" / "val.txt"),

@@ -87,7 +87,7 @@ def run_method(scores: dict[int, dict], det_ids: torch.Tensor, config: DetectCon
             boxes, probs = boxes[top], contrast_frames(probs[top], torch.from_numpy(s["frames"])[top])
         dets = postprocess(boxes, probs, det_ids, config, whole_objects=parts)
         found.append(DetectionTable(np.full(len(dets), index, np.int64), dets.det_ids.numpy().astype(np.int64),
-                                dets.scores.double().numpy(), dets.boxes.double().numpy()))
+                                    dets.scores.double().numpy(), dets.boxes.double().numpy()))
     return DetectionTable.concat(found)
 
 

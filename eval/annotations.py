@@ -16,7 +16,7 @@ import numpy as np
 
 from eval.boxes import MAX_COORD, check_box, from_devkit, to_devkit_ints
 from eval.classes import det200
-from eval.parsing import check_index, numbered_lines
+from eval.parsing import numbered_lines, parse_index
 
 MAX_XML_BYTES = 10 << 20  # an annotation file larger than this is refused unread
 
@@ -32,7 +32,6 @@ class ImageAnnotation:
     height: int
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     det_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
 
 
 def _det_id_of(token: str) -> int:
@@ -121,11 +120,7 @@ def read_imageset(path: str) -> dict[str, int]:
         if len(tokens) != 2:
             raise ValueError(f"{where}: expected '<image name> <index>', got {line!r}")
         try:
-            index = int(tokens[1])
-        except ValueError:
-            raise ValueError(f"{where}: image index {tokens[1]!r} is not an integer") from None
-        try:
-            check_index(index)
+            index = parse_index(tokens[1])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if tokens[0] in names:
@@ -202,7 +197,6 @@ def read_annotations(ann_dir: str, imageset: dict[str, int]) -> dict[int, ImageA
     return annotations
 
 
-
 # ---- splits and the blacklist ---------------------------------------------------------------------------
 
 
@@ -233,12 +227,7 @@ def read_blacklist(path: str) -> set[tuple[int, int]]:
         if len(tokens) != 2:
             raise ValueError(f"{where}: expected '<image index> <wnid or DET id>', got {line!r}")
         try:
-            index = int(tokens[0])
-        except ValueError:
-            raise ValueError(f"{where}: image index {tokens[0]!r} is not an integer") from None
-        try:
-            check_index(index)
-            pairs.add((index, _det_id_of(tokens[1])))
+            pairs.add((parse_index(tokens[0]), _det_id_of(tokens[1])))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     return pairs
@@ -260,7 +249,6 @@ def _int_field(element: ET.Element, tag: str, path: str, what: str) -> int:
     if not value.is_integer():
         raise ValueError(f"{path}: {what}<{tag}> is {text!r}, not a whole number of pixels")
     return int(value)
-
 
 
 # ---- image names -> imageset indices ---------------------------------------------------------------------

@@ -135,7 +135,7 @@ def read_coco_results(path: str, lookup: ImageLookup) -> DetectionTable:
         xywh.append(_json_xywh(r.get("bbox"), where, allow_negative=True))
         score.append(json_score(r.get("score"), where))
     return DetectionTable(np.array(image, dtype=np.int64), np.array(det_id, dtype=np.int64),
-                      np.array(score, dtype=np.float64), from_xywh(np.array(xywh, dtype=np.float64).reshape(-1, 4)))
+                          np.array(score, dtype=np.float64), from_xywh(np.array(xywh, dtype=np.float64).reshape(-1, 4)))
 
 
 def _json_xywh(value, where: str, allow_negative: bool = False) -> list[float]:

@@ -42,6 +42,16 @@ def check_index(index: int, name: str = "image index") -> None:
         raise ValueError(f"{name} {index:.6g} is more than {MAX_IMAGE_INDEX} (2^31 - 1)")
 
 
+def parse_index(token: str) -> int:
+    """An image index written as a decimal integer (imagesets, blacklists) -> int, checked by ``check_index``."""
+    try:
+        index = int(token)
+    except ValueError:
+        raise ValueError(f"image index {token!r} is not an integer") from None
+    check_index(index)
+    return index
+
+
 # ---- JSON ------------------------------------------------------------------------------------------------
 
 

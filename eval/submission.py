@@ -52,7 +52,7 @@ def read_submission(path: str) -> DetectionTable:
     if table is None or table.shape[1] != 7 or not _submission_ok(table):
         return _read_submission_slowly(path)  # finds the bad line and raises, naming it
     return DetectionTable(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2].copy(),
-                      from_devkit(table[:, 3:]))
+                          from_devkit(table[:, 3:]))
 
 
 def _submission_ok(table: np.ndarray) -> bool:
@@ -83,7 +83,7 @@ def _read_submission_slowly(path: str) -> DetectionTable:
         rows.append([index, det_id, *values])
     table = np.array(rows, dtype=np.float64).reshape(-1, 7)
     return DetectionTable(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2].copy(),
-                      from_devkit(table[:, 3:]))
+                          from_devkit(table[:, 3:]))
 
 
 def _integral(token: str, name: str) -> int:

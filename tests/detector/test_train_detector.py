@@ -297,7 +297,7 @@ def detect_map(bundle, synth: Path, proposals: dict[str, torch.Tensor], context:
         dets = detector.score(image, proposals[name])
         n = len(dets.scores)
         parts.append(DetectionTable(np.full(n, index, np.int64), dets.det_ids.numpy().astype(np.int64),
-                                      dets.scores.double().numpy(), dets.boxes.double().numpy()))
+                                    dets.scores.double().numpy(), dets.boxes.double().numpy()))
     write_submission(str(out), DetectionTable.concat(parts))
     result, _ = evaluate_files(str(synth / "Annotations/DET"), str(synth / "ImageSets/DET/val.txt"), str(out),
                                mode="ilsvrc")

@@ -15,12 +15,6 @@ from eval.annotations import (
 BOW_TIE, BOW, ACCORDION = "n02883205", "n02879718", "n02672831"  # DET ids 28, 29, 1
 
 
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
 def test_annotation_round_trip(tmp_path):
     path = str(tmp_path / "Annotations/DET/val/img1.xml")
     objects = [(BOW_TIE, (10.0, 5.0, 20.0, 25.0)), (ACCORDION, (0.0, 0.0, 64.0, 48.0))]
@@ -67,9 +61,9 @@ def test_imageset_round_trip(tmp_path):
     ("a 99999999999999999999\n", r"val.txt:1: image index 1e\+20 is more than 2147483647"),
     ("\n", "no images"),
 ])
-def test_read_imageset_errors(tmp_path, text, match):
+def test_read_imageset_errors(text, match, write):
     with pytest.raises(ValueError, match=match):
-        read_imageset(write(tmp_path, "val.txt", text))
+        read_imageset(write("val.txt", text))
 
 
 @pytest.mark.parametrize("body, match", [
@@ -87,8 +81,8 @@ def test_read_imageset_errors(tmp_path, text, match):
      "object 1: box coordinate"),
     ("<annotation><size><width>1e30</width><height>5</height></size></annotation>", "image size .* is not within"),
 ])
-def test_read_annotation_errors(tmp_path, body, match):
-    path = write(tmp_path, "x.xml", body)
+def test_read_annotation_errors(body, match, write):
+    path = write("x.xml", body)
     with pytest.raises(ValueError, match=match) as e:
         read_annotation(path)
     assert path in str(e.value)
@@ -127,8 +121,8 @@ def test_read_annotations_by_imageset(tmp_path):
         read_annotations(str(ann_dir), {"a": 1, "b": 2})
 
 
-def test_blacklist_accepts_wnids_and_det_ids(tmp_path):
-    path = write(tmp_path, "bl.txt", f"36 {BOW_TIE}\n\n36 29\n7 1\n")
+def test_blacklist_accepts_wnids_and_det_ids(write):
+    path = write("bl.txt", f"36 {BOW_TIE}\n\n36 29\n7 1\n")
     assert read_blacklist(path) == {(36, 28), (36, 29), (7, 1)}
 
 
@@ -140,9 +134,9 @@ def test_blacklist_accepts_wnids_and_det_ids(tmp_path):
     ("0 1\n", r"bl.txt:1: image index 0 must be >= 1"),
     ("4294967296 1\n", r"bl.txt:1: image index 4.29497e\+09 is more than 2147483647"),
 ])
-def test_blacklist_errors(tmp_path, text, match):
+def test_blacklist_errors(text, match, write):
     with pytest.raises(ValueError, match=match):
-        read_blacklist(write(tmp_path, "bl.txt", text))
+        read_blacklist(write("bl.txt", text))
 
 
 def test_image_lookup():

@@ -20,12 +20,6 @@ TENCH, GOLDFISH, WHITE_SHARK, TIGER_SHARK = "n01440764", "n01443537", "n01484850
 KIT_FOX, SEA_SNAKE, ALP, SHELTIE = 278, 65, 970, 230
 
 
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
 # Four images, true labels 0..3. a: top-1 hit; b: hit at rank 2; c: hit at rank 5; d: hit only at rank 6,
 # which top-5 must not count. top-1 error 3/4, top-5 error 1/4.
 HAND_LABELS = "a.jpg 0\nb.jpg 1\nc.jpg 2\nd.jpg 3\n"
@@ -57,16 +51,16 @@ def test_image_key_drops_directories_and_extension():
 # ---- labels ----------------------------------------------------------------------------------------------
 
 
-def test_pairs_labels_accept_wnid_and_index(tmp_path):
-    path = write(tmp_path, "labels.txt", f"dir/a.JPEG {TENCH}\n\nb.png 281\nname with spaces.jpg {GOLDFISH}\n")
+def test_pairs_labels_accept_wnid_and_index(write):
+    path = write("labels.txt", f"dir/a.JPEG {TENCH}\n\nb.png 281\nname with spaces.jpg {GOLDFISH}\n")
     assert detect_labels_format(path) == "pairs"
     assert read_labels(path) == {"a": 0, "b": 281, "name with spaces": 1}
 
 
-def test_ilsvrc2012_ground_truth_maps_devkit_ids_through_wnids(tmp_path):
+def test_ilsvrc2012_ground_truth_maps_devkit_ids_through_wnids(write):
     # devkit numbering differs from cls1000: devkit 1 = kit fox = index 278; the real first three val labels
     # 490, 361, 171 are sea snake, alp, Shetland sheepdog
-    path = write(tmp_path, "ILSVRC2012_validation_ground_truth.txt", "490\n361\n171\n1\n\n")
+    path = write("ILSVRC2012_validation_ground_truth.txt", "490\n361\n171\n1\n\n")
     assert detect_labels_format(path) == "ilsvrc2012"
     assert read_labels(path) == {
         "ILSVRC2012_val_00000001": SEA_SNAKE,
@@ -100,8 +94,8 @@ def test_imagefolder_without_images_raises(tmp_path):
         read_labels(str(tmp_path))
 
 
-def test_forced_format(tmp_path):
-    path = write(tmp_path, "gt.txt", "490\n361\n")
+def test_forced_format(tmp_path, write):
+    path = write("gt.txt", "490\n361\n")
     with pytest.raises(ValueError, match=r"gt.txt:1: expected '<image> <wnid or class index>'"):
         read_labels(path, "pairs")
     with pytest.raises(ValueError, match="needs a directory"):
@@ -123,14 +117,14 @@ def test_forced_format(tmp_path):
     ("1\n\n2\n", "ilsvrc2012", r"labels.txt:2: empty line"),
     ("1\nkit_fox\n", "ilsvrc2012", r"labels.txt:2: expected one devkit class id"),
 ])
-def test_malformed_labels_name_file_and_line(tmp_path, text, labels_format, message):
-    path = write(tmp_path, "labels.txt", text)
+def test_malformed_labels_name_file_and_line(text, labels_format, message, write):
+    path = write("labels.txt", text)
     with pytest.raises(ValueError, match=message):
         read_labels(path, labels_format)
 
 
-def test_labels_sharing_a_key_name_both(tmp_path):
-    path = write(tmp_path, "labels.txt", "x/a.jpg 0\ny/a.png 1\n")
+def test_labels_sharing_a_key_name_both(write):
+    path = write("labels.txt", "x/a.jpg 0\ny/a.png 1\n")
     with pytest.raises(ValueError, match=r"'x/a.jpg' at .*labels.txt:1 and 'y/a.png' at .*labels.txt:2"):
         read_labels(path)
 
@@ -138,14 +132,14 @@ def test_labels_sharing_a_key_name_both(tmp_path):
 # ---- predictions -----------------------------------------------------------------------------------------
 
 
-def test_text_predictions(tmp_path):
-    path = write(tmp_path, "p.txt", f"a.jpg 3 {TENCH} 999\n\nb.jpg 7\n")
+def test_text_predictions(write):
+    path = write("p.txt", f"a.jpg 3 {TENCH} 999\n\nb.jpg 7\n")
     preds = list(read_predictions(path))
     assert [(p.image, p.ranked, p.error) for p in preds] == [("a.jpg", (3, 0, 999), None), ("b.jpg", (7,), None)]
     assert preds[1].where.endswith("p.txt:3")
 
 
-def test_json_predictions_as_written_by_classify(tmp_path):
+def test_json_predictions_as_written_by_classify(write):
     lines = [
         {"image": "val/a.JPEG", "crops": 144, "members": 6,
          "top_k": [{"index": 281, "wnid": "n02123045", "name": "tabby", "prob": 0.61},
@@ -153,7 +147,7 @@ def test_json_predictions_as_written_by_classify(tmp_path):
         {"image": "val/b.JPEG", "error": "cannot identify image file"},
         {"image": "val/c.JPEG", "top_k": [{"wnid": GOLDFISH}]},
     ]
-    path = write(tmp_path, "p.jsonl", "".join(json.dumps(d) + "\n" for d in lines))
+    path = write("p.jsonl", "".join(json.dumps(d) + "\n" for d in lines))
     preds = list(read_predictions(path))
     assert [(p.image, p.ranked, p.error) for p in preds] == [
         ("val/a.JPEG", (281, 0), None),
@@ -178,8 +172,8 @@ def test_json_predictions_as_written_by_classify(tmp_path):
      r"^[^\n]*p.txt:2: JSON nested more than 32 levels deep"),  # was RecursionError
     ('{"image": "a.jpg", "top_k": [{"index": 10000000000000000000000}]}', r"p.txt:2: class index 1\d+ out of range"),
 ])
-def test_malformed_predictions_name_file_and_line(tmp_path, line, message):
-    path = write(tmp_path, "p.txt", f"ok.jpg 0\n{line}\n")
+def test_malformed_predictions_name_file_and_line(line, message, write):
+    path = write("p.txt", f"ok.jpg 0\n{line}\n")
     with pytest.raises(ValueError, match=message):
         list(read_predictions(path))
 
@@ -187,17 +181,17 @@ def test_malformed_predictions_name_file_and_line(tmp_path, line, message):
 # ---- accumulator and files -------------------------------------------------------------------------------
 
 
-def test_hand_computed_errors(tmp_path):
-    result = evaluate_files(write(tmp_path, "l.txt", HAND_LABELS), write(tmp_path, "p.txt", HAND_PREDICTIONS))
+def test_hand_computed_errors(write):
+    result = evaluate_files(write("l.txt", HAND_LABELS), write("p.txt", HAND_PREDICTIONS))
     assert result.images == 4
     assert result.top1_error == pytest.approx(0.75)
     assert result.top5_error == pytest.approx(0.25)
     assert (result.missing, result.unmatched, result.errors) == (0, 0, 0)
 
 
-def test_missing_unmatched_and_error_lines_count(tmp_path):
-    labels = write(tmp_path, "l.txt", HAND_LABELS)
-    preds = write(tmp_path, "p.jsonl", "\n".join(json.dumps(d) for d in [
+def test_missing_unmatched_and_error_lines_count(write):
+    labels = write("l.txt", HAND_LABELS)
+    preds = write("p.jsonl", "\n".join(json.dumps(d) for d in [
         {"image": "/data/a.jpg", "top_k": [{"index": 0}]},  # hit
         {"image": "/data/b.jpg", "error": "truncated file"},  # error: miss
         {"image": "/data/z.jpg", "top_k": [{"index": 0}]},  # no label: unmatched, not scored
@@ -208,16 +202,16 @@ def test_missing_unmatched_and_error_lines_count(tmp_path):
                                 "missing": 2, "unmatched": 2, "errors": 1}
 
 
-def test_fewer_than_five_labels_use_what_is_given(tmp_path):
-    labels = write(tmp_path, "l.txt", "a.jpg 0\nb.jpg 1\n")
-    preds = write(tmp_path, "p.txt", "a.jpg 9 0\nb.jpg 9\n")
+def test_fewer_than_five_labels_use_what_is_given(write):
+    labels = write("l.txt", "a.jpg 0\nb.jpg 1\n")
+    preds = write("p.txt", "a.jpg 9 0\nb.jpg 9\n")
     result = evaluate_files(labels, preds)
     assert (result.top1_error, result.top5_error) == (1.0, 0.5)
 
 
-def test_devkit_labels_score_predictions_by_file_name(tmp_path):
-    labels = write(tmp_path, "gt.txt", "490\n361\n171\n")
-    preds = write(tmp_path, "p.txt", "\n".join([
+def test_devkit_labels_score_predictions_by_file_name(write):
+    labels = write("gt.txt", "490\n361\n171\n")
+    preds = write("p.txt", "\n".join([
         "val/n01751748/ILSVRC2012_val_00000001.JPEG n01751748",
         "val/n09193705/ILSVRC2012_val_00000002.JPEG 0 1 2 3 970",
         "ILSVRC2012_val_00000003.JPEG 278",
@@ -227,9 +221,9 @@ def test_devkit_labels_score_predictions_by_file_name(tmp_path):
     assert result.top5_error == pytest.approx(1 / 3)
 
 
-def test_second_prediction_for_an_image_raises(tmp_path):
-    labels = write(tmp_path, "l.txt", HAND_LABELS)
-    preds = write(tmp_path, "p.txt", "x/a.jpg 0\ny/a.png 1\n")
+def test_second_prediction_for_an_image_raises(write):
+    labels = write("l.txt", HAND_LABELS)
+    preds = write("p.txt", "x/a.jpg 0\ny/a.png 1\n")
     with pytest.raises(ValueError, match=r"p.txt:2: second prediction for image 'a' \(first at .*p.txt:1\)"):
         evaluate_files(labels, preds)
 
@@ -254,9 +248,9 @@ def test_evaluator_rejects_empty_labels():
 # ---- CLI -------------------------------------------------------------------------------------------------
 
 
-def test_cli_text(tmp_path, capsys):
-    code = main(["eval", "cls", "--labels", write(tmp_path, "l.txt", HAND_LABELS),
-                 "--predictions", write(tmp_path, "p.txt", HAND_PREDICTIONS)])
+def test_cli_text(capsys, write):
+    code = main(["eval", "cls", "--labels", write("l.txt", HAND_LABELS),
+                 "--predictions", write("p.txt", HAND_PREDICTIONS)])
     out = capsys.readouterr().out
     assert code == 0
     assert "images       4\n" in out
@@ -265,11 +259,11 @@ def test_cli_text(tmp_path, capsys):
     assert "missing      0" in out and "unmatched    0" in out and "errors       0" in out
 
 
-def test_cli_json_with_imagefolder(tmp_path, capsys):
+def test_cli_json_with_imagefolder(tmp_path, capsys, write):
     for rel in [f"{TENCH}/a.JPEG", f"{GOLDFISH}/b.JPEG", f"{WHITE_SHARK}/c.JPEG"]:
         (tmp_path / "val" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "val" / rel).write_bytes(b"")
-    preds = write(tmp_path, "p.txt", f"a.JPEG {TENCH}\nb.JPEG {TIGER_SHARK} {GOLDFISH}\n")
+    preds = write("p.txt", f"a.JPEG {TENCH}\nb.JPEG {TIGER_SHARK} {GOLDFISH}\n")
     code = main(["eval", "cls", "--labels", str(tmp_path / "val"), "--labels-format", "imagefolder",
                  "--predictions", preds, "--json"])
     assert code == 0
@@ -278,9 +272,9 @@ def test_cli_json_with_imagefolder(tmp_path, capsys):
                    "missing": 1, "unmatched": 0, "errors": 0}
 
 
-def test_cli_malformed_file_is_a_user_error(tmp_path, capsys):
-    labels = write(tmp_path, "l.txt", "a.jpg 0\nb.jpg n99999999\n")
-    code = main(["eval", "cls", "--labels", labels, "--predictions", write(tmp_path, "p.txt", "a.jpg 0\n")])
+def test_cli_malformed_file_is_a_user_error(capsys, write):
+    labels = write("l.txt", "a.jpg 0\nb.jpg n99999999\n")
+    code = main(["eval", "cls", "--labels", labels, "--predictions", write("p.txt", "a.jpg 0\n")])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("ircnn: error: ") and "l.txt:2: unknown WNID 'n99999999'" in err

@@ -12,17 +12,6 @@ from eval.detections import DetectionTable
 BOW_TIE, BOW, ACCORDION = "n02883205", "n02879718", "n02672831"  # DET ids 28, 29, 1
 
 
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def detections():
-    return DetectionTable(np.array([2, 1, 2]), np.array([28, 1, 200]), np.array([0.5, 0.1 + 0.2, 1e-7]),
-                      np.array([[10.0, 5.0, 20.0, 25.0], [0.4, 0.6, 99.5, 50.2], [3.0, 3.0, 4.0, 4.0]]))
-
-
 def test_coco_gt_round_trip(tmp_path):
     annotations = {3: ImageAnnotation("b", 40, 30, np.array([[1.0, 2.0, 11.0, 22.0]]), np.array([28])),
                    5: ImageAnnotation("a", 40, 30)}
@@ -37,13 +26,13 @@ def test_coco_gt_round_trip(tmp_path):
     assert back[5].boxes.shape == (0, 4)
 
 
-def test_coco_results_round_trip_and_image_names(tmp_path):
+def test_coco_results_round_trip_and_image_names(tmp_path, write, detections):
     path = str(tmp_path / "res.json")
-    write_coco_results(path, detections())
+    write_coco_results(path, detections)
     back = read_coco_results(path, ImageLookup({}))
-    assert back.image.tolist() == [2, 1, 2] and back.score.tolist() == detections().score.tolist()
-    assert back.boxes == pytest.approx(detections().boxes, abs=1e-12)
-    named = write(tmp_path, "named.json", json.dumps([
+    assert back.image.tolist() == [2, 1, 2] and back.score.tolist() == detections.score.tolist()
+    assert back.boxes == pytest.approx(detections.boxes, abs=1e-12)
+    named = write("named.json", json.dumps([
         {"image_id": "/x/val_2.JPEG", "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5},
         {"image_id": "other", "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]))
     assert read_coco_results(named, ImageLookup({"val_1": 1, "val_2": 2})).image.tolist() == [2, -1]
@@ -60,9 +49,9 @@ def test_coco_results_round_trip_and_image_names(tmp_path):
     ([{"image_id": 0, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}], r"entry 0: 'image_id' 0 must be >= 1"),
     ([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1e300], "score": 1}], r"entry 0: bbox box coordinate"),
 ])
-def test_coco_results_errors(tmp_path, doc, match):
+def test_coco_results_errors(doc, match, write):
     with pytest.raises(ValueError, match=match):
-        read_coco_results(write(tmp_path, "res.json", json.dumps(doc)), ImageLookup({}))
+        read_coco_results(write("res.json", json.dumps(doc)), ImageLookup({}))
 
 
 @pytest.mark.parametrize("doc, match", [
@@ -71,27 +60,27 @@ def test_coco_results_errors(tmp_path, doc, match):
     ({"images": [{"id": 1}], "annotations": [{"image_id": 10**30, "category_id": 1, "bbox": [0, 0, 1, 1]}]},
      r"annotations\[0\]: 'image_id' 1e\+30 is more than"),
 ])
-def test_coco_gt_ranges(tmp_path, doc, match):
+def test_coco_gt_ranges(doc, match, write):
     with pytest.raises(ValueError, match=match):
-        read_coco_gt(write(tmp_path, "gt.json", json.dumps(doc)))
+        read_coco_gt(write("gt.json", json.dumps(doc)))
 
 
-def test_coco_invalid_json_names_line(tmp_path):
+def test_coco_invalid_json_names_line(write):
     with pytest.raises(ValueError, match=r"res.json:2: invalid JSON"):
-        read_coco_results(write(tmp_path, "res.json", "[\n{oops}]"), ImageLookup({}))
+        read_coco_results(write("res.json", "[\n{oops}]"), ImageLookup({}))
 
 
-def test_coco_gt_refuses_crowd(tmp_path):
+def test_coco_gt_refuses_crowd(write):
     doc = {"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1],
                                                     "iscrowd": 1}]}
     with pytest.raises(ValueError, match=r"annotations\[0\]: crowd annotations"):
-        read_coco_gt(write(tmp_path, "gt.json", json.dumps(doc)))
+        read_coco_gt(write("gt.json", json.dumps(doc)))
 
 
-def test_coco_results_bytes_and_many_tables(tmp_path):
+def test_coco_results_bytes_and_many_tables(tmp_path, detections):
     """The `ircnn detect --format coco` layout: entries joined by ',' and a newline, whether given at once or as
     one table per image (empty ones write nothing)."""
-    d = detections()
+    d = detections
     assert write_coco_results(str(tmp_path / "one.json"), d) == 3
     text = (tmp_path / "one.json").read_text()
     assert text.startswith('[{"image_id": 2, "category_id": 28, "bbox": [10.0, 5.0, 10.0, 20.0], "score": 0.5},'

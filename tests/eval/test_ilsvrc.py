@@ -42,7 +42,7 @@ def dets(*rows):
         return DetectionTable.empty()
     image, det_id, conf, boxes = zip(*rows)
     return DetectionTable(np.array(image), np.array(det_id), np.array(conf, dtype=np.float64),
-                      np.array([box(*b) for b in boxes], dtype=np.float64))
+                          np.array([box(*b) for b in boxes], dtype=np.float64))
 
 
 def aps(result):

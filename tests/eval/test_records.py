@@ -48,7 +48,7 @@ def test_detections_json_refuses_bad_arrays(boxes, scores, det_ids, match):
         detections_json(boxes, scores, det_ids)
 
 
-def test_records_written_read_back(tmp_path):
+def test_records_written_read_back(write):
     f = io.StringIO()
     write_record(f, detection_record("d/a.jpg", 80, 60, [[1, 2, 3, 4]], [0.5], [1]))
     write_record(f, error_record("d/b.jpg", ValueError("cannot decode")))
@@ -56,7 +56,7 @@ def test_records_written_read_back(tmp_path):
     assert lines == ['{"image": "d/a.jpg", "width": 80, "height": 60, "detections": [{"box": [1.0, 2.0, 3.0, 4.0], '
                      '"det_id": 1, "wnid": "n02672831", "name": "accordion", "score": 0.5}]}\n',
                      '{"image": "d/b.jpg", "error": "cannot decode"}\n']
-    path = write(tmp_path, "d.jsonl", f.getvalue())
+    path = write("d.jsonl", f.getvalue())
     d, failed = read_jsonl_detections(path, ImageLookup({"a": 7}))
     assert (d.image.tolist(), d.det_id.tolist(), d.boxes.tolist(), failed) == ([7], [1], [[1, 2, 3, 4]], ["d/b.jpg"])
     table = record_table(json.loads(lines[0]), 3, "x")
@@ -69,13 +69,7 @@ def test_records_written_read_back(tmp_path):
 # ---- reading ---------------------------------------------------------------------------------------------
 
 
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def test_jsonl_detections(tmp_path):
+def test_jsonl_detections(write):
     lines = [
         {"image": "/d/val_2.JPEG", "width": 9, "height": 9, "detections": [
             {"box": [1, 2, 3, 4], "det_id": 28, "wnid": BOW_TIE, "name": "bow tie", "score": 0.75},
@@ -84,7 +78,7 @@ def test_jsonl_detections(tmp_path):
         {"image": "elsewhere.jpg", "width": 9, "height": 9, "detections": [{"box": [0, 0, 1, 1], "det_id": 1,
                                                                             "score": 1}]},
     ]
-    path = write(tmp_path, "d.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+    path = write("d.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
     d, failed = read_jsonl_detections(path, ImageLookup({"val_1": 1, "val_2": 2}))
     assert d.image.tolist() == [2, 2, -1] and d.det_id.tolist() == [28, 29, 1]
     assert d.boxes.tolist()[1] == [0.5, 0, 9, 9] and failed == ["val_1.png"]
@@ -101,6 +95,6 @@ def test_jsonl_detections(tmp_path):
     ('{"image": "a", "detections": [{"box": [0, 0, 1, 1], "det_id": 1, "score": NaN}]}', r"'score' must be a finite"),
     ('{"image": "a", "detections": [{"box": [0, 0, 1e12, 1], "det_id": 1, "score": 1}]}', r"box coordinate"),
 ])
-def test_jsonl_errors_name_file_and_line(tmp_path, line, match):
+def test_jsonl_errors_name_file_and_line(line, match, write):
     with pytest.raises(ValueError, match=match):
-        read_jsonl_detections(write(tmp_path, "d.jsonl", line + "\n"), ImageLookup({}))
+        read_jsonl_detections(write("d.jsonl", line + "\n"), ImageLookup({}))

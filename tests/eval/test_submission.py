@@ -1,6 +1,5 @@
 """eval.submission: devkit submission lines written and read back, and their errors."""
 
-import numpy as np
 import pytest
 
 from eval.annotations import read_annotation, write_annotation
@@ -10,20 +9,9 @@ from eval.submission import read_submission, write_submission
 BOW_TIE, BOW, ACCORDION = "n02883205", "n02879718", "n02672831"  # DET ids 28, 29, 1
 
 
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def detections():
-    return DetectionTable(np.array([2, 1, 2]), np.array([28, 1, 200]), np.array([0.5, 0.1 + 0.2, 1e-7]),
-                      np.array([[10.0, 5.0, 20.0, 25.0], [0.4, 0.6, 99.5, 50.2], [3.0, 3.0, 4.0, 4.0]]))
-
-
-def test_submission_round_trip_matches_annotation_conversion(tmp_path):
+def test_submission_round_trip_matches_annotation_conversion(tmp_path, detections):
     path = str(tmp_path / "sub.txt")
-    d = detections()
+    d = detections
     write_submission(path, d)
     assert open(path).read().splitlines()[0] == "2 28 0.5 10 5 19 24"
     back = read_submission(path)
@@ -36,10 +24,10 @@ def test_submission_round_trip_matches_annotation_conversion(tmp_path):
     assert back.boxes.tolist() == [[10, 5, 20, 25], [0, 1, 100, 50], [3, 3, 4, 4]]
 
 
-def test_submission_keeps_float_coordinates(tmp_path):
-    d = read_submission(write(tmp_path, "sub.txt", "1 3 0.9 10.5 2 30.25 40\n\n"))
+def test_submission_keeps_float_coordinates(write):
+    d = read_submission(write("sub.txt", "1 3 0.9 10.5 2 30.25 40\n\n"))
     assert d.boxes.tolist() == [[10.5, 2.0, 31.25, 41.0]]
-    assert len(read_submission(write(tmp_path, "empty.txt", ""))) == 0
+    assert len(read_submission(write("empty.txt", ""))) == 0
 
 
 @pytest.mark.parametrize("text, match", [
@@ -56,13 +44,13 @@ def test_submission_keeps_float_coordinates(tmp_path):
     ("1 1 -inf 1 2 3 4\n", r"sub.txt:1: score -inf is not a finite number"),
     ("1 1 0.9 -1e7 2 3 4\n", r"sub.txt:1: box coordinate -10000000.0 is not a finite number"),
 ])
-def test_submission_errors_name_file_and_line(tmp_path, text, match):
+def test_submission_errors_name_file_and_line(text, match, write):
     with pytest.raises(ValueError, match=match):
-        read_submission(write(tmp_path, "sub.txt", text))
+        read_submission(write("sub.txt", text))
 
 
-def test_submission_of_many_tables_equals_their_concatenation(tmp_path):
-    d = detections()
+def test_submission_of_many_tables_equals_their_concatenation(tmp_path, detections):
+    d = detections
     parts = [DetectionTable(d.image[k:k + 1], d.det_id[k:k + 1], d.score[k:k + 1], d.boxes[k:k + 1])
              for k in range(len(d))]
     assert write_submission(str(tmp_path / "one.txt"), d) == 3
