@@ -59,13 +59,13 @@ from detector.bundle import Bundle, load_bundle, read_manifest
 from detector.ensemble import EnsembleConfig
 from detector.googlenet import GoogLeNet
 from detector.image import read_image
+from detector.multibox_bundle import load_multibox
 from detector.rcnn import MIN_SIDE, DetectConfig, Detections, Detector, RegionScorer, nms_per_class
 from detector.summary import _counts, format_machine, machine, matmul_peak
 from eval.formats import Detections as DevkitDetections
 from eval.formats import read_imageset, write_submission
 from eval.ilsvrc import evaluate_files
 from proposals.combine import MergeConfig, ProposalGenerator, Proposals, merge
-from proposals.multibox import load_multibox
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
 
