@@ -27,8 +27,8 @@ coarsened selective search proposals.
 Boxes leave ``MultiBox.propose`` in the project convention: ``float32 Tensor[K, 4]`` ``x1, y1, x2, y2`` in
 original pixels, clipped to the image.
 
-Training lives in ``proposals/train_multibox.py``; the bundle's ``multibox.safetensors`` (and ``model.json``'s entry
-for it) is written and read by ``detector/multibox_bundle.py``. This module imports nothing else of the project.
+``detector/multibox_bundle.py`` builds the GoogLeNet trunk and keeps the weights in a model bundle
+(``multibox.safetensors``); this module imports nothing else of the project.
 """
 
 from __future__ import annotations
