@@ -59,6 +59,7 @@ from detector.bundle import Bundle, load_bundle, read_manifest
 from detector.ensemble import EnsembleConfig
 from detector.googlenet import GoogLeNet
 from detector.image import read_image
+from detector.multibox_bundle import load_multibox
 from detector.rcnn import MIN_SIDE, DetectConfig, Detections, Detector, RegionScorer, nms_per_class
 from detector.summary import _counts, format_machine, machine, matmul_peak
 from eval.annotations import read_imageset
@@ -66,7 +67,6 @@ from eval.detections import DetectionTable
 from eval.submission import write_submission
 from eval.ilsvrc import evaluate_files
 from proposals.combine import MergeConfig, ProposalGenerator, Proposals, merge
-from proposals.multibox import load_multibox
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
 

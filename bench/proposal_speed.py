@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from skimage import data
 
+from detector.multibox_bundle import GoogLeNetMultiBox, MultiBoxConfig, load_multibox
 from detector.summary import format_machine, machine
 from proposals.combine import MergeConfig, Proposals, merge
-from proposals.multibox import MultiBox, MultiBoxConfig, load_multibox
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "camera", "coins")
@@ -59,7 +59,7 @@ def run(model: str | None, repeat: int, threads: int) -> dict:
     source = f"trained, from {model}" if multibox is not None else "random full-width (speed only)"
     if multibox is None:
         torch.manual_seed(0)
-        multibox = MultiBox(MultiBoxConfig(variant="torchvision"))
+        multibox = GoogLeNetMultiBox(MultiBoxConfig(variant="torchvision"))
     multibox.eval()
     rows = []
     with SelectiveSearchRunner(SelectiveSearchConfig(coarsen=2.0)) as ss:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from detector.members import first_conv
+from detector.transform import fold_into_conv
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 EXPORT_VERSION = 1  # bump when the exported graph changes, so old cache entries are not reused
@@ -67,11 +68,7 @@ class PixelGraph(nn.Module):
     def __init__(self, member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.net = copy.deepcopy(member).cpu().eval().to(memory_format=torch.contiguous_format)
-        scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float64))
-        conv = first_conv(self.net)
-        with torch.no_grad():
-            conv.weight.copy_((conv.weight.double() * scale.view(1, 3, 1, 1)).to(conv.weight.dtype))
-        self.register_buffer("pixel_mean", 255.0 * torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pixel_mean", fold_into_conv(first_conv(self.net), mean, std))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.float() - self.pixel_mean).softmax(dim=1)

@@ -1,5 +1,8 @@
 """Model bundles: a directory with ``model.json`` and one safetensors file per ensemble member, as README.md describes.
 
+This module reads and writes ``model.json``, all of it; the MultiBox weights that its ``multibox`` entry names are
+``detector/multibox_bundle.py``'s (``multibox_file``, ``set_multibox``).
+
 Loading never unpickles: member weights are safetensors; only ``import_torchvision`` reads a torchvision
 ``.pth`` checkpoint, with ``torch.load(weights_only=True)``.
 """
@@ -128,11 +131,16 @@ def save_bundle(out: str | os.PathLike, bundle: Bundle) -> Path:
         "multibox": bundle.multibox,
         "provenance": bundle.provenance,
     }
-    tmp = out / "model.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(out / "model.json")
+    _write_manifest(out, doc)
     bundle.path = out
     return out
+
+
+def _write_manifest(path: Path, doc: dict) -> None:
+    """``model.json``, replaced atomically."""
+    tmp = path / "model.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path / "model.json")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -161,10 +169,34 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
         raise BundleError(f"{manifest}: members must be a list of 1..{MAX_MEMBERS} file names")
     for name in members:
-        # member files live inside the bundle: no paths, no parent references
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+\.safetensors", name):
+        if not _is_file_name(name):
             raise BundleError(f"{manifest}: member {name!r} must be a plain *.safetensors file name in the bundle")
     return doc
+
+
+def _is_file_name(name: object) -> bool:
+    """A plain ``*.safetensors`` name: weights files live inside the bundle, no paths, no parent references."""
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]+\.safetensors", name) is not None
+
+
+def multibox_file(path: str | os.PathLike) -> Path | None:
+    """The MultiBox weights file that ``model.json`` names (it may be missing), or ``None`` for ``null``."""
+    path = Path(path)
+    name = read_manifest(path).get("multibox")
+    if name is None:
+        return None
+    if not _is_file_name(name):
+        raise BundleError(f"{path / 'model.json'}: multibox {name!r} must be a plain *.safetensors file name in "
+                          "the bundle")
+    return path / name
+
+
+def set_multibox(path: str | os.PathLike, name: str) -> None:
+    """Point an existing bundle's ``model.json`` at the MultiBox weights file ``name``; the rest stays as it is."""
+    path = Path(path)
+    doc = read_manifest(path)
+    doc["multibox"] = name
+    _write_manifest(path, doc)
 
 
 def manifest_archs(doc: dict, where: Path) -> list[ArchConfig]:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from detector.autobackend import Choice, choose_backend
 from detector.backends import BACKENDS, BackendMember
 from detector.bundle import Bundle
+from detector.transform import Normalize
 
 PRECISIONS = ("fp32", "bf16")
 AUTO = "auto"
@@ -61,11 +62,7 @@ class Ensemble(nn.Module):
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.config = config
-        # (x / 255 - mean) / std as one multiply-add: x * scale + shift
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
-        self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t,
-                             persistent=False)
+        self.transform = Normalize(mean, std)
         self.to(next(members[0].parameters()).device)  # the buffers go where the members are (a bundle on cuda)
         self.eval()
         self.choices = member_choices(members, mean, std, config, size)  # [Choice] per member
@@ -82,11 +79,11 @@ class Ensemble(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.scale.device
+        return self.transform.scale.device
 
     def normalize(self, images: Tensor) -> Tensor:
         """``Tensor[N, 3, S, S]`` uint8 -> float32 network input (default layout)."""
-        return images.to(self.device, non_blocking=True).float() * self.scale + self.shift
+        return self.transform(images)
 
     @torch.inference_mode()
     def forward(self, images: Tensor, members: Sequence[int] | None = None) -> Tensor:

@@ -42,11 +42,11 @@ from torchvision.ops import batched_nms
 
 from detector.bundle import Bundle, Preprocess, check_det_ids
 from detector.ensemble import Ensemble, EnsembleConfig
+from detector.multibox_bundle import load_multibox
 from detector.warp import MAX_REGIONS, check_boxes, check_image, warp_frames, warp_regions
 from eval.classes import det200_from_cls1000
 from eval.records import detections_json
 from proposals.combine import MergeConfig, ProposalGenerator, Proposals
-from proposals.multibox import load_multibox
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
 FROM_CLS_TASKS = ("det200-from-cls1000", "cls1000")  # 1000-way ImageNet heads, mapped to DET classes

@@ -306,7 +306,7 @@ def compute_proposals(cfg: DetectorTrainConfig, images: list[DetImage], cache: P
             runner = SelectiveSearchRunner(SelectiveSearchConfig(coarsen=cfg.coarsen,
                                                                  resize_width=cfg.selective_search_width))
         if cfg.multibox_from is not None:
-            from proposals.multibox import load_multibox
+            from detector.multibox_bundle import load_multibox
 
             multibox = load_multibox(cfg.multibox_from)
         generate = ProposalGenerator(runner, multibox, MergeConfig(max_proposals=cfg.max_proposals))
@@ -745,7 +745,7 @@ def train_detector(cfg: DetectorTrainConfig, on_epoch: Callable[[dict], None] = 
         bundle = Bundle(task="det200", members=members, preprocess=pre, provenance=provenance)
         save_bundle(out, bundle)
         if cfg.multibox_from is not None:  # the detector proposes with the boxes it was trained on
-            from proposals.multibox import load_multibox, multibox_provenance, save_multibox
+            from detector.multibox_bundle import load_multibox, multibox_provenance, save_multibox
 
             save_multibox(out, load_multibox(cfg.multibox_from), multibox_provenance(cfg.multibox_from))
             bundle.multibox = "multibox.safetensors"

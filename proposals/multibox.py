@@ -4,12 +4,13 @@ Erhan et al., "Scalable object detection using deep neural networks" (CVPR 2014)
 high-quality object detection" (2014); "Going deeper with convolutions" section 8 adds its top 200 boxes to the
 coarsened selective search proposals.
 
-- **Network**: GoogLeNet's trunk up to inception (5b), average pooled to a ``grid x grid`` map (``grid=1`` is the
-  classifier's global average pool), flattened, then two linear heads: ``K * 4`` box offsets and ``K`` confidence
-  logits.
+- **Network**: a trunk given as a module (the bundle code in ``detector/`` gives GoogLeNet's up to inception (5b),
+  Erhan et al.'s and section 8's choice), its feature map average pooled to a ``grid x grid`` map (``grid=1`` is
+  the classifier's global average pool), flattened, then two linear heads: ``K * 4`` box offsets and ``K``
+  confidence logits.
 - **Input**: the whole image resized to ``size x size`` (the aspect ratio is not kept: box coordinates are
-  normalised by the image's own width and height, so a box's relative place is the same in both), normalised with
-  the configuration's mean and std (``detector.bundle.Preprocess``), batched, channels-last.
+  normalised by the image's own width and height, so a box's relative place is the same in both), batched,
+  normalised by the ``transform`` module given with the trunk, channels-last.
 - **Priors and parametrisation**: box ``k`` is ``prior_k + delta_k``, all four corners ``x1, y1, x2, y2``
   normalised to [0, 1] by the image width and height (Erhan et al. section 3.3: the network predicts residuals to
   the priors). Chosen over (cx, cy, log w, log h) because the loss is L2 on these very coordinates: an output of
@@ -26,84 +27,40 @@ coarsened selective search proposals.
 Boxes leave ``MultiBox.propose`` in the project convention: ``float32 Tensor[K, 4]`` ``x1, y1, x2, y2`` in
 original pixels, clipped to the image.
 
-Dependencies: ``detector.googlenet`` (the trunk) and ``detector.bundle`` (preprocessing constants and the bundle
-manifest). Neither imports anything from ``proposals``, so there is no cycle.
+``detector/multibox_bundle.py`` builds the GoogLeNet trunk and keeps the weights in a model bundle
+(``multibox.safetensors``); this module imports nothing else of the project.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from detector.bundle import IMAGENET_MEAN, IMAGENET_STD, BundleError, Preprocess, read_manifest
-from detector.googlenet import VARIANTS, GoogLeNet, GoogLeNetConfig
-
-MULTIBOX_FILE = "multibox.safetensors"
-FILE_FORMAT = "1"  # the "format" entry of the safetensors metadata
 ALPHA = 0.3  # Erhan et al.: weight of the location term
 KMEANS_MAX_POINTS = 100_000  # k-means runs on a seeded sample of at most this many boxes
 PRIOR_JITTER = 0.02  # std of the noise on repeated priors when there are fewer distinct boxes than K
 
 
 @dataclass(frozen=True)
-class MultiBoxConfig:
+class HeadConfig:
     k: int = 200  # boxes per image; section 8 adds "200 region proposals coming from multi-box"
-    variant: str = "paper"  # GoogLeNet trunk: "paper" (Table 1) or "torchvision" (batch norm; its checkpoint)
-    width: float = 1.0  # trunk channel multiplier; 1.0 is the paper's network, smaller widths are for tests
     size: int = 224  # network input side; the whole image is resized to size x size
-    grid: int = 1  # 5b features average pooled to grid x grid before the heads; 1 = global average pool
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, pixels scaled to [0, 1]
-    std: tuple[float, float, float] = IMAGENET_STD
+    grid: int = 1  # trunk features average pooled to grid x grid before the heads; 1 = global average pool
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or not 1 <= self.k <= 10_000:
             raise ValueError(f"k must be an int in 1..10000, got {self.k!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if not 0.0 < self.width <= 4.0:
-            raise ValueError(f"width must be in (0, 4], got {self.width}")
         if not isinstance(self.size, int) or not 32 <= self.size <= 1024:
             raise ValueError(f"size must be an int in 32..1024, got {self.size!r}")
         if not isinstance(self.grid, int) or not 1 <= self.grid <= 7:
             raise ValueError(f"grid must be an int in 1..7, got {self.grid!r}")
-        Preprocess.from_dict(self.preprocess.to_dict())  # same checks as a bundle's preprocessing
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess(self.size, tuple(self.mean), tuple(self.std))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MultiBoxConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"a MultiBox config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MultiBox config field(s) {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(float(v) for v in d[key])
-        return cls(**d)
 
 
 # ---- priors ----------------------------------------------------------------------------------------------
@@ -214,18 +171,28 @@ def _check_images(images: list[np.ndarray]) -> None:
 
 
 class MultiBox(nn.Module):
-    """GoogLeNet trunk plus box and confidence heads (module docstring).
+    """A trunk plus box and confidence heads (module docstring).
+
+    Args:
+        trunk: ``Tensor[B, 3, S, S]`` network input -> feature map ``Tensor[B, channels, h, w]``; a module, so its
+            weights are the state dict's ``trunk.*``.
+        channels: the trunk's output channels.
+        transform: ``uint8 Tensor[B, 3, S, S]`` -> float32 network input, on the model's device (the
+            normalisation the trunk was trained with); its constants, if any, are not part of the state dict.
+        head: K, the input side and the pooling grid.
+        priors (array or Tensor[K, 4]): normalised prior boxes; ``None`` gives K whole-image boxes, a placeholder
+            until ``kmeans_priors`` or a loaded state dict sets them.
 
     ``forward(Tensor[B, 3, S, S] normalised)`` returns ``(boxes Tensor[B, K, 4], logits Tensor[B, K])``, boxes as
     normalised corners ``prior + delta``, logits before the sigmoid. ``propose`` takes images and returns boxes in
-    pixels. ``priors (array or Tensor[K, 4])``: normalised prior boxes; ``None`` gives K whole-image boxes, a
-    placeholder until ``kmeans_priors`` or a loaded state dict sets them.
+    pixels.
     """
 
-    def __init__(self, config: MultiBoxConfig = MultiBoxConfig(), priors: np.ndarray | Tensor | None = None) -> None:
+    def __init__(self, trunk: nn.Module, channels: int, transform: nn.Module, head: HeadConfig = HeadConfig(),
+                 priors: np.ndarray | Tensor | None = None) -> None:
         super().__init__()
-        self.config = config
-        k = config.k
+        self.head_config = head
+        k = head.k
         if priors is None:
             priors = np.tile([0.0, 0.0, 1.0, 1.0], (k, 1))
         priors = _check_normalised(torch.as_tensor(priors).detach().cpu().numpy(), "priors")
@@ -233,10 +200,8 @@ class MultiBox(nn.Module):
             raise ValueError(f"priors must have shape [{k}, 4] for k = {k}, got {list(priors.shape)}")
         self.register_buffer("priors", torch.tensor(priors, dtype=torch.float32))  # [K, 4]
 
-        self.trunk = GoogLeNet(GoogLeNetConfig(variant=config.variant, num_classes=1, aux_logits=False,
-                                               width=config.width))
-        self.trunk.fc = None  # the classifier head is not part of MultiBox (nor of its state dict)
-        features = self.trunk.num_features * config.grid ** 2
+        self.trunk = trunk
+        features = channels * head.grid ** 2
         self.box_head = nn.Linear(features, 4 * k)
         self.conf_head = nn.Linear(features, k)
         # Start at the priors (zero offsets) with every confidence at 1 / (1 + K), about the share of predictions
@@ -245,22 +210,8 @@ class MultiBox(nn.Module):
         nn.init.zeros_(self.box_head.bias)
         nn.init.normal_(self.conf_head.weight, std=0.01)
         nn.init.constant_(self.conf_head.bias, -math.log(k) if k > 1 else 0.0)
-
-        std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add, as detector.ensemble does
-        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
-        self.register_buffer("shift", -torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1) / std,
-                             persistent=False)
+        self.transform = transform
         self.to(memory_format=torch.channels_last)
-
-    def load_trunk(self, classifier: GoogLeNet) -> None:
-        """Copy a classifier's weights below its head (``fc`` and the auxiliary heads are left out)."""
-        arch = classifier.config
-        if (arch.variant, arch.width) != (self.config.variant, self.config.width):
-            raise ValueError(f"the classifier is a {arch.variant} GoogLeNet of width {arch.width}; this MultiBox's "
-                             f"trunk is {self.config.variant} of width {self.config.width}")
-        state = {k: v for k, v in classifier.state_dict().items() if not k.startswith(("fc.", "aux1.", "aux2."))}
-        self.trunk.load_state_dict(state, strict=True)
 
     @property
     def device(self) -> torch.device:
@@ -268,13 +219,12 @@ class MultiBox(nn.Module):
 
     def normalize(self, images: Tensor) -> Tensor:
         """``uint8 Tensor[B, 3, S, S]`` -> float32 channels-last network input on the model's device."""
-        x = images.to(self.device, non_blocking=True).float() * self.scale + self.shift
+        x = self.transform(images.to(self.device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f, _, _ = self.trunk.features(x)
-        f = torch.flatten(F.adaptive_avg_pool2d(f, self.config.grid), 1)  # [B, C * grid^2]
-        delta = self.box_head(f).view(-1, self.config.k, 4)  # [B, K, 4]
+        f = torch.flatten(F.adaptive_avg_pool2d(self.trunk(x), self.head_config.grid), 1)  # [B, C * grid^2]
+        delta = self.box_head(f).view(-1, self.head_config.k, 4)  # [B, K, 4]
         return self.priors + delta, self.conf_head(f)
 
     def propose(self, images: list[np.ndarray], batch_size: int = 32) -> list[tuple[Tensor, Tensor]]:
@@ -296,7 +246,7 @@ class MultiBox(nn.Module):
             with torch.inference_mode():
                 for start in range(0, len(images), batch_size):
                     chunk = images[start:start + batch_size]
-                    x = self.normalize(torch.stack([resize_image(im, self.config.size) for im in chunk]))
+                    x = self.normalize(torch.stack([resize_image(im, self.head_config.size) for im in chunk]))
                     boxes, logits = self(x)
                     for image, b, c in zip(chunk, boxes.float().cpu(), logits.float().cpu()):
                         out.append(_to_pixels(b, c, image.shape[1], image.shape[0]))
@@ -378,65 +328,3 @@ def multibox_loss(pred_boxes: Tensor, pred_logits: Tensor, gt: list[Tensor], alp
     stats = {"loss": float(loss.detach()), "location": float(location.detach()),
              "confidence": float(confidence.detach()), "matched": matched / batch}
     return loss, stats
-
-
-# ---- bundle ----------------------------------------------------------------------------------------------
-
-
-def save_multibox(bundle_dir: str | os.PathLike, model: MultiBox, provenance: dict | None = None) -> Path:
-    """Write ``multibox.safetensors`` into an existing bundle and point ``model.json``'s ``multibox`` at it.
-
-    The members and every other manifest field stay as they are. The MultiBox config (and ``provenance``) go into
-    the safetensors metadata, so the file describes itself and survives a rewrite of ``model.json`` by
-    ``save_bundle``. Both files are replaced atomically. Returns the weights file.
-    """
-    path = Path(bundle_dir)
-    doc = read_manifest(path)  # refuses a directory that is no bundle, saying how to make one
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FILE_FORMAT, "config": json.dumps(model.config.to_dict())}
-    if provenance is not None:
-        meta["provenance"] = json.dumps(provenance)
-    file = path / MULTIBOX_FILE
-    tmp = path / (MULTIBOX_FILE + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, file)
-    doc["multibox"] = MULTIBOX_FILE
-    tmp = path / "model.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path / "model.json")
-    return file
-
-
-def load_multibox(bundle_dir: str | os.PathLike, device: str | torch.device = "cpu") -> MultiBox | None:
-    """The bundle's MultiBox in eval mode, or ``None`` when its ``model.json`` has ``"multibox": null``."""
-    path = Path(bundle_dir)
-    name = read_manifest(path).get("multibox")
-    if name is None:
-        return None
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+\.safetensors", name):
-        raise BundleError(f"{path / 'model.json'}: multibox {name!r} must be a plain *.safetensors file name in "
-                          "the bundle")
-    file = path / name
-    if not file.is_file():
-        raise BundleError(f"{path}: MultiBox file {name} is missing; train one with `ircnn train multibox "
-                          f"--out {path}` or set \"multibox\" to null in model.json")
-    try:
-        with safe_open(str(file), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FILE_FORMAT:
-            raise ValueError(f"metadata format {meta.get('format')!r}, expected {FILE_FORMAT!r}")
-        model = MultiBox(MultiBoxConfig.from_dict(json.loads(meta["config"])))
-        model.load_state_dict(load_file(str(file), device="cpu"), strict=True)
-    except Exception as e:  # safetensors, JSON and shape errors all mean the same thing to the user
-        raise BundleError(f"{file} is not a usable MultiBox: {str(e)[:500]}") from None
-    return model.to(device).eval()
-
-
-def multibox_provenance(bundle_dir: str | os.PathLike) -> dict:
-    """The provenance stored with the bundle's MultiBox weights (``{}`` if none)."""
-    path = Path(bundle_dir)
-    name = read_manifest(path).get("multibox")
-    if name is None:
-        return {}
-    with safe_open(str(path / name), "pt") as f:
-        return json.loads((f.metadata() or {}).get("provenance", "{}"))

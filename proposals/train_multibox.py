@@ -47,10 +47,10 @@ from detector.bundle import load_bundle, read_manifest
 from detector.cpus import default_workers
 from detector.googlenet import VARIANTS, GoogLeNetConfig
 from detector.image import read_image
+from detector.multibox_bundle import GoogLeNetMultiBox as MultiBox, MultiBoxConfig, save_multibox
 from detector.train import CHECKPOINT_FORMAT, EMA, load_checkpoint, restore_training, save_checkpoint
 from eval.annotations import read_det_split
-from proposals.multibox import (ALPHA, MultiBox, MultiBoxConfig, kmeans_priors, multibox_loss,
-                                resize_image, save_multibox)
+from proposals.multibox import ALPHA, kmeans_priors, multibox_loss, resize_image
 from proposals.recall import best_overlaps
 
 CHECKPOINT_NAME = "checkpoint.pt"

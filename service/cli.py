@@ -470,7 +470,7 @@ def _cmd_train_multibox(args) -> int:
     if args.init and (args.variant is not None or args.width is not None):
         raise CliError("--variant and --width describe a new trunk; with --init the bundle's architecture is "
                        "used, so drop them")
-    from proposals.multibox import MULTIBOX_FILE
+    from detector.multibox_bundle import MULTIBOX_FILE
     from proposals.train_multibox import MultiBoxTrainConfig, train_multibox
 
     cfg = MultiBoxTrainConfig(
@@ -707,7 +707,7 @@ def _proposal_sources(args, multibox) -> int:
 def _load_multibox(args):
     if args.model is None or args.multibox == "0":
         return None
-    from proposals.multibox import load_multibox
+    from detector.multibox_bundle import load_multibox
 
     return load_multibox(args.model)
 

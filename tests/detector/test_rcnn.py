@@ -16,12 +16,12 @@ import torchvision
 from skimage import data
 
 from detector.bundle import Bundle, Preprocess, load_bundle
+from detector.multibox_bundle import GoogLeNetMultiBox, MultiBoxConfig, save_multibox
 from detector.rcnn import DetectConfig, Detections, Detector, RegionScorer, fill_colour, nms_per_class
 from detector.warp import warp_regions
 from eval.classes import det200
 from eval.records import detection_record
 from proposals.combine import ProposalGenerator, Proposals
-from proposals.multibox import MultiBox, MultiBoxConfig, save_multibox
 from service.cli import main
 
 SMALL = Preprocess(size=64)  # tiny inputs keep the narrow test networks fast; the arithmetic is the same
@@ -266,7 +266,7 @@ def test_detector_end_to_end_on_a_photo_with_selective_search(tiny_bundle, tmp_p
     from detector.bundle import save_bundle
 
     save_bundle(tmp_path, bundle)
-    save_multibox(tmp_path, MultiBox(MultiBoxConfig(k=5, width=0.125, size=64)))
+    save_multibox(tmp_path, GoogLeNetMultiBox(MultiBoxConfig(k=5, width=0.125, size=64)))
     bundle = load_bundle(tmp_path)
     config = DetectConfig(score_threshold=0.05, max_detections=10, max_regions=60)
     with Detector.from_bundle(bundle, config) as detector:

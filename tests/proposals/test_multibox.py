@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from detector.bundle import BundleError, init_bundle, load_bundle, save_bundle
+from detector.bundle import init_bundle, load_bundle, save_bundle
 from detector.googlenet import GoogLeNetConfig
+from detector.multibox_bundle import MULTIBOX_FILE, GoogLeNetMultiBox, MultiBoxConfig, load_multibox
 from eval.synth import SynthConfig, write_synth_set
-from proposals.multibox import (MULTIBOX_FILE, MultiBox, MultiBoxConfig, kmeans_priors, load_multibox, match,
-                                multibox_loss, resize_image, save_multibox)
+from proposals.multibox import HeadConfig, MultiBox, kmeans_priors, match, multibox_loss, resize_image
 from proposals.train_multibox import MultiBoxTrainConfig, augment, read_split, recall, train_multibox
 from service.cli import main
 
@@ -28,14 +28,6 @@ def random_boxes(n: int, seed: int) -> np.ndarray:
     """``n`` valid normalised boxes ``[n, 4]``."""
     xy = np.random.default_rng(seed).uniform(0, 1, (n, 2, 2))
     return np.concatenate([xy.min(1), xy.max(1)], 1)
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    """A tiny classifier bundle, the home a MultiBox needs."""
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    save_bundle(out, init_bundle(GoogLeNetConfig(width=0.125, num_classes=1000)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +42,7 @@ def synth(tmp_path_factory):
 
 def test_propose_gives_exactly_k_sorted_boxes_inside_each_image(spread):
     torch.manual_seed(0)
-    model = MultiBox(TINY, random_boxes(200, 0))
+    model = GoogLeNetMultiBox(TINY, random_boxes(200, 0))
     spread(model, 1)  # offsets far from zero: boxes cross the border and must be clipped
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((120, 200), (300, 40), (1, 1), (1, 500))]
@@ -78,7 +70,7 @@ def test_propose_gives_exactly_k_sorted_boxes_inside_each_image(spread):
 def test_an_untrained_network_proposes_its_priors_in_pixels():
     """The box head starts at zero, so each image's boxes are the priors scaled to it (a check of the mapping)."""
     priors = random_boxes(200, 1)
-    model = MultiBox(TINY, priors).eval()
+    model = GoogLeNetMultiBox(TINY, priors).eval()
     (boxes, scores), = model.propose([np.zeros((50, 80, 3), np.uint8)])
     expected = torch.tensor(priors, dtype=torch.float32) * torch.tensor([80, 50, 80, 50])
     order = lambda b: b[np.lexsort(b.numpy().T[::-1])]  # noqa: E731
@@ -89,7 +81,7 @@ def test_an_untrained_network_proposes_its_priors_in_pixels():
 
 def test_propose_matches_forward_and_batches_do_not_matter(spread):
     torch.manual_seed(0)
-    model = spread(MultiBox(TINY, random_boxes(200, 2)), 3).eval()
+    model = spread(GoogLeNetMultiBox(TINY, random_boxes(200, 2)), 3).eval()
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (90, 70, 3), dtype=np.uint8) for _ in range(3)]
     together = model.propose(images)
@@ -111,36 +103,35 @@ def test_propose_matches_forward_and_batches_do_not_matter(spread):
 
 
 def test_propose_refuses_what_is_not_an_rgb_image():
-    model = MultiBox(MultiBoxConfig(k=4, width=0.125, size=32))
+    model = GoogLeNetMultiBox(MultiBoxConfig(k=4, width=0.125, size=32))
     for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3), np.float32),
                 np.zeros((0, 10, 3), np.uint8)):
         with pytest.raises(ValueError, match=r"images\[0\]"):
             model.propose([bad])
 
 
-def test_config_validation():
+def test_any_trunk_and_transform_make_a_multibox():
+    """The network around a trunk it is given: a 2-layer convolution here, with its own input transform."""
+
+    class Halve(torch.nn.Module):
+        def forward(self, images):
+            return images.float() / 2
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(6, 5, 3))
+    model = MultiBox(trunk, 5, Halve(), HeadConfig(k=7, size=32, grid=2), random_boxes(7, 3))
+    assert sorted(model.state_dict()) == ["box_head.bias", "box_head.weight", "conf_head.bias", "conf_head.weight",
+                                          "priors", "trunk.0.bias", "trunk.0.weight", "trunk.2.bias",
+                                          "trunk.2.weight"]
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(model.normalize(images), images.float() / 2)
+    boxes, logits = model(model.normalize(images))
+    assert boxes.shape == (2, 7, 4) and logits.shape == (2, 7)
+    torch.testing.assert_close(boxes, torch.tensor(random_boxes(7, 3), dtype=torch.float32).expand(2, 7, 4))
+    (pixels, scores), = model.propose([np.zeros((40, 30, 3), np.uint8)])
+    assert pixels.shape == (7, 4) and scores.shape == (7,)
     with pytest.raises(ValueError, match="k must"):
-        MultiBoxConfig(k=0)
-    with pytest.raises(ValueError, match="variant"):
-        MultiBoxConfig(variant="resnet")
-    with pytest.raises(ValueError, match=r"priors must have shape \[3, 4\]"):
-        MultiBox(MultiBoxConfig(k=3, width=0.125), random_boxes(4, 0))
-    with pytest.raises(ValueError, match="normalised"):
-        MultiBox(MultiBoxConfig(k=1, width=0.125), [[0, 0, 2, 2]])
-    assert MultiBoxConfig.from_dict(TINY.to_dict()) == TINY
-    assert MultiBoxConfig().k == 200
-
-
-def test_trunk_starts_from_a_classifier_without_its_heads(tiny_bundle):
-    classifier = tiny_bundle(width=0.125, variant="torchvision").members[0]  # with auxiliary heads
-    model = MultiBox(MultiBoxConfig(k=4, variant="torchvision", width=0.125))
-    model.load_trunk(classifier)
-    theirs = classifier.state_dict()
-    ours = model.trunk.state_dict()
-    assert ours and all(torch.equal(v, theirs[k]) for k, v in ours.items())
-    assert not any(k.startswith(("trunk.fc.", "trunk.aux")) for k in model.state_dict())
-    with pytest.raises(ValueError, match="trunk is paper"):
-        MultiBox(MultiBoxConfig(k=4, variant="paper", width=0.125)).load_trunk(classifier)
+        HeadConfig(k=0)
 
 
 # ---- priors ----------------------------------------------------------------------------------------------
@@ -249,50 +240,6 @@ def test_hungarian_matching_equals_brute_force(k, m):
         best = min(sum(float(cost[i, j]) for i, j in (zip(p, range(m)) if k >= m else zip(range(k), p)))
                    for p in itertools.permutations(range(k) if k >= m else range(m), min(k, m)))
         assert float(cost[rows, cols].sum()) == pytest.approx(best)
-
-
-# ---- bundle ----------------------------------------------------------------------------------------------
-
-
-def test_save_and_load_round_trip_leaves_the_members_alone(bundle_dir, spread):
-    members_before = (bundle_dir / "member0.safetensors").read_bytes()
-    assert load_multibox(bundle_dir) is None
-    config = MultiBoxConfig(k=16, variant="torchvision", width=0.125, size=48, grid=2, mean=(0.5, 0.5, 0.5),
-                            std=(0.5, 0.5, 0.5))
-    torch.manual_seed(0)
-    model = spread(MultiBox(config, random_boxes(16, 5)), 7)
-    save_multibox(bundle_dir, model, provenance={"note": "test"})
-    doc = json.loads((bundle_dir / "model.json").read_text())
-    assert doc["multibox"] == MULTIBOX_FILE
-    assert (bundle_dir / "member0.safetensors").read_bytes() == members_before
-    assert "priors" in load_file(bundle_dir / MULTIBOX_FILE)
-    loaded = load_multibox(bundle_dir)
-    assert loaded.config == config and not loaded.training
-    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
-    for (b1, s1), (b2, s2) in zip(model.propose([image]), loaded.propose([image])):
-        torch.testing.assert_close(b1, b2)
-        torch.testing.assert_close(s1, s2)
-    assert load_bundle(bundle_dir).multibox == MULTIBOX_FILE  # the bundle still loads, and names it
-
-
-def test_save_refuses_a_directory_that_is_no_bundle(tmp_path):
-    with pytest.raises(BundleError, match="ircnn model init"):
-        save_multibox(tmp_path, MultiBox(MultiBoxConfig(k=2, width=0.125)))
-    assert not (tmp_path / MULTIBOX_FILE).exists()
-
-
-def test_load_reports_a_missing_or_broken_file(tmp_path):
-    save_bundle(tmp_path, init_bundle(GoogLeNetConfig(width=0.125)))
-    doc = json.loads((tmp_path / "model.json").read_text())
-    (tmp_path / "model.json").write_text(json.dumps({**doc, "multibox": MULTIBOX_FILE}))
-    with pytest.raises(BundleError, match="missing"):
-        load_multibox(tmp_path)
-    (tmp_path / MULTIBOX_FILE).write_bytes(b"not safetensors")
-    with pytest.raises(BundleError, match="not a usable MultiBox"):
-        load_multibox(tmp_path)
-    (tmp_path / "model.json").write_text(json.dumps({**doc, "multibox": "../elsewhere.safetensors"}))
-    with pytest.raises(BundleError, match="plain"):
-        load_multibox(tmp_path)
 
 
 # ---- training --------------------------------------------------------------------------------------------
