@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -222,8 +221,8 @@ def _new_model(arch: ArchConfig, seed: int, init: Bundle | None, member: int) ->
     return model
 
 
-def member_job(cfg: ClassifierTrainConfig, member: int, arch: ArchConfig, data: Folder, val: DataLoader | None, d: Dist,
-               run: dict, init: Bundle | None) -> Job:
+def member_job(cfg: ClassifierTrainConfig, member: int, arch: ArchConfig, data: Folder, val: DataLoader | None,
+               d: Dist, run: dict, init: Bundle | None) -> Job:
     """Member ``member``'s training: SGD with momentum, the paper's schedule, ``googlenet_loss``."""
     seed = cfg.run.seed + member
     data.seed = seed  # this member's augmentations, as its sampling order, come from its own seed
@@ -260,7 +259,8 @@ def member_job(cfg: ClassifierTrainConfig, member: int, arch: ArchConfig, data: 
                evaluate=evaluate)
 
 
-def train_classifier(cfg: ClassifierTrainConfig, on_epoch: Callable[[dict], None] = lambda record: None) -> Bundle | None:
+def train_classifier(cfg: ClassifierTrainConfig,
+                     on_epoch: Callable[[dict], None] = lambda record: None) -> Bundle | None:
     """Train ``cfg.members`` GoogLeNets on ``cfg.data`` and write their averaged weights as a bundle.
 
     ``on_epoch`` gets one record per epoch (rank 0 only): member, epoch, step, train_loss, lr, images_per_s,
