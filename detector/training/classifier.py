@@ -10,7 +10,7 @@ What the paper prescribes, and where it is here:
   AlexNet's PCA lighting noise (``Lighting``), then horizontal flips;
 - "asynchronous stochastic gradient descent with 0.9 momentum": synchronous SGD here (one process, or
   DistributedDataParallel under ``torchrun``), momentum 0.9;
-- "decreasing the learning rate by 4% every 8 epochs": ``StepLR(step_size=8, gamma=0.96)`` stepped per epoch;
+- "decreasing the learning rate by 4% every 8 epochs": ``StepLR(gamma=0.96)`` over 8 epochs of steps;
 - "Polyak averaging was used to create the final model used at inference time": ``EMA``, an exponential moving
   average of the weights and buffers; the averaged weights are what the bundle gets;
 - auxiliary losses weighted by 0.3 (section 5): ``googlenet_loss``.
