@@ -391,13 +391,13 @@ def _add_train_commands(sub) -> None:
     p.set_defaults(func=_cmd_train_detector)
 
 
-def _run_config(args, **more):
-    """The run settings that every `ircnn train` command has flags for."""
+def _run_config(args, **limits):
+    """The run settings that every `ircnn train` command has flags for, and ``limits`` (max_steps, max_minutes)."""
     from detector.training.engine import RunConfig
 
     return RunConfig(seed=args.seed, device=args.device, workers=args.workers, ema_decay=args.ema_decay,
                      resume=args.resume, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                     max_steps=getattr(args, "max_steps", 0), **more)
+                     **limits)
 
 
 def _cmd_train_classifier(args) -> int:
@@ -410,7 +410,7 @@ def _cmd_train_classifier(args) -> int:
         data=args.data, out=args.out, val=args.val, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, variant=args.variant or "paper",
         width=1.0 if args.width is None else args.width, size=args.size, members=args.members, init=args.init,
-        run=_run_config(args))
+        run=_run_config(args, max_steps=args.max_steps))
 
     def report(r: dict) -> None:
         if args.json:
@@ -483,7 +483,7 @@ def _cmd_train_multibox(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         alpha=args.alpha, match=args.match, variant=args.variant or "paper",
         width=1.0 if args.width is None else args.width, size=args.size, grid=args.grid, init=args.init,
-        run=_run_config(args))
+        run=_run_config(args, max_steps=args.max_steps))
 
     def report(r: dict) -> None:
         if args.json:
