@@ -75,7 +75,6 @@ MEMBER_VARIANTS = (
 )
 
 
-
 @dataclass(frozen=True)
 class DetectorTrainConfig:
     data: str  # ILSVRC-format root: Data/DET, Annotations/DET, ImageSets/DET

@@ -42,9 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 from detector.bundle import Bundle, load_bundle, read_manifest
 from detector.googlenet import VARIANTS, GoogLeNetConfig
 from detector.image import read_image
+from detector.training.checkpoint import open_checkpoint
 from detector.training.engine import (Dist, EpochEnd, Job, RunConfig, check_non_negative, check_positive, fit,
                                       param_groups, recipe, resolve_device)
-from detector.training.checkpoint import open_checkpoint
 from eval.formats import read_split
 from proposals.multibox import (ALPHA, MultiBox, MultiBoxConfig, kmeans_priors, multibox_loss,
                                 resize_image, save_multibox)

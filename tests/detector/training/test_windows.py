@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detector.image import read_image
-from detector.training.windows import Windows, WindowBatches, WindowSampler, label_windows, read_detection_split
+from detector.training.windows import WindowBatches, Windows, WindowSampler, label_windows, read_detection_split
 from detector.warp import warp_regions
 
 
