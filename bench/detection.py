@@ -71,7 +71,7 @@ from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRun
 
 
 
-# What the detector learning test (tests/detector/test_train_detector.py) found to learn fastest from random
+# What the detector learning test (tests/detector/training/test_detector.py) found to learn fastest from random
 # weights in minutes on this CPU: batch-normalised members without the auxiliary heads, batches of 16 windows half
 # of them foreground (R-CNN: 128 with 32), lr 0.05. --epochs is only a ceiling: --max-minutes stops each member.
 DETECTOR_RECIPE = ("--variant", "torchvision", "--no-aux-heads", "--batch", "16", "--fg-per-batch", "8",

@@ -22,7 +22,7 @@ coarsened selective search proposals.
   confidence together; the confidence part is just ``-logit_i``), then
   ``alpha / 2 * sum ||l_i - g_j||^2`` over matched pairs plus the logistic loss of every confidence (target 1 for a
   matched prediction, 0 otherwise). With ``priors=`` the matching is by location to the priors instead ("training
-  with priors"), which is what training uses by default (``proposals/train_multibox.py`` says why).
+  with priors"), which is what training uses by default (``detector/training/multibox.py`` says why).
 
 Boxes leave ``MultiBox.propose`` in the project convention: ``float32 Tensor[K, 4]`` ``x1, y1, x2, y2`` in
 original pixels, clipped to the image.

@@ -391,18 +391,26 @@ def _add_train_commands(sub) -> None:
     p.set_defaults(func=_cmd_train_detector)
 
 
+def _run_config(args, **limits):
+    """The run settings that every `ircnn train` command has flags for, and ``limits`` (max_steps, max_minutes)."""
+    from detector.training.engine import RunConfig
+
+    return RunConfig(seed=args.seed, device=args.device, workers=args.workers, ema_decay=args.ema_decay,
+                     resume=args.resume, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                     **limits)
+
+
 def _cmd_train_classifier(args) -> int:
     if args.init and (args.variant is not None or args.width is not None):
         raise CliError("--variant and --width describe a new network; with --init the bundle's architecture is "
                        "used, so drop them")
-    from detector.train import TrainConfig, train
+    from detector.training.classifier import ClassifierTrainConfig, train_classifier
 
-    cfg = TrainConfig(
+    cfg = ClassifierTrainConfig(
         data=args.data, out=args.out, val=args.val, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, workers=args.workers, variant=args.variant or "paper",
-        width=1.0 if args.width is None else args.width, size=args.size, members=args.members, seed=args.seed, init=args.init,
-        resume=args.resume, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-        ema_decay=args.ema_decay, max_steps=args.max_steps, device=args.device)
+        weight_decay=args.weight_decay, variant=args.variant or "paper",
+        width=1.0 if args.width is None else args.width, size=args.size, members=args.members, init=args.init,
+        run=_run_config(args, max_steps=args.max_steps))
 
     def report(r: dict) -> None:
         if args.json:
@@ -414,7 +422,7 @@ def _cmd_train_classifier(args) -> int:
                   f"{r['train_loss']:.4f}  lr {r['lr']:.4g}  {r['images_per_s']:.0f} img/s{val}{part}")
         sys.stdout.flush()
 
-    bundle = train(cfg, on_epoch=report)
+    bundle = train_classifier(cfg, on_epoch=report)
     if bundle is not None:  # rank 0
         _print_bundle(bundle, args.json)
     return 0
@@ -424,20 +432,17 @@ def _cmd_train_detector(args) -> int:
     if args.init and (args.variant is not None or args.width is not None or args.no_aux_heads):
         raise CliError("--variant, --width and --no-aux-heads describe a new network; with --from the bundle's "
                        "architecture is used, so drop them")
-    from detector.train_detector import DetectorTrainConfig, train_detector
+    from detector.training.detector import DetectorTrainConfig, train_detector
 
     cfg = DetectorTrainConfig(
         data=args.data, out=args.out, imageset=args.imageset, init=args.init, members=args.members,
         variant=args.variant or "paper", width=1.0 if args.width is None else args.width,
         aux_logits=not args.no_aux_heads, size=args.size, epochs=args.epochs, iterations=args.iterations,
-        max_minutes=args.max_minutes,
         batch_size=args.batch, fg_per_batch=args.fg_per_batch, lr=args.lr, weight_decay=args.weight_decay,
-        ema_decay=args.ema_decay, vary_members=not args.same_sampling, seed=args.seed,
-        selective_search=not args.no_selective_search, coarsen=args.coarsen,
+        vary_members=not args.same_sampling, selective_search=not args.no_selective_search, coarsen=args.coarsen,
         selective_search_width=args.selective_search_width, multibox_from=args.multibox_from,
-        max_proposals=args.max_proposals, proposals_cache=args.proposals_cache, resume=args.resume,
-        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, workers=args.workers,
-        device=args.device)
+        max_proposals=args.max_proposals, proposals_cache=args.proposals_cache,
+        run=_run_config(args, max_minutes=args.max_minutes))
 
     def proposals(s: dict) -> None:
         if args.json:
@@ -471,16 +476,14 @@ def _cmd_train_multibox(args) -> int:
         raise CliError("--variant and --width describe a new trunk; with --init the bundle's architecture is "
                        "used, so drop them")
     from detector.multibox_bundle import MULTIBOX_FILE
-    from proposals.train_multibox import MultiBoxTrainConfig, train_multibox
+    from detector.training.multibox import MultiBoxTrainConfig, train_multibox
 
     cfg = MultiBoxTrainConfig(
         data=args.data, out=args.out, imageset=args.imageset, val_imageset=args.val_imageset, k=args.k,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         alpha=args.alpha, match=args.match, variant=args.variant or "paper",
-        width=1.0 if args.width is None else args.width, size=args.size, grid=args.grid, seed=args.seed,
-        init=args.init, resume=args.resume, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every, ema_decay=args.ema_decay, max_steps=args.max_steps,
-        workers=args.workers, device=args.device)
+        width=1.0 if args.width is None else args.width, size=args.size, grid=args.grid, init=args.init,
+        run=_run_config(args, max_steps=args.max_steps))
 
     def report(r: dict) -> None:
         if args.json:

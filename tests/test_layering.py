@@ -19,9 +19,6 @@ MAY_IMPORT = {
     "detector": ("proposals", "eval"),  # a detector takes proposals; the class tables live in eval
     "service": ("detector", "proposals", "eval"),
 }
-# training code still under proposals/ that builds on the detector's bundles and training loop; it belongs beside
-# the detector's training code, outside the inference path
-PROPOSALS_TRAINING = ("proposals/train_multibox.py",)
 
 
 def imported_packages(file: Path) -> set[str]:
@@ -40,14 +37,11 @@ def imported_packages(file: Path) -> set[str]:
 
 @pytest.mark.parametrize("package", sorted(MAY_IMPORT))
 def test_each_package_imports_only_what_it_may(package):
-    exempt = PROPOSALS_TRAINING if package == "proposals" else ()
-    for name in exempt:
-        assert (ROOT / name).is_file(), f"{name} has moved: remove it from PROPOSALS_TRAINING"
     wrong = {}
     for file in sorted((ROOT / package).rglob("*.py")):
         name = file.relative_to(ROOT).as_posix()
         others = sorted(imported_packages(file) - {package, *MAY_IMPORT[package]})
-        if others and name not in exempt:
+        if others:
             wrong[name] = others
     assert wrong == {}, f"{package} may import only {list(MAY_IMPORT[package]) or 'itself'} of the project"
 

@@ -18,15 +18,15 @@ def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
 
 
 def test_training_defaults_never_ask_for_more_workers_than_cores():
-    from detector.train import TrainConfig
-    from detector.train_detector import DetectorTrainConfig
-    from proposals.train_multibox import MultiBoxTrainConfig
+    from detector.training.classifier import ClassifierTrainConfig
+    from detector.training.detector import DetectorTrainConfig
+    from detector.training.multibox import MultiBoxTrainConfig
     from service.cli import build_parser
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    configs = [TrainConfig(data="d", out="o"), DetectorTrainConfig(data="d", out="o"),
+    configs = [ClassifierTrainConfig(data="d", out="o"), DetectorTrainConfig(data="d", out="o"),
                MultiBoxTrainConfig(data="d", out="o")]
-    assert all(1 <= c.workers <= cores for c in configs)
+    assert all(1 <= c.run.workers <= cores for c in configs)
     parser = build_parser()
     for what in ("classifier", "detector", "multibox"):
         args = parser.parse_args(["train", what, "--data", "d", "--out", "o"])

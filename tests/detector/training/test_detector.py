@@ -1,6 +1,6 @@
-"""Detection fine-tuning (detector/train_detector.py, `ircnn train detector`): R-CNN's labels and mini-batches, the
-proposal cache, resume after Ctrl-C, and a learning test that runs the whole detector on held-out synthetic images
-(warp, ensemble average, head mapping, NMS) and scores it with the devkit's rules."""
+"""Detection fine-tuning (detector/training/detector.py, `ircnn train detector`): members' sampling, resume after
+Ctrl-C, and a learning test that runs the whole detector on held-out synthetic images (warp, ensemble average, head
+mapping, NMS) and scores it with the devkit's rules."""
 
 from __future__ import annotations
 
@@ -13,19 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import detector.train_detector as td
+import detector.training.detector as td
 from detector.bundle import init_bundle, load_bundle
 from detector.image import read_image
 from detector.rcnn import DetectConfig, Detector, RegionScorer
-from detector.train_detector import (MEMBER_VARIANTS, CachedProposals, DetectorTrainConfig, ProposalCache,
-                                     WindowBatches, Windows, WindowSampler, label_windows, member_variant,
-                                     read_detection_split, train_detector)
-from detector.warp import warp_regions
+from detector.training.detector import MEMBER_VARIANTS, DetectorTrainConfig, member_variant, train_detector
+from detector.training.engine import RunConfig
 from eval.annotations import read_imageset
 from eval.detections import DetectionTable
 from eval.ilsvrc import evaluate_files
 from eval.submission import write_submission
-from eval.synth import SynthConfig, write_synth_set
 from proposals.combine import ProposalGenerator
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 from service.cli import main
@@ -38,14 +35,6 @@ LEARN = {"variant": "torchvision", "width": 0.25, "size": 48, "steps": 400, "bat
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    """100 images of 128 px with 3 classes (80 train, 20 val), fixed seed."""
-    root = tmp_path_factory.mktemp("synth")
-    write_synth_set(str(root), SynthConfig(images=100, seed=3, classes=3, size=128), workers=1, overwrite=True)
-    return root
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("proposals")
 
@@ -54,77 +43,11 @@ def small(synth: Path, out: Path, cache: Path, **kw) -> DetectorTrainConfig:
     """A narrow network on 48 px windows, batches of 16 (4 foreground), no loading processes."""
     base = dict(data=str(synth), out=str(out), members=1, width=0.125, size=48, aux_logits=False, iterations=4,
                 batch_size=16, fg_per_batch=4, selective_search_width=SS_WIDTH, proposals_cache=str(cache),
-                workers=0, checkpoint_every=0)
+                run=RunConfig(workers=0, checkpoint_every=0, resume=kw.pop("resume", False)))
     return DetectorTrainConfig(**{**base, **kw})
 
 
-# ---- labels and sampling ---------------------------------------------------------------------------------
-
-
-def test_labels_follow_rcnn_iou_rule():
-    gt = np.array([[0, 0, 10, 10], [100, 100, 120, 120]], np.float32)
-    proposals = np.array([[0, 0, 10, 10],  # IoU 1 with object 0
-                          [0, 0, 10, 5],  # IoU 0.5 exactly: foreground
-                          [0, 0, 10, 4.9],  # IoU 0.49: background
-                          [50, 50, 60, 60],  # IoU 0
-                          [100, 100, 120, 110]], np.float32)  # IoU 0.5 with object 1
-    boxes, label, iou = label_windows(proposals, gt, np.array([2, 1]))
-    assert boxes.shape == (7, 4) and np.array_equal(boxes[5:], gt)  # ground truth appended as positives
-    assert label.tolist() == [2, 2, 0, 0, 1, 2, 1]
-    np.testing.assert_allclose(iou, [1.0, 0.5, 0.49, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
-
-
-def test_a_window_takes_the_class_of_the_object_it_overlaps_most():
-    gt = np.array([[0, 0, 10, 10], [2, 0, 12, 10]], np.float32)  # two overlapping objects
-    boxes, label, _ = label_windows(np.array([[3, 0, 12, 10], [0, 0, 9, 10]], np.float32), gt, np.array([1, 2]))
-    assert label[:2].tolist() == [2, 1]
-
-
-def test_an_image_without_objects_gives_background_only():
-    boxes, label, iou = label_windows(np.array([[0, 0, 5, 5]], np.float32), np.zeros((0, 4)), np.zeros(0))
-    assert boxes.shape == (1, 4) and label.tolist() == [0] and iou.tolist() == [0.0]
-
-
-def _windows(n_fg: int = 40, n_bg: int = 400, seed: int = 0) -> Windows:
-    rng = np.random.default_rng(seed)
-    label = np.concatenate([rng.integers(1, 4, n_fg), np.zeros(n_bg, np.int64)])
-    iou = np.concatenate([rng.uniform(0.5, 1, n_fg), rng.uniform(0, 0.5, n_bg)]).astype(np.float32)
-    return Windows(np.zeros(len(label), np.int32), np.tile([[0, 0, 10, 10]], (len(label), 1)).astype(np.float32),
-                   label, iou, np.zeros(len(label), bool))
-
-
-def test_batches_have_the_foreground_share_and_cover_every_foreground_window_once_per_epoch():
-    w = _windows()
-    s = WindowSampler(w, batch_size=128, fg_per_batch=32, bg_iou=(0.1, 0.5), seed=7)
-    assert s.steps_per_epoch == 2  # 40 foreground windows, 32 per batch
-    s = WindowSampler(w, batch_size=40, fg_per_batch=10, bg_iou=(0.1, 0.5), seed=7)
-    seen = []
-    for step in range(s.steps_per_epoch):
-        index, flips = s.batch(0, step)
-        assert len(index) == 40 and flips.shape == (40,)
-        assert (w.label[index[:10]] > 0).all() and (w.label[index[10:]] == 0).all()
-        assert (w.iou[index[10:]] >= 0.1).all() and (w.iou[index[10:]] < 0.5).all()
-        seen += index[:10].tolist()
-    assert sorted(seen) == np.flatnonzero(w.label > 0).tolist()
-    a, b = s.batch(1, 0)[0], s.batch(1, 0)[0]
-    assert np.array_equal(a, b)  # a function of (seed, epoch, step)
-    assert not np.array_equal(a, s.batch(2, 0)[0])
-    other = WindowSampler(w, batch_size=40, fg_per_batch=10, bg_iou=(0.1, 0.5), seed=8)
-    assert not np.array_equal(a, other.batch(1, 0)[0])
-
-
-def test_ranks_take_different_foreground_windows():
-    w = _windows()
-    s = WindowSampler(w, batch_size=20, fg_per_batch=5, bg_iou=(0.0, 0.5), seed=0, world=2)
-    assert s.steps_per_epoch == 4
-    fg = [s.batch(0, step, rank)[0][:5] for step in range(4) for rank in range(2)]
-    assert sorted(np.concatenate(fg).tolist()) == np.flatnonzero(w.label > 0).tolist()
-
-
-def test_sampler_refuses_a_set_without_foreground():
-    w = _windows(n_fg=0)
-    with pytest.raises(ValueError, match="no foreground"):
-        WindowSampler(w, 16, 4, (0.0, 0.5), 0)
+# ---- members ---------------------------------------------------------------------------------------------
 
 
 def test_members_differ_in_seed_and_sampling():
@@ -135,74 +58,6 @@ def test_members_differ_in_seed_and_sampling():
     assert variants[0]["context"] == 8 and variants[0]["bg_iou"] == [0.0, 0.5]  # R-CNN's 16 px at 224, halved
     same = DetectorTrainConfig(data="d", out="o", vary_members=False)
     assert {member_variant(same, i)["context"] for i in range(6)} == {16}
-
-
-def test_batches_are_warped_windows_with_flips(synth):
-    images = read_detection_split(synth, "ImageSets/DET/train.txt")[:2]
-    pixels = read_image(images[1].path)
-    boxes = np.array([[5, 5, 60, 40], [20, 30, 100, 90], [0, 0, 50, 50]], np.float32)
-    w = Windows(np.array([1, 1, 1], np.int32), boxes, np.array([1, 0, 0]), np.array([0.7, 0.2, 0.1], np.float32),
-                np.zeros(3, bool))
-    sampler = WindowSampler(w, batch_size=3, fg_per_batch=1, bg_iou=(0.0, 0.5), seed=0)
-    for flip in (0.0, 1.0):
-        data = WindowBatches(images, w, sampler, size=48, context=3, flip=flip, fill=(124, 116, 104))
-        x, y = data[0]
-        index, _ = sampler.batch(0, 0)
-        want = warp_regions(pixels, torch.from_numpy(boxes[index]), 48, 3, (124, 116, 104))
-        assert x.dtype == torch.uint8 and x.shape == (3, 3, 48, 48)
-        assert torch.equal(x, want.flip(-1) if flip else want)
-        assert y.tolist() == w.label[index].tolist()
-
-
-# ---- proposal cache --------------------------------------------------------------------------------------
-
-
-class Counting:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, pixels: np.ndarray):
-        self.calls += 1
-        h, w = pixels.shape[:2]
-        return np.array([[0, 0, w / 2, h / 2], [1, 1, w, h]], np.float32), np.zeros(2, np.int8)
-
-
-def test_cache_hits_and_a_settings_change_recomputes(synth, tmp_path):
-    image = read_detection_split(synth, "ImageSets/DET/train.txt")[0].path
-    compute = Counting()
-    cache = ProposalCache(tmp_path, {"selective_search": {"coarsen": 2.0}})
-    first = cache.get_or_compute(image, compute)
-    again = cache.get_or_compute(image, compute)
-    assert compute.calls == 1 and (cache.hits, cache.misses) == (1, 1)
-    assert np.array_equal(first.boxes, again.boxes) and again.boxes.dtype == np.float32
-    other = ProposalCache(tmp_path, {"selective_search": {"coarsen": 1.0}})
-    assert other.dir != cache.dir and other.load(image) is None
-    other.get_or_compute(image, compute)
-    assert compute.calls == 2
-    assert json.loads((cache.dir / "settings.json").read_text()) == {"selective_search": {"coarsen": 2.0}}
-
-
-@pytest.mark.parametrize("damage", ["truncated", "pickled", "outside"])
-def test_an_unusable_cache_file_is_recomputed(synth, tmp_path, damage, capsys):
-    image = read_detection_split(synth, "ImageSets/DET/train.txt")[0].path
-    compute = Counting()
-    cache = ProposalCache(tmp_path, {"s": 1})
-    good = cache.get_or_compute(image, compute)
-    file = cache.file_of(image)
-    if damage == "truncated":
-        file.write_bytes(file.read_bytes()[:50])
-    elif damage == "pickled":  # an object array: np.load(allow_pickle=False) must refuse it, never unpickle
-        np.savez(file, boxes=np.array([object()], dtype=object), source=np.zeros(0, np.int8),
-                 size=np.array([1, 1]), image=np.array("x"))
-    else:
-        cache.store(image, CachedProposals(np.array([[0, 0, 1e5, 10]], np.float32), np.zeros(1, np.int8),
-                                           good.size))
-    with pytest.raises(ValueError, match="proposal cache file"):
-        cache.load(image)
-    again = cache.get_or_compute(image, compute)
-    assert compute.calls == 2 and cache.repaired == 1 and np.array_equal(again.boxes, good.boxes)
-    assert "computing the proposals again" in capsys.readouterr().err
-    assert cache.load(image) is not None  # the file was rewritten
 
 
 # ---- training, checkpoints, CLI --------------------------------------------------------------------------
@@ -319,7 +174,7 @@ def test_trained_detector_finds_held_out_objects(synth, cache_dir, tmp_path):
                               variant=LEARN["variant"], size=size, aux_logits=False, iterations=LEARN["steps"],
                               batch_size=LEARN["batch"], fg_per_batch=LEARN["fg"], lr=LEARN["lr"],
                               selective_search_width=SS_WIDTH,
-                              proposals_cache=str(cache_dir), workers=0, checkpoint_every=0)
+                              proposals_cache=str(cache_dir), run=RunConfig(workers=0, checkpoint_every=0))
     bundle = train_detector(cfg)
     trained_s = time.perf_counter() - start
 

@@ -1,4 +1,4 @@
-"""Classifier training (detector/train.py, `ircnn train classifier`) on tiny generated image folders."""
+"""Classifier training (detector/training/classifier.py, `ircnn train classifier`) on tiny generated image folders."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from detector.bundle import Preprocess, load_bundle
-from detector.train import (EMA, Folder, RandomInterpolationResizedCrop, TrainConfig, eval_transform,
-                            resolve_classes, top1, train_transform)
+from detector.training.checkpoint import load_checkpoint
+from detector.training.classifier import (ClassifierTrainConfig, Folder, RandomInterpolationResizedCrop,
+                                          eval_transform, resolve_classes, top1, train_transform)
 from service.cli import main
 
 COLOURS = {"circle": (200, 40, 40), "square": (40, 180, 40), "triangle": (40, 60, 210)}
@@ -86,11 +87,14 @@ def test_training_lowers_the_loss_and_saves_the_averaged_weights(shapes, tmp_pat
     val = DataLoader(Folder(shapes, {c: i for i, c in enumerate(COLOURS)}, eval_transform(bundle.preprocess)),
                      batch_size=32)
     assert top1(bundle.members[0], val, torch.device("cpu")) == pytest.approx(records[-1]["val_top1"])
-    ckpt = torch.load(out / ".checkpoint" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(out / ".checkpoint", "classifier", {})
     saved = load_file(out / "member0.safetensors")
-    assert all(torch.equal(saved[k], ckpt["ema"][k]) for k in saved)
-    assert not torch.equal(saved["fc.weight"], ckpt["model"]["fc.weight"])
-    assert ckpt["epoch"] == 10 and ckpt["step"] == 60 and ckpt["scheduler"]["last_epoch"] == 10
+    assert all(torch.equal(saved[k], ckpt.tensors[f"ema.{k}"]) for k in saved)
+    assert not torch.equal(saved["fc.weight"], ckpt.tensors["model.fc.weight"])
+    # the schedule steps once per step (6 an epoch), giving the rates of a per-epoch StepLR
+    scheduler = ckpt.state["scheduler"]
+    assert ckpt.state["epoch"] == 10 and ckpt.state["step"] == 60 and scheduler["last_epoch"] == 60
+    assert scheduler["_last_lr"] == pytest.approx([0.0096, 0.0096])
 
 
 def test_resume_repeats_the_uninterrupted_run(shapes, tmp_path, capsys):
@@ -210,25 +214,8 @@ def test_random_interpolation_uses_all_four_modes():
     assert len(outputs) == 4
 
 
-def test_ema_warms_up_then_averages():
-    live = torch.nn.BatchNorm1d(1)
-    ema = EMA(live, decay=0.999)
-    with torch.no_grad():
-        live.weight.fill_(0.0)
-        live.running_mean.fill_(2.0)
-        live.num_batches_tracked.fill_(7)
-    ema.update(live)  # decay min(0.999, 2 / 11): the average moves 9/11 of the way
-    assert ema.model.weight.item() == pytest.approx(1 - 9 / 11)
-    assert ema.model.running_mean.item() == pytest.approx(2 * 9 / 11)
-    assert ema.model.num_batches_tracked.item() == 7
-    for _ in range(5000):
-        ema.update(live)
-    assert abs(ema.model.weight.item()) < 1e-3
-    assert not ema.model.weight.requires_grad
-
-
 def test_folder_augmentation_depends_on_seed_epoch_and_index_only(shapes):
-    cfg = TrainConfig(data=str(shapes), out="unused", size=64)
+    cfg = ClassifierTrainConfig(data=str(shapes), out="unused", size=64)
     folder = Folder(shapes, {c: i for i, c in enumerate(COLOURS)}, train_transform(cfg, Preprocess(size=64)), seed=3)
     a = folder[5][0]
     torch.manual_seed(123)  # the global generator does not matter

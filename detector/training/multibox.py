@@ -21,39 +21,35 @@
   logistic loss summed over K confidences), and Adam's per-parameter scaling lets the box head move without
   tuning a learning rate per head, where SGD would need one learning rate to suit both. Cosine decay of the
   learning rate over the planned steps, stepped every step.
-- **Weights**: Polyak averaging (``detector.train.EMA``), as the classifier; the bundle gets the average.
-- **Checkpoints**: ``detector.train.save_checkpoint`` (atomic) and ``load_checkpoint`` (``weights_only=True``,
-  refuses a checkpoint of other settings), in ``<bundle>/.multibox-checkpoint`` by default.
+- **Weights**: Polyak averaging (``detector.training.engine.EMA``), as the classifier; the bundle gets the average.
+- **Loop and checkpoints**: ``detector.training.engine`` (safetensors plus JSON, refusing a checkpoint of other
+  settings), in ``<bundle>/.multibox-checkpoint`` by default.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from detector.bundle import load_bundle, read_manifest
-from detector.cpus import default_workers
+from detector.bundle import Bundle, load_bundle, read_manifest
 from detector.googlenet import VARIANTS, GoogLeNetConfig
 from detector.image import read_image
-from detector.multibox_bundle import GoogLeNetMultiBox as MultiBox, MultiBoxConfig, save_multibox
-from detector.train import CHECKPOINT_FORMAT, EMA, load_checkpoint, restore_training, save_checkpoint
+from detector.multibox_bundle import GoogLeNetMultiBox, MultiBoxConfig, save_multibox
+from detector.training.checkpoint import open_checkpoint
+from detector.training.engine import (Dist, EpochEnd, Job, RunConfig, check_non_negative, check_positive, fit,
+                                      param_groups, recipe, resolve_device)
 from eval.annotations import read_det_split
 from proposals.multibox import ALPHA, kmeans_priors, multibox_loss, resize_image
 from proposals.recall import best_overlaps
 
-CHECKPOINT_NAME = "checkpoint.pt"
 MATCH_MODES = ("priors", "predictions")
 IMAGE_SUFFIX = ".JPEG"
 
@@ -78,36 +74,23 @@ class MultiBoxTrainConfig:
     flip: float = 0.5  # probability of a horizontal flip
     crop: float = 0.5  # probability of a random crop
     min_crop: float = 0.5  # a crop keeps at least this share of each side
-    ema_decay: float = 0.999  # Polyak averaging (detector.train.EMA); 0 keeps the live weights
-    seed: int = 0
     init: str | None = None  # classifier bundle whose member 0 starts the trunk
-    resume: bool = False  # continue from the checkpoint (or start afresh when there is none)
-    checkpoint_dir: str | None = None  # default <out>/.multibox-checkpoint
-    checkpoint_every: int = 2000  # steps between mid-epoch checkpoints (0: at epoch ends only)
-    max_steps: int = 0  # stop after this many steps (0: no limit); the schedule still plans for all epochs
-    workers: int = default_workers(4)  # DataLoader processes (cores, at most 4)
-    device: str | None = None  # "cpu" or "cuda"; None picks cuda when available
+    # seed, device, workers, EMA, checkpoints (default <out>/.multibox-checkpoint); with max_steps the schedule
+    # still plans for all epochs
+    run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        for name in ("k", "epochs", "batch_size", "lr", "size", "grid"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "alpha", "seed", "checkpoint_every", "max_steps", "workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_positive(self, ("k", "epochs", "batch_size", "lr", "size", "grid"))
+        check_non_negative(self, ("weight_decay", "alpha"))
         for name in ("flip", "crop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.min_crop <= 1.0:
             raise ValueError(f"min_crop must be in (0, 1], got {self.min_crop}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.match not in MATCH_MODES:
             raise ValueError(f"--match must be one of {', '.join(MATCH_MODES)}, got {self.match!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown --variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if self.device not in (None, "cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -119,8 +102,8 @@ class Sample:
     boxes: np.ndarray  # float32 [M, 4], x1, y1, x2, y2 normalised by the annotated width and height
 
 
-def read_split(root: str | os.PathLike, imageset: str) -> list[Sample]:
-    """The images of an imageset with their normalised ground truth, in imageset order."""
+def read_normalised_split(root: str | os.PathLike, imageset: str) -> list[Sample]:
+    """The images of an imageset with their ground truth normalised by the annotated size, in imageset order."""
     samples = []
     for name, a in read_det_split(str(root), imageset):
         scale = np.array([a.width, a.height, a.width, a.height], dtype=np.float64)
@@ -170,7 +153,7 @@ class DetectionImages(Dataset):
         s = self.samples[index]
         image, boxes = read_image(s.image), s.boxes
         if self.cfg is not None:
-            rng = np.random.default_rng([self.cfg.seed, self.epoch, index])
+            rng = np.random.default_rng([self.cfg.run.seed, self.epoch, index])
             image, boxes = augment(image, boxes, rng, self.cfg.flip, self.cfg.crop, self.cfg.min_crop)
         return resize_image(image, self.size), torch.from_numpy(boxes)
 
@@ -182,7 +165,7 @@ def collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[Tensor]]:
 # ---- evaluation ------------------------------------------------------------------------------------------
 
 
-def recall(model: MultiBox, samples: list[Sample], iou: float = 0.5, batch_size: int = 32) -> dict[str, float]:
+def recall(model: GoogLeNetMultiBox, samples: list[Sample], iou: float = 0.5, batch_size: int = 32) -> dict[str, float]:
     """Recall at ``iou`` of the model's K boxes and of its K priors alone (the same boxes, not moved).
 
     Returns ``{"recall": r, "priors_recall": p, "objects": n}`` over all ground-truth boxes of ``samples``.
@@ -209,7 +192,29 @@ def _order(seed: int, epoch: int, n: int) -> list[int]:
     return np.random.default_rng([seed, epoch, 1]).permutation(n).tolist()
 
 
-def train_multibox(cfg: MultiBoxTrainConfig, on_epoch: Callable[[dict], None] = lambda record: None) -> MultiBox:
+def multibox_config(cfg: MultiBoxTrainConfig, init: Bundle | None) -> MultiBoxConfig:
+    """The network to train: a new trunk's variant and width, or ``init``'s with its input normalisation."""
+    if init is None:
+        return MultiBoxConfig(k=cfg.k, variant=cfg.variant, width=cfg.width, size=cfg.size, grid=cfg.grid)
+    arch, pre = init.arch, init.preprocess
+    if not isinstance(arch, GoogLeNetConfig):  # MultiBox's trunk is GoogLeNet's (Erhan et al., and section 8)
+        raise ValueError(f"--init {cfg.init}: MultiBox starts from a GoogLeNet bundle; this one's first member "
+                         "is EfficientNet-Lite. Train MultiBox from a GoogLeNet bundle (or none) and detect with "
+                         "the EfficientNet-Lite bundle's own members")
+    return MultiBoxConfig(k=cfg.k, variant=arch.variant, width=arch.width, size=cfg.size, grid=cfg.grid,
+                          mean=pre.mean, std=pre.std)
+
+
+def new_multibox(config: MultiBoxConfig, priors: np.ndarray | Tensor, init: Bundle | None, seed: int) -> GoogLeNetMultiBox:
+    """A fresh MultiBox (seeded) on ``priors (Tensor[K, 4])``, its trunk from ``init``'s member 0 if given."""
+    torch.manual_seed(seed)
+    model = GoogLeNetMultiBox(config, priors)
+    if init is not None:
+        model.load_trunk(init.members[0])
+    return model
+
+
+def train_multibox(cfg: MultiBoxTrainConfig, on_epoch: Callable[[dict], None] = lambda record: None) -> GoogLeNetMultiBox:
     """Train MultiBox on ``cfg.data`` and store the averaged weights in the bundle ``cfg.out``.
 
     ``on_epoch`` gets one record per epoch: epoch, epochs, step, complete, train_loss, location, confidence,
@@ -217,134 +222,61 @@ def train_multibox(cfg: MultiBoxTrainConfig, on_epoch: Callable[[dict], None] = 
     """
     out = Path(cfg.out)
     read_manifest(out)  # refuse before any work when --out is no bundle (the message says how to make one)
-    train_samples = read_split(cfg.data, cfg.imageset)
-    val_samples = read_split(cfg.data, cfg.val_imageset) if cfg.val_imageset else None
+    train_samples = read_normalised_split(cfg.data, cfg.imageset)
+    val_samples = read_normalised_split(cfg.data, cfg.val_imageset) if cfg.val_imageset else None
     init = load_bundle(cfg.init) if cfg.init else None
-    if init is not None:
-        arch, pre = init.arch, init.preprocess
-        if not isinstance(arch, GoogLeNetConfig):  # MultiBox's trunk is GoogLeNet's (Erhan et al., and section 8)
-            raise ValueError(f"--init {cfg.init}: MultiBox starts from a GoogLeNet bundle; this one's first member "
-                             "is EfficientNet-Lite. Train MultiBox from a GoogLeNet bundle (or none) and detect with "
-                             "the EfficientNet-Lite bundle's own members")
-        config = MultiBoxConfig(k=cfg.k, variant=arch.variant, width=arch.width, size=cfg.size, grid=cfg.grid,
-                                mean=pre.mean, std=pre.std)
-    else:
-        config = MultiBoxConfig(k=cfg.k, variant=cfg.variant, width=cfg.width, size=cfg.size, grid=cfg.grid)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    d = Dist(0, 1, torch.device(resolve_device(cfg.run.device)))  # one process: torchrun is not supported here
     steps_per_epoch = len(train_samples) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the imageset has {len(train_samples)} images, fewer than one batch of {cfg.batch_size}; "
                          "lower --batch-size")
-    ckpt_dir = Path(cfg.checkpoint_dir or out / ".multibox-checkpoint")
-    ckpt_path = ckpt_dir / CHECKPOINT_NAME
-    # detector.train.load_checkpoint compares these keys; MultiBox is one class-agnostic "object" class.
-    run = {"classes": ["object"], "arch": config.to_dict(), "batch_size": cfg.batch_size, "world_size": 1,
-           "seed": cfg.seed, "size": cfg.size, "members": 1, "epochs": cfg.epochs, "data": str(cfg.data),
-           "imageset": cfg.imageset}
-    doc = None
-    if ckpt_path.exists():
-        if not cfg.resume:
-            raise ValueError(f"{ckpt_path} exists from an earlier run; pass --resume to continue it, or delete it "
-                             "(or pick another --checkpoint-dir) to start afresh")
-        doc = load_checkpoint(ckpt_path, run)
-        if doc.get("kind") != "multibox":
-            raise ValueError(f"{ckpt_path} is not a MultiBox checkpoint; pick another --checkpoint-dir")
-    elif cfg.resume:
-        print(f"ircnn: no checkpoint at {ckpt_path}; starting afresh", file=sys.stderr, flush=True)
-
-    if doc is None:
-        boxes = np.concatenate([s.boxes for s in train_samples])
-        priors = kmeans_priors(boxes, cfg.k, seed=cfg.seed)
+    ckpt_dir = Path(cfg.run.checkpoint_dir or out / ".multibox-checkpoint")
+    config = multibox_config(cfg, init)
+    run = {"arch": config.to_dict(), "batch_size": cfg.batch_size, "seed": cfg.run.seed,
+           "size": cfg.size}
+    resume = open_checkpoint(ckpt_dir, "multibox", run, cfg.run.resume)
+    if resume is None:  # k-means of the training boxes, or the priors of the run that continues
+        priors = kmeans_priors(np.concatenate([s.boxes for s in train_samples]), cfg.k, seed=cfg.run.seed)
     else:
-        priors = doc["model"]["priors"]
-    torch.manual_seed(cfg.seed)
-    model = MultiBox(config, priors)
-    if init is not None:
-        model.load_trunk(init.members[0])
-    model.to(device)
-    ema = EMA(model, cfg.ema_decay)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        priors = resume.tensors["model.priors"]
+    model = new_multibox(config, priors, init, cfg.run.seed).to(d.device)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    epoch = step_in_epoch = step = 0
-    sums = np.zeros(4)  # this epoch so far: loss, location, confidence, matched (sums over steps)
-    history: list[dict] = []
-    if doc is not None:
-        epoch, step_in_epoch, step = restore_training(doc, model, ema, opt, sched)
-        sums = doc["sums"].numpy().copy()
-        history = list(doc["history"])
-
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "kind": "multibox", "run": run, "epoch": epoch,
-            "step_in_epoch": step_in_epoch, "step": step, "model": model.state_dict(), "ema": ema.model.state_dict(),
-            "ema_updates": ema.updates, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "sums": torch.from_numpy(sums), "history": history})
-
-    def stopped() -> bool:
-        return bool(cfg.max_steps) and step >= cfg.max_steps
-
     data = DetectionImages(train_samples, cfg.size, cfg)
-    priors_val = recall(ema.model, val_samples)["priors_recall"] if val_samples else None
-    while epoch < cfg.epochs and not stopped():
+
+    def batches(epoch: int, first: int, end: int) -> DataLoader:
         data.epoch = epoch
-        indices = _order(cfg.seed, epoch, len(data))[step_in_epoch * cfg.batch_size: steps_per_epoch * cfg.batch_size]
-        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.workers,
-                            collate_fn=collate, pin_memory=device.type == "cuda")
-        lr = opt.param_groups[0]["lr"]
-        model.train()
-        start, seen = time.perf_counter(), 0
-        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"multibox epoch {epoch + 1}", unit="step",
-                   disable=None, leave=False)
-        for x, gt in loader:
-            boxes, logits = model(model.normalize(x))
-            loss, stats = multibox_loss(boxes, logits, [g.to(device) for g in gt], cfg.alpha,
-                                        priors=model.priors if cfg.match == "priors" else None)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            ema.update(model)
-            sums += [stats["loss"], stats["location"], stats["confidence"], stats["matched"]]
-            step, step_in_epoch, seen = step + 1, step_in_epoch + 1, seen + len(x)
-            bar.update()
-            if step % 10 == 0 or step_in_epoch == steps_per_epoch:
-                rate = seen / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{sums[0] / step_in_epoch:.4f}", img_s=f"{rate:.0f}", refresh=False)
-            if stopped():
-                break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
-                checkpoint()
-        bar.close()
-        seconds = time.perf_counter() - start
-        means = sums / max(step_in_epoch, 1)
-        if not np.isfinite(means[0]):
-            raise ValueError(f"training diverged (loss {means[0]}) in epoch {epoch + 1}; lower --lr (now {cfg.lr})")
-        record = {"epoch": epoch + 1, "epochs": cfg.epochs, "step": step, "complete": step_in_epoch == steps_per_epoch,
-                  "train_loss": means[0], "location": means[1], "confidence": means[2], "matched": means[3],
-                  "lr": lr, "images_per_s": seen / seconds, "seconds": seconds, "val_recall": None,
-                  "val_priors_recall": priors_val}
-        if record["complete"]:
-            epoch, step_in_epoch = epoch + 1, 0
-            sums = np.zeros(4)
-        if val_samples:
-            record["val_recall"] = recall(ema.model, val_samples)["recall"]
-        record = {k: float(v) if isinstance(v, np.floating) else v for k, v in record.items()}
-        history.append(record)
-        checkpoint()
-        on_epoch(record)
+        indices = _order(cfg.run.seed, epoch, len(data))[first * cfg.batch_size: end * cfg.batch_size]
+        return DataLoader(data, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.run.workers,
+                          collate_fn=collate, pin_memory=d.device.type == "cuda")
+
+    def step(net: nn.Module, batch: tuple[Tensor, list[Tensor]]) -> tuple[Tensor, Tensor, int]:
+        x, gt = batch
+        boxes, logits = net(net.normalize(x))
+        loss, stats = multibox_loss(boxes, logits, [g.to(d.device) for g in gt], cfg.alpha,
+                                    priors=net.priors if cfg.match == "priors" else None)
+        values = [stats["loss"], stats["location"], stats["confidence"], stats["matched"]]
+        return loss, torch.tensor(values, dtype=torch.float64, device=d.device), len(x)
+
+    def record(e: EpochEnd) -> dict:
+        return {"epoch": e.epoch, "epochs": cfg.epochs, "step": e.step, "complete": e.complete,
+                "train_loss": e.mean(0), "location": e.mean(1), "confidence": e.mean(2), "matched": e.mean(3),
+                "lr": e.lr, "images_per_s": e.rate, "seconds": e.seconds, "val_recall": None,
+                "val_priors_recall": priors_val}
+
+    priors_val = recall(model, val_samples)["priors_recall"] if val_samples else None
+    evaluate = (lambda averaged: {"val_recall": recall(averaged, val_samples)["recall"]}) if val_samples else None
+    job = Job(kind="multibox", name="multibox", member=0, seed=cfg.run.seed, run=run, model=model, optimizer=opt,
+              scheduler=sched, steps_per_epoch=steps_per_epoch, total_steps=total, batches=batches, step=step,
+              stats=4, record=record, evaluate=evaluate)
+    ema, history = fit(job, cfg.run, d, ckpt_dir, resume, on_epoch)
 
     averaged = ema.model.cpu().eval()
     provenance = {"source": "train-multibox", "data": str(cfg.data), "imageset": cfg.imageset,
                   "train_images": len(train_samples), "train_boxes": int(sum(len(s.boxes) for s in train_samples)),
-                  "priors": f"k-means of the training boxes, seed {cfg.seed}", "init": cfg.init,
-                  "recipe": dataclasses.asdict(cfg), "history": history,
+                  "priors": f"k-means of the training boxes, seed {cfg.run.seed}", "init": cfg.init,
+                  "recipe": recipe(cfg), "history": history,
                   "weights": "Polyak average (EMA) of the training weights"}
     save_multibox(out, averaged, provenance)
     return averaged
-
