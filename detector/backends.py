@@ -17,6 +17,8 @@ in-memory model it came from. OpenVINO also keeps its compiled kernels there (``
     pip install inception-rcnn                # ONNX Runtime, fp32 (part of the plain install)
     pip install "inception-rcnn[openvino]"    # OpenVINO, fp32 or bf16 (bf16 needs AVX512_BF16 or AMX)
 
+int8 members are quantised copies of these graphs (``detector/quantize.py``), run by either runtime.
+
 ``detector/autobackend.py`` (``backend="auto"``) measures which of them runs a member fastest on this machine.
 """
 
@@ -179,15 +181,20 @@ class BackendMember:
     """One member on a backend: ``__call__(uint8 ndarray [n, 3, S, S]) -> float32 ndarray [n, K]`` probabilities.
 
     Exported and loaded for ``size`` now, if given (so a failing export shows at construction; a missing runtime
-    always does); any other input size is exported and loaded the first time it is seen.
+    always does); any other input size is exported and loaded the first time it is seen. ``precision="int8"``
+    runs ``int8_model``, the member's quantised graph for input side ``size`` (``detector/quantize.py``), which
+    takes no other size.
     """
 
     def __init__(self, member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], backend: str,
-                 precision: str = "fp32", threads: int | None = None, size: int | None = None) -> None:
+                 precision: str = "fp32", threads: int | None = None, size: int | None = None,
+                 int8_model: Path | None = None) -> None:
         if backend not in BACKENDS[1:]:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS[1:])}, got {backend!r}")
-        if backend == "onnxruntime" and precision != "fp32":
-            raise ValueError("backend onnxruntime runs fp32 only; use backend openvino (or torch) for bf16")
+        if backend == "onnxruntime" and precision not in ("fp32", "int8"):
+            raise ValueError("backend onnxruntime runs fp32 or int8; use backend openvino (or torch) for bf16")
+        if (precision == "int8") != (int8_model is not None) or (int8_model is not None and size is None):
+            raise ValueError("precision int8 runs a quantised model: give int8_model and its input size (only then)")
         try:  # fail on a missing runtime before spending seconds on the export
             __import__(backend)
         except ImportError:
@@ -196,7 +203,7 @@ class BackendMember:
             raise BackendError("precision bf16 needs a CPU with AVX512_BF16 or AMX; this one has neither, "
                                "use precision fp32")
         self.member, self.mean, self.std = member, tuple(mean), tuple(std)
-        self.backend, self.precision = backend, precision
+        self.backend, self.precision, self.int8_model, self.int8_size = backend, precision, int8_model, size
         self.threads = threads or torch.get_num_threads()
         self.runners: dict[int, OnnxRuntimeMember | OpenVinoMember] = {}
         if size is not None:
@@ -204,9 +211,17 @@ class BackendMember:
 
     def _runner(self, size: int) -> OnnxRuntimeMember | OpenVinoMember:
         if size not in self.runners:
-            path = export_onnx(self.member, self.mean, self.std, size)
+            if self.int8_model is not None:
+                if size != self.int8_size:
+                    raise BackendError(f"the int8 models are calibrated for {self.int8_size} px input, not {size} "
+                                       "px; use precision fp32 for other sizes")
+                path = self.int8_model
+            else:
+                path = export_onnx(self.member, self.mean, self.std, size)
+            # OpenVINO runs a quantised (QDQ) graph's int8 parts in int8 whatever the hint; fp32 for the rest
             self.runners[size] = (OnnxRuntimeMember(path, self.threads) if self.backend == "onnxruntime"
-                                  else OpenVinoMember(path, self.precision, self.threads))
+                                  else OpenVinoMember(path, "fp32" if self.precision == "int8" else self.precision,
+                                                      self.threads))
         return self.runners[size]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from detector.backends import BACKENDS, BackendMember
 from detector.bundle import Bundle
 from detector.transform import Normalize
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 AUTO = "auto"
 
 
@@ -31,7 +32,9 @@ AUTO = "auto"
 class EnsembleConfig:
     batch_size: int = 32  # crops per forward pass; 32 is near the CPU throughput plateau (bench/classify.py)
     channels_last: bool = True  # NHWC convolutions; faster on CPUs with AVX-512 and on GPUs
-    precision: str = "fp32"  # "bf16" runs under bfloat16 autocast: faster, probabilities differ by ~1e-2
+    precision: str = "fp32"  # "bf16" runs under bfloat16 autocast: faster, probabilities differ by ~1e-2;
+    #                          "int8": the bundle's calibrated int8 models (``ircnn model quantize``,
+    #                          detector/quantize.py) on onnxruntime (what auto picks) or openvino
     # "torch" (the reference), "onnxruntime" (fp32) or "openvino" (fp32/bf16): the members exported to ONNX with
     # the normalisation folded in, once, cached by weight hash (detector/backends.py); channels_last is then moot.
     # "auto": the fastest of those measured here (detector/autobackend.py; with precision "bf16", bf16 is allowed,
@@ -46,17 +49,21 @@ class EnsembleConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.backend not in (AUTO,) + BACKENDS:
             raise ValueError(f"backend must be one of {', '.join((AUTO,) + BACKENDS)}, got {self.backend!r}")
-        if self.backend == "onnxruntime" and self.precision != "fp32":
-            raise ValueError("backend onnxruntime runs fp32 only; use backend openvino (or torch) for bf16")
+        if self.backend == "onnxruntime" and self.precision == "bf16":
+            raise ValueError("backend onnxruntime runs fp32 or int8; use backend openvino (or torch) for bf16")
+        if self.precision == "int8" and self.backend == "torch":
+            raise ValueError("precision int8 runs on backend onnxruntime or openvino (or auto), not torch")
 
 
 class Ensemble(nn.Module):
     """Members' softmax probabilities, averaged. ``forward(Tensor[N, 3, S, S] uint8) -> Tensor[N, K]``."""
 
     def __init__(self, members: list[nn.Module], mean: tuple[float, ...], std: tuple[float, ...],
-                 config: EnsembleConfig = EnsembleConfig(), size: int | None = None) -> None:
+                 config: EnsembleConfig = EnsembleConfig(), size: int | None = None,
+                 int8_models: Sequence[Path] | None = None) -> None:
         """``size``: the input side a backend exports for now (``from_bundle`` passes the bundle's); other sizes,
-        or all when None, are exported on first use. The torch backend ignores it."""
+        or all when None, are exported on first use. The torch backend ignores it. ``int8_models``: with
+        precision int8, each member's quantised model for ``size`` (``from_bundle`` reads the bundle's)."""
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -70,12 +77,23 @@ class Ensemble(nn.Module):
             if choice.backend == "torch" and choice.channels_last:
                 member.to(memory_format=torch.channels_last)
         # exported members get a runner each (None: torch); the torch modules stay as the reference and for `members`
-        self.runners = [None if c.backend == "torch" else BackendMember(m, mean, std, c.backend, c.precision, size=size)
-                        for m, c in zip(members, self.choices)]
+        if (config.precision == "int8") != (int8_models is not None) or (
+                int8_models is not None and len(int8_models) != len(members)):
+            raise ValueError("precision int8 needs one int8 model per member (int8_models), and only it does")
+        int8_models = list(int8_models) if int8_models is not None else [None] * len(members)
+        self.runners = [None if c.backend == "torch" else
+                        BackendMember(m, mean, std, c.backend, c.precision, size=size, int8_model=q)
+                        for m, c, q in zip(members, self.choices, int8_models)]
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, config: EnsembleConfig = EnsembleConfig()) -> Ensemble:
-        return cls(bundle.members, bundle.preprocess.mean, bundle.preprocess.std, config, size=bundle.preprocess.size)
+        int8_models = None
+        if config.precision == "int8":
+            from detector.quantize import load_int8
+
+            int8_models = load_int8(bundle)
+        return cls(bundle.members, bundle.preprocess.mean, bundle.preprocess.std, config, size=bundle.preprocess.size,
+                   int8_models=int8_models)
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +149,9 @@ def member_choices(members: Sequence[nn.Module], mean: tuple[float, ...], std: t
     its architecture at ``size`` (members of one architecture share the cached measurement)."""
     if config.backend != AUTO:
         return [Choice(config.backend, config.precision, config.channels_last)] * len(members)
+    if config.precision == "int8":  # the calibrated models are ONNX: ONNX Runtime, the plain install's runtime
+        return [Choice("onnxruntime", "int8", False, "int8 asked for: ONNX Runtime runs the calibrated models")] * len(
+            members)
     if size is None:
         raise ValueError("backend auto measures the members at their input size: pass size (from_bundle does)")
     return [choose_backend(m, mean, std, size, config.precision, config.batch_size) for m in members]

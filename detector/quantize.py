@@ -1,0 +1,276 @@
+"""int8 members: post-training static quantisation with ONNX Runtime's quantiser, calibrated on the bundle's own
+warped regions.
+
+Each member's exported graph (``detector.backends.PixelGraph``: uint8 pixels in, probabilities out) is quantised
+in the QDQ form: every convolution gets int8 weights (one scale per output channel) and uint8 activations (one
+scale per tensor, the min/max seen over the calibration regions). The classifier layer (Gemm) and the softmax stay
+float: a uint8 softmax would round every probability to a multiple of 1/256, and a DET score is a sum of such
+probabilities. ONNX Runtime runs the result with its int8 kernels (VNNI or AMX where the CPU has them, AVX2
+otherwise); OpenVINO runs the same file.
+
+Calibration regions are what detection feeds the networks: the bundle's proposals on the calibration images
+(selective search 2x, and MultiBox when the bundle has it), in priority order, warped with the bundle's context and
+fill; for bundles that score context frames (``DetectConfig.whole_objects``) a quarter of them are frames.
+
+``ircnn model quantize`` writes the models into the bundle, beside its members (``model.json`` is not changed):
+
+    int8/member0.onnx ...   QDQ ONNX models (protobuf; nothing is unpickled)
+    int8/int8.json          {"format": 1, "size": S, "members": [{"file", "sha256", "export_key"}, ...],
+                             "calibration": {"images": [{"name", "sha256"}], "regions": N, "frames": F,
+                                             "method": "minmax", "sha256": of the regions},
+                             "onnxruntime": version}
+
+``load_int8(bundle)`` checks each file's SHA-256 and that its ``export_key`` is that of the member as it is now
+(weights, architecture, normalisation, input size), so a retrained member never runs with a stale int8 model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from detector.backends import export_key, export_onnx
+from detector.bundle import Bundle, BundleError
+from eval.parsing import parse_json
+
+INT8_DIR = "int8"
+INT8_MANIFEST = "int8.json"
+FORMAT = 1
+MIN_REGIONS, MAX_REGIONS = 16, 5000
+DEFAULT_REGIONS = 300
+CALIBRATION_BATCH = 20  # regions per calibration step; every step sees a full batch (the rest is dropped)
+MAX_MANIFEST_BYTES = 1_000_000
+KEEP_FLOAT = ("Gemm", "MatMul", "Softmax")  # ops left in float: the classifier and the probabilities
+_INSTALL = 'pip install onnxruntime (part of the plain install of inception-rcnn)'
+
+
+class Int8Error(BundleError):
+    """The bundle's int8 models are missing, stale or damaged; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The regions one quantisation is calibrated on: ``regions`` uint8 ``[N, 3, S, S]``, how many of them are
+    context ``frames``, and the images they came from (``(name, sha256)`` pairs)."""
+
+    regions: np.ndarray
+    frames: int
+    images: tuple[tuple[str, str], ...]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.regions).tobytes()).hexdigest()
+
+
+def calibration_regions(bundle: Bundle, images: Sequence[tuple[str, np.ndarray]], regions: int = DEFAULT_REGIONS,
+                        detector=None) -> Calibration:
+    """About ``regions`` warped regions from ``images`` (``(name, uint8 RGB [H, W, 3])`` pairs), spread evenly
+    over them, each image's best proposals first. ``detector``: a ``Detector`` for the bundle to take proposals
+    and the warp from (default: one with the library defaults, closed afterwards)."""
+    from detector.rcnn import Detector
+    from detector.warp import warp_frames, warp_regions
+
+    if not MIN_REGIONS <= regions <= MAX_REGIONS:
+        raise ValueError(f"calibration regions must be in {MIN_REGIONS}..{MAX_REGIONS}, got {regions}")
+    if not images:
+        raise ValueError("calibration needs at least one image")
+    own = detector is None
+    detector = Detector.from_bundle(bundle) if own else detector
+    try:
+        scorer = detector.scorer
+        frames_share = 4 if detector.whole_objects else 0  # one in four a context frame
+        out, frames, names = [], 0, []
+        for i, (name, image) in enumerate(images):
+            want = regions // len(images) + (1 if i < regions % len(images) else 0)
+            if want == 0:
+                continue
+            boxes = detector.regions(image, detector.propose(image))[:want]
+            n_frames = len(boxes) // frames_share if frames_share else 0
+            warped = warp_regions(image, boxes[: len(boxes) - n_frames], scorer.size, scorer.context, scorer.fill)
+            parts = [warped]
+            if n_frames:
+                parts.append(warp_frames(image, boxes[:n_frames], scorer.size, scorer.config.frame_scale, scorer.fill))
+            out.extend(np.ascontiguousarray(p.contiguous().numpy()) for p in parts)
+            frames += n_frames
+            names.append((str(name), hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()))
+    finally:
+        if own:
+            detector.close()
+    stacked = np.concatenate(out) if out else np.zeros((0, 3, scorer.size, scorer.size), np.uint8)
+    usable = len(stacked) - len(stacked) % CALIBRATION_BATCH
+    if usable < MIN_REGIONS:
+        raise ValueError(f"the calibration images gave {len(stacked)} regions, too few to calibrate on: give "
+                         "more (or larger, more varied) images")
+    return Calibration(stacked[:usable], min(frames, usable), tuple(names))
+
+
+class _Reader:
+    """ONNX Runtime's calibration data reader over fixed batches of the regions."""
+
+    def __init__(self, regions: np.ndarray, input_name: str) -> None:
+        self._batches: Iterator[np.ndarray] = (regions[i:i + CALIBRATION_BATCH]
+                                               for i in range(0, len(regions), CALIBRATION_BATCH))
+        self.input_name = input_name
+
+    def get_next(self) -> dict | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def quantize_model(fp32: Path, out: Path, regions: np.ndarray) -> None:
+    """Quantise the exported fp32 graph ``fp32`` into ``out`` (QDQ, module docstring), calibrated on ``regions``
+    (uint8 ``[N, 3, S, S]``, ``N`` a multiple of ``CALIBRATION_BATCH``)."""
+    try:
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise Int8Error(f"int8 quantisation needs onnxruntime and onnx: {_INSTALL}") from None
+
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared))
+        keep_float = [n.name for n in graph.graph.node if n.op_type in KEEP_FLOAT]
+        input_name = graph.graph.input[0].name
+        staged = Path(tmp) / "int8.onnx"
+        quantize_static(str(prepared), str(staged), Reader(regions, input_name), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_float,
+                        extra_options={"CalibTensorRangeSymmetric": False})
+        os.replace(staged, out)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def quantize_bundle(bundle: Bundle, calibration: Calibration) -> Path:
+    """Quantise every member of ``bundle`` (saved on disk) on ``calibration`` and write ``int8/`` into it,
+    replacing an older one only once all members are done. Returns the int8 directory."""
+    import onnxruntime
+
+    if bundle.path is None:
+        raise ValueError("quantize a bundle loaded from disk (int8 models are written into its directory)")
+    pre = bundle.preprocess
+    size = calibration.regions.shape[2]
+    if size != pre.size:
+        raise ValueError(f"calibration regions are {size} px, the bundle's input is {pre.size} px")
+    root = Path(bundle.path)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".int8-"))
+    try:
+        entries = []
+        for i, member in enumerate(bundle.members):
+            fp32 = export_onnx(member, pre.mean, pre.std, pre.size)
+            name = f"member{i}.onnx"
+            quantize_model(fp32, staging / name, calibration.regions)
+            entries.append({"file": name, "sha256": _sha256_file(staging / name),
+                            "export_key": export_key(member, pre.mean, pre.std, pre.size)})
+        doc = {"format": FORMAT, "size": pre.size, "members": entries,
+               "calibration": {"images": [{"name": n, "sha256": h} for n, h in calibration.images],
+                               "regions": len(calibration.regions), "frames": int(calibration.frames),
+                               "method": "minmax", "sha256": calibration.sha256},
+               "onnxruntime": onnxruntime.__version__}
+        (staging / INT8_MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
+        target = root / INT8_DIR
+        old = None
+        if target.exists():
+            old = root / f".int8-old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_int8_manifest(bundle_dir: str | os.PathLike) -> dict:
+    """``int8/int8.json`` of a bundle, checked for shape (not yet against the members: ``load_int8``)."""
+    path = Path(bundle_dir) / INT8_DIR / INT8_MANIFEST
+    hint = f"run `ircnn model quantize --model {bundle_dir} --images DIR` to make them"
+    if not path.is_file():
+        raise Int8Error(f"{bundle_dir} has no int8 models ({INT8_DIR}/{INT8_MANIFEST} is missing); {hint}")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise Int8Error(f"{path} is larger than {MAX_MANIFEST_BYTES:,} bytes; {hint}")
+    try:
+        doc = parse_json(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Int8Error(f"{path} is not valid JSON ({e}); {hint}") from None
+    members = doc.get("members") if isinstance(doc, dict) else None
+    if (not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("size"), int)
+            or not isinstance(members, list)
+            or not all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("file", "sha256", "export_key"))
+                       for m in members)):
+        raise Int8Error(f"{path} is not an int8 manifest of format {FORMAT}; {hint}")
+    for m in members:
+        if Path(m["file"]).name != m["file"] or not m["file"].endswith(".onnx"):
+            raise Int8Error(f"{path}: member file {m['file']!r} must be a plain .onnx file name in {INT8_DIR}/")
+    return doc
+
+
+def load_int8(bundle: Bundle) -> list[Path]:
+    """The int8 model of each member of ``bundle``, checked (module docstring); raises ``Int8Error`` saying
+    what to run when they are missing, stale or damaged."""
+    if bundle.path is None:
+        raise Int8Error("int8 models live in a bundle's directory; this bundle was not loaded from disk")
+    root = Path(bundle.path)
+    doc = read_int8_manifest(root)
+    hint = f"run `ircnn model quantize --model {root} --images DIR` again"
+    pre = bundle.preprocess
+    if doc["size"] != pre.size or len(doc["members"]) != len(bundle.members):
+        raise Int8Error(f"the int8 models in {root / INT8_DIR} are for {len(doc['members'])} member(s) at "
+                        f"{doc['size']} px, the bundle has {len(bundle.members)} at {pre.size} px; {hint}")
+    paths = []
+    for i, (entry, member) in enumerate(zip(doc["members"], bundle.members)):
+        path = root / INT8_DIR / entry["file"]
+        if path.is_symlink() or not path.is_file():
+            raise Int8Error(f"{path} is missing (or a link); {hint}")
+        if entry["export_key"] != export_key(member, pre.mean, pre.std, pre.size):
+            raise Int8Error(f"the int8 model of member {i} was calibrated for other weights than member {i} has "
+                            f"now; {hint}")
+        if _sha256_file(path) != entry["sha256"]:
+            raise Int8Error(f"{path} does not match its SHA-256 in {INT8_MANIFEST} (damaged or changed); {hint}")
+        paths.append(path)
+    return paths
+
+
+def int8_agreement(fp32: np.ndarray, int8: np.ndarray, confident: float = 0.5) -> dict:
+    """How the int8 probabilities ``[N, C]`` agree with fp32's: top-1 agreement over all regions and over those
+    fp32 is at least ``confident`` about, and the mean and largest absolute probability difference."""
+    fp32, int8 = np.asarray(fp32, np.float64), np.asarray(int8, np.float64)
+    same = fp32.argmax(1) == int8.argmax(1)
+    sure = fp32.max(1) >= confident
+    return {"regions": len(fp32), "top1_agreement": float(same.mean()) if len(same) else float("nan"),
+            "confident_regions": int(sure.sum()),
+            "confident_top1_agreement": float(same[sure].mean()) if sure.any() else float("nan"),
+            "mean_abs_diff": float(np.abs(fp32 - int8).mean()) if len(same) else float("nan"),
+            "max_abs_diff": float(np.abs(fp32 - int8).max()) if len(same) else float("nan")}
+
