@@ -44,9 +44,8 @@ from detector.bundle import Bundle, Preprocess, check_det_ids
 from detector.ensemble import Ensemble, EnsembleConfig
 from detector.warp import MAX_REGIONS, check_boxes, check_image, warp_frames, warp_regions
 from eval.classes import det200, det200_from_cls1000
-from proposals.combine import MergeConfig, ProposalGenerator, Proposals
-from proposals.multibox import load_multibox
-from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
+from proposals.combine import MergeConfig, ProposalConfig, ProposalGenerator, Proposals
+from proposals.multibox import MultiBox, load_multibox
 
 FROM_CLS_TASKS = ("det200-from-cls1000", "cls1000")  # 1000-way ImageNet heads, mapped to DET classes
 WHOLE_OBJECTS = ("auto", "on", "off")
@@ -61,7 +60,9 @@ class DetectConfig:
     # px of context around each box at the network's input scale; None: R-CNN's 16 px at 224, scaled to the
     # bundle's input size (round(16 * size / 224)), as `ircnn train detector` scales it
     context: int | None = None
-    max_regions: int = 3000  # proposals scored per image, in the proposal generator's priority order
+    # proposals scored per image, in the proposal generator's priority order: at most (and by default) the
+    # proposals' own cap, ``proposals.merge.max_proposals``
+    max_regions: int = MergeConfig.max_proposals
     cascade_top_k: int | None = None  # None: every member scores every region; K: member 0 scores all, the
     #                                   others only the K regions of each image that member 0 rates least background
     warp_chunk: int = 128  # regions warped and scored at a time: 128 x 150 KB of uint8 at 224 px
@@ -80,18 +81,20 @@ class DetectConfig:
     part_overlap: float = 0.8
     part_ratio: float = 0.8
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)  # selective search, MultiBox, merging
 
     def __post_init__(self) -> None:
         if not 0.0 < self.nms_iou <= 1.0:
             raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
         if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+            raise ValueError(f"score_threshold must be in 0..1, got {self.score_threshold}")
         if not 1 <= self.max_detections <= 10_000:
             raise ValueError(f"max_detections must be in 1..10000, got {self.max_detections}")
         if self.context is not None and not 0 <= self.context <= 64:
             raise ValueError(f"context must be in 0..64 px, got {self.context}")
-        if not 1 <= self.max_regions <= MAX_REGIONS:
-            raise ValueError(f"max_regions must be in 1..{MAX_REGIONS}, got {self.max_regions}")
+        cap = self.proposals.merge.max_proposals  # scoring more regions than there are proposals means nothing
+        if not 1 <= self.max_regions <= min(cap, MAX_REGIONS):
+            raise ValueError(f"max_regions must be in 1..{min(cap, MAX_REGIONS)}, got {self.max_regions}")
         if self.cascade_top_k is not None and not 1 <= self.cascade_top_k <= MAX_REGIONS:
             raise ValueError(f"cascade_top_k must be None or in 1..{MAX_REGIONS}, got {self.cascade_top_k}")
         if not 1 <= self.warp_chunk <= 1024:
@@ -314,6 +317,12 @@ def nms_per_class(boxes: Tensor, probs: Tensor, det_ids: Tensor, config: DetectC
                       det_ids=det_ids.to(torch.int64)[column[keep]])
 
 
+def bundle_multibox(bundle_dir, device="cpu") -> MultiBox | None:
+    """The MultiBox network of the bundle directory ``bundle_dir`` on ``device``, or None when it has none: what
+    ``Detector.from_bundle`` and `ircnn proposals` propose with."""
+    return load_multibox(bundle_dir, device=device)
+
+
 class Detector:
     """The whole detector for one image at a time: the function the CLI, the batch runner and the service call.
 
@@ -332,27 +341,26 @@ class Detector:
                                                               and scorer.cls_to_det is not None)
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, config: DetectConfig = DetectConfig(), selective_search: bool = True,
-                    multibox: bool = True, coarsen: float = 2.0) -> Detector:
-        """Scorer from the bundle's members; proposals from selective search (``coarsen``: the paper's 2x) and the
-        bundle's MultiBox network when ``multibox`` is set and the bundle has one."""
+    def from_bundle(cls, bundle: Bundle, config: DetectConfig = DetectConfig()) -> Detector:
+        """The detector ``config`` describes over ``bundle``: the scorer from its members, proposals as
+        ``config.proposals`` says (the bundle's MultiBox network, when it has one and MultiBox is on). The one
+        place a ``Detector`` is assembled: the CLI, the batch runner, Ray workers and the service call it."""
         scorer = RegionScorer(bundle, config)
         net = None
-        if multibox and bundle.multibox is not None and bundle.path is not None:
-            net = load_multibox(bundle.path, device=scorer.ensemble.device)
-        if not selective_search and net is None:
+        if config.proposals.multibox and bundle.multibox is not None and bundle.path is not None:
+            net = bundle_multibox(bundle.path, device=scorer.ensemble.device)
+        if not config.proposals.selective_search and net is None:
             raise ValueError("no proposal source: selective search is off and the bundle has no MultiBox network "
                              "(train one with `ircnn train multibox`)")
-        runner = SelectiveSearchRunner(SelectiveSearchConfig(coarsen=coarsen)) if selective_search else None
-        generator = ProposalGenerator(runner, net, MergeConfig(max_proposals=config.max_regions))
-        return cls(scorer, generator, config)
+        return cls(scorer, ProposalGenerator.from_config(config.proposals, net), config)
 
     def _propose(self, image: np.ndarray) -> tuple[Proposals, dict[str, float]]:
         check_image(image)
         return self.proposals(image)
 
     def propose(self, image: np.ndarray) -> Proposals:
-        """``image`` uint8 RGB ``[H, W, 3]`` -> merged proposals (at most ``config.max_regions``)."""
+        """``image`` uint8 RGB ``[H, W, 3]`` -> merged proposals (at most ``config.proposals.merge.max_proposals``;
+        ``score`` takes the first ``config.max_regions``)."""
         return self._propose(image)[0]
 
     def regions(self, image: np.ndarray, proposals: Proposals | Tensor) -> Tensor:
@@ -387,9 +395,7 @@ class Detector:
         return dets
 
     def close(self) -> None:
-        runner = self.proposals.selective_search
-        if runner is not None and hasattr(runner, "close"):
-            runner.close()
+        self.proposals.close()
 
     def __enter__(self) -> Detector:
         return self

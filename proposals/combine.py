@@ -11,12 +11,14 @@ a box whose IoU with an already kept box is above ``dedup_iou``: greedy NMS with
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import nms
+
+from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
 SELECTIVE_SEARCH, MULTIBOX = 0, 1
 SOURCE_NAMES = ("selective_search", "multibox")
@@ -32,6 +34,22 @@ class MergeConfig:
             raise ValueError(f"dedup_iou must be in (0, 1], got {self.dedup_iou}")
         if not 1 <= self.max_proposals <= 100_000:
             raise ValueError(f"max_proposals must be in 1..100000, got {self.max_proposals}")
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    """Where one image's proposals come from (section 8): what the detector, `ircnn detect` and `ircnn proposals`
+    build their ``ProposalGenerator`` from (``ProposalGenerator.from_config``)."""
+
+    selective_search: bool = True  # selective search boxes (in a worker process, ``SelectiveSearchRunner``)
+    search: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)  # its mode and 2x coarsening
+    multibox: bool = True  # the MultiBox network's boxes, when there is a network (a bundle's ``multibox``)
+    multibox_top: int | None = None  # the N most confident MultiBox boxes only; None: all K (the paper's 200)
+    merge: MergeConfig = field(default_factory=MergeConfig)  # de-duplication and the per-image cap
+
+    def __post_init__(self) -> None:
+        if self.multibox_top is not None and self.multibox_top < 1:
+            raise ValueError(f"multibox_top must be None or >= 1, got {self.multibox_top}")
 
 
 @dataclass
@@ -85,22 +103,51 @@ class ProposalGenerator:
     the merged ``Proposals`` and the seconds each source took.
     """
 
-    def __init__(self, selective_search=None, multibox=None, config: MergeConfig = MergeConfig()) -> None:
+    def __init__(self, selective_search=None, multibox=None, config: MergeConfig = MergeConfig(),
+                 multibox_top: int | None = None) -> None:
         if selective_search is None and multibox is None:
             raise ValueError("no proposal source: enable selective search or MultiBox")
         self.selective_search = selective_search
         self.multibox = multibox
         self.config = config
+        self.multibox_top = multibox_top  # None: every box the network predicts
 
-    def __call__(self, image: np.ndarray) -> tuple[Proposals, dict[str, float]]:
-        parts, seconds = [], {}
+    @classmethod
+    def from_config(cls, config: ProposalConfig = ProposalConfig(), multibox=None) -> ProposalGenerator:
+        """The generator ``config`` describes, over ``multibox`` (a ``MultiBox`` network, or None for none). Starts
+        the selective search worker process when selective search is on; ``close()`` stops it."""
+        multibox = multibox if config.multibox else None
+        if not config.selective_search and multibox is None:
+            raise ValueError("no proposal source: selective search is off and there is no MultiBox network")
+        runner = SelectiveSearchRunner(config.search) if config.selective_search else None
+        return cls(runner, multibox, config.merge, config.multibox_top)
+
+    def parts(self, image: np.ndarray) -> tuple[dict[str, Proposals], dict[str, float]]:
+        """Each source's proposals before merging, in priority order (``multibox``, ``selective_search``), and the
+        seconds each took."""
+        parts, seconds = {}, {}
         if self.multibox is not None:
             start = time.perf_counter()
             (boxes, scores), = self.multibox.propose([image])
-            parts.append(Proposals.from_multibox(boxes, scores))
+            parts["multibox"] = Proposals.from_multibox(boxes[: self.multibox_top], scores[: self.multibox_top])
             seconds["multibox"] = time.perf_counter() - start
         if self.selective_search is not None:
             start = time.perf_counter()
-            parts.append(Proposals.from_selective_search(self.selective_search(image)))
+            parts["selective_search"] = Proposals.from_selective_search(self.selective_search(image))
             seconds["selective_search"] = time.perf_counter() - start
-        return merge(parts, self.config), seconds
+        return parts, seconds
+
+    def __call__(self, image: np.ndarray) -> tuple[Proposals, dict[str, float]]:
+        parts, seconds = self.parts(image)
+        return merge(list(parts.values()), self.config), seconds
+
+    def close(self) -> None:
+        """Stop the selective search worker process, if this generator runs one."""
+        if hasattr(self.selective_search, "close"):
+            self.selective_search.close()
+
+    def __enter__(self) -> ProposalGenerator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -324,11 +324,13 @@ class Service:
 def _build_detector(bundle, ensemble, settings: Settings):
     """A Detector for det200 / det200-from-cls1000 bundles, else None (that bundle only classifies)."""
     from detector.rcnn import DetectConfig, Detector
+    from proposals.combine import ProposalConfig
 
     try:
         config = DetectConfig(max_detections=MAX_DETECTIONS, max_regions=settings.max_regions,
-                              whole_objects=settings.whole_objects, ensemble=ensemble)
-        return Detector.from_bundle(bundle, config, selective_search=settings.selective_search)
+                              whole_objects=settings.whole_objects, ensemble=ensemble,
+                              proposals=ProposalConfig(selective_search=settings.selective_search))
+        return Detector.from_bundle(bundle, config)
     except ValueError as e:
         log.info("detection off: %s", e)
         return None

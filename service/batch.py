@@ -428,10 +428,7 @@ class DetectorSpec:
     from the bundle's path (``service.ray_engine``) exactly as the local engine builds one in this process."""
 
     model: str | None  # bundle directory; None: torchvision's ImageNet GoogLeNet (``resolve_bundle``)
-    config: DetectConfig  # NMS, threshold, cap, ensemble batch size and precision
-    selective_search: bool = True
-    multibox: bool = True  # add the bundle's MultiBox boxes when it has a MultiBox network
-    coarsen: float = 2.0  # selective search superpixel size multiplier (the paper: 2)
+    config: DetectConfig  # proposals, NMS, threshold, cap, ensemble batch size and precision
 
     def load(self, device: str = "cpu"):
         """The bundle, its members on ``device``."""
@@ -443,8 +440,7 @@ class DetectorSpec:
         """A ``Detector`` over ``bundle`` (loaded by ``load``) with these options."""
         from detector.rcnn import Detector
 
-        return Detector.from_bundle(bundle, self.config, selective_search=self.selective_search,
-                                    multibox=self.multibox, coarsen=self.coarsen)
+        return Detector.from_bundle(bundle, self.config)
 
 
 def local_engine(make_detector: Callable[[], object], todo: list[Path]) -> Generator[Result, None, None]:

@@ -1034,15 +1034,19 @@ def _cmd_detect(args) -> int:
     check_paths(args.paths)  # in a second, before torch and the model load
     from detector.ensemble import EnsembleConfig
     from detector.rcnn import DetectConfig
+    from proposals.combine import ProposalConfig
+    from proposals.selective_search import SelectiveSearchConfig
     from service.batch import BatchConfig, DetectorSpec, run_batch
 
     config = DetectConfig(score_threshold=args.score_threshold, max_detections=args.max_detections,
                           nms_iou=args.nms_iou, max_regions=args.max_regions, cascade_top_k=args.cascade,
                           whole_objects=args.whole_objects,
                           ensemble=EnsembleConfig(batch_size=args.batch_size, precision=args.precision,
-                                                  backend=args.backend))
-    spec = DetectorSpec(args.model, config, selective_search=args.selective_search == "on",
-                        multibox=args.multibox == "auto", coarsen=args.coarsen)
+                                                  backend=args.backend),
+                          proposals=ProposalConfig(selective_search=args.selective_search == "on",
+                                                   search=SelectiveSearchConfig(coarsen=args.coarsen),
+                                                   multibox=args.multibox == "auto"))
+    spec = DetectorSpec(args.model, config)
     engine, engine_errors = None, ()
     if args.engine == "ray":
         from service.ray_engine import RayConfig, RayEngine, RayEngineError

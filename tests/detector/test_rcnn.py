@@ -20,7 +20,7 @@ from detector.rcnn import (DetectConfig, Detections, Detector, RegionScorer, det
                            nms_per_class)
 from detector.warp import warp_regions
 from eval.classes import det200
-from proposals.combine import ProposalGenerator, Proposals
+from proposals.combine import MergeConfig, ProposalConfig, ProposalGenerator, Proposals
 from proposals.multibox import MultiBox, MultiBoxConfig, save_multibox
 from service.cli import main
 
@@ -214,6 +214,14 @@ def test_config_rejects_bad_values(field, value):
         DetectConfig(**{field: value})
 
 
+def test_max_regions_is_at_most_the_proposals_cap():
+    assert DetectConfig().max_regions == DetectConfig().proposals.merge.max_proposals == 3000
+    with pytest.raises(ValueError, match="max_regions must be in 1..3000, got 3001"):
+        DetectConfig(max_regions=3001)
+    wide = ProposalConfig(merge=MergeConfig(max_proposals=5000))
+    assert DetectConfig(max_regions=5000, proposals=wide).max_regions == 5000
+
+
 def test_detector_clips_proposals_and_caps_regions(tiny_bundle, photo):
     bundle = tiny_bundle(num_classes=4, task="det200")
     bundle.preprocess = SMALL
@@ -291,7 +299,7 @@ def test_detector_end_to_end_on_a_photo_with_selective_search(tiny_bundle, tmp_p
 def test_detector_needs_a_proposal_source(tiny_bundle):
     bundle = tiny_bundle(num_classes=201, task="det200", width=0.125)
     with pytest.raises(ValueError, match="no proposal source"):
-        Detector.from_bundle(bundle, selective_search=False)
+        Detector.from_bundle(bundle, DetectConfig(proposals=ProposalConfig(selective_search=False)))
 
 
 def test_model_init_writes_det_ids_and_import_task_is_checked(tmp_path, capsys):
