@@ -41,6 +41,7 @@ import numpy as np
 from detector.image import IMAGE_SUFFIXES, list_images, read_image
 from eval.classes import det200
 from eval.formats import ImageLookup, parse_json, read_imageset, to_devkit_ints, to_xywh
+from service.paths import check_paths
 
 if TYPE_CHECKING:
     from detector.rcnn import DetectConfig
@@ -352,16 +353,6 @@ class DetectOutput:
 # ---- inputs ----------------------------------------------------------------------------------------------
 
 
-def check_paths(paths: Iterable[str | os.PathLike]) -> None:
-    """Raise ValueError naming the PATH arguments that do not exist: a usage error, found before any work (and,
-    in ``ircnn detect`` and ``ircnn classify``, before the model loads)."""
-    missing = [str(p) for p in paths if not os.path.exists(p)]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ValueError(f"no such file or directory: {', '.join(missing[:3])}{more}; check the path"
-                         f"{'s' if len(missing) > 1 else ''}")
-
-
 def input_files(inputs: list[str | os.PathLike]) -> list[Path]:
     """``list_images`` of the PATH arguments, each file once (the first spelling kept); ``check_paths`` first."""
     check_paths(inputs)
@@ -466,6 +457,10 @@ class BatchConfig:
     vis_threshold: float = 0.3  # draw detections scoring at least this
     progress: bool = False  # tqdm bar on stderr
     report_errors: bool = True  # "path: error: message" on stderr for each failed image
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.vis_threshold <= 1.0:
+            raise ValueError(f"vis_threshold must be in 0..1, got {self.vis_threshold}")
 
 
 @dataclass
