@@ -6,7 +6,7 @@ import os
 import sys
 
 from detector.cpus import default_workers
-from service.cli.common import VARIANTS, CliError, print_bundle, print_json
+from service.cli.common import VARIANTS, CliError, given, print_bundle, print_json
 
 
 def add_parser(sub) -> None:
@@ -122,13 +122,13 @@ def add_parser(sub) -> None:
     p.add_argument("--same-sampling", action="store_true", help="every member samples as member 0 (only the "
                    "seed differs)")
     p.add_argument("--seed", type=int, default=0, help="member i uses seed + i (default 0)")
-    p.add_argument("--coarsen", type=float, default=2.0, help="selective search superpixel factor (default 2.0)")
+    p.add_argument("--coarsen", type=float, help="selective search superpixel factor (default 2.0)")
     p.add_argument("--selective-search-width", type=int, default=500, metavar="PX",
                    help="selective search segments images resized to this width (default 500, R-CNN's)")
     p.add_argument("--no-selective-search", action="store_true", help="MultiBox proposals only")
     p.add_argument("--multibox-from", metavar="BUNDLE", help="add this bundle's MultiBox boxes to the proposals "
                    "(the network is copied into the new bundle)")
-    p.add_argument("--max-proposals", type=int, default=3000, help="per image, after merging (default 3000)")
+    p.add_argument("--max-proposals", type=int, help="per image, after merging (default 3000)")
     p.add_argument("--proposals-cache", metavar="DIR", help="default BUNDLE_DIR/.proposals")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if there is one")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="default BUNDLE_DIR/.detector-checkpoint")
@@ -184,11 +184,11 @@ def _cmd_train_detector(args) -> int:
         max_minutes=args.max_minutes,
         batch_size=args.batch, fg_per_batch=args.fg_per_batch, lr=args.lr, weight_decay=args.weight_decay,
         ema_decay=args.ema_decay, vary_members=not args.same_sampling, seed=args.seed,
-        selective_search=not args.no_selective_search, coarsen=args.coarsen,
+        selective_search=not args.no_selective_search,
         selective_search_width=args.selective_search_width, multibox_from=args.multibox_from,
-        max_proposals=args.max_proposals, proposals_cache=args.proposals_cache, resume=args.resume,
+        proposals_cache=args.proposals_cache, resume=args.resume,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, workers=args.workers,
-        device=args.device)
+        device=args.device, **given(coarsen=args.coarsen, max_proposals=args.max_proposals))
 
     def proposals(s: dict) -> None:
         if args.json:
