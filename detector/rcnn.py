@@ -41,74 +41,15 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from detector.bundle import Bundle, Preprocess, check_det_ids
-from detector.ensemble import Ensemble, EnsembleConfig
-from detector.warp import MAX_REGIONS, check_boxes, check_image, warp_frames, warp_regions
+from detector.config import DetectConfig
+from detector.ensemble import Ensemble
+from detector.warp import check_boxes, check_image, warp_frames, warp_regions
 from eval.classes import det200, det200_from_cls1000
-from proposals.combine import MergeConfig, ProposalConfig, ProposalGenerator, Proposals
+from proposals.combine import ProposalGenerator, Proposals
 from proposals.multibox import MultiBox, load_multibox
 
 FROM_CLS_TASKS = ("det200-from-cls1000", "cls1000")  # 1000-way ImageNet heads, mapped to DET classes
-WHOLE_OBJECTS = ("auto", "on", "off")
 MIN_SIDE = 1.0  # proposals narrower or lower than this (after clipping to the image) are not scored
-
-
-@dataclass(frozen=True)
-class DetectConfig:
-    nms_iou: float = 0.3  # per-class NMS overlap, R-CNN's value
-    score_threshold: float = 0.01  # detections scoring below this are dropped
-    max_detections: int = 100  # per image, the best by score over all classes
-    # px of context around each box at the network's input scale; None: R-CNN's 16 px at 224, scaled to the
-    # bundle's input size (round(16 * size / 224)), as `ircnn train detector` scales it
-    context: int | None = None
-    # proposals scored per image, in the proposal generator's priority order: at most (and by default) the
-    # proposals' own cap, ``proposals.merge.max_proposals``
-    max_regions: int = MergeConfig.max_proposals
-    cascade_top_k: int | None = None  # None: every member scores every region; K: member 0 scores all, the
-    #                                   others only the K regions of each image that member 0 rates least background
-    warp_chunk: int = 128  # regions warped and scored at a time: 128 x 150 KB of uint8 at 224 px
-    # Whole objects over their parts, for classifiers that never learnt a background class (``det200-from-cls1000``
-    # bundles): their most confident windows are an object's most telling parts (a cat's face). "auto": on for
-    # such bundles, off for det200 detectors fine-tuned with a background class; "on", "off". Two steps:
-    whole_objects: str = "auto"
-    # 1. context frames (``contrast_frames``): the ``context_frames`` regions least likely background are scored
-    #    again on their surrounding frame (the box ``frame_scale`` times larger, the box blanked); a class keeps
-    #    p(box) * (1 - p(frame)), since a part has more of its object around it than the whole has. Only those
-    #    regions can become detections.
-    context_frames: int = 300
-    frame_scale: float = 1.8
-    # 2. parts (``suppress_parts``): after NMS, a detection with ``part_overlap`` of its area inside a larger
-    #    same-class detection scoring at least ``part_ratio`` times as high is dropped.
-    part_overlap: float = 0.8
-    part_ratio: float = 0.8
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    proposals: ProposalConfig = field(default_factory=ProposalConfig)  # selective search, MultiBox, merging
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.nms_iou <= 1.0:
-            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in 0..1, got {self.score_threshold}")
-        if not 1 <= self.max_detections <= 10_000:
-            raise ValueError(f"max_detections must be in 1..10000, got {self.max_detections}")
-        if self.context is not None and not 0 <= self.context <= 64:
-            raise ValueError(f"context must be in 0..64 px, got {self.context}")
-        cap = self.proposals.merge.max_proposals  # scoring more regions than there are proposals means nothing
-        if not 1 <= self.max_regions <= min(cap, MAX_REGIONS):
-            raise ValueError(f"max_regions must be in 1..{min(cap, MAX_REGIONS)}, got {self.max_regions}")
-        if self.cascade_top_k is not None and not 1 <= self.cascade_top_k <= MAX_REGIONS:
-            raise ValueError(f"cascade_top_k must be None or in 1..{MAX_REGIONS}, got {self.cascade_top_k}")
-        if not 1 <= self.warp_chunk <= 1024:
-            raise ValueError(f"warp_chunk must be in 1..1024, got {self.warp_chunk}")
-        if self.whole_objects not in WHOLE_OBJECTS:
-            raise ValueError(f"whole_objects must be one of {', '.join(WHOLE_OBJECTS)}, got {self.whole_objects!r}")
-        if not 0.0 < self.part_overlap <= 1.0:
-            raise ValueError(f"part_overlap must be in (0, 1], got {self.part_overlap}")
-        if not 0.0 < self.part_ratio <= 10.0:
-            raise ValueError(f"part_ratio must be in (0, 10], got {self.part_ratio}")
-        if not 1 <= self.context_frames <= MAX_REGIONS:
-            raise ValueError(f"context_frames must be in 1..{MAX_REGIONS}, got {self.context_frames}")
-        if not 1.0 < self.frame_scale <= 4.0:
-            raise ValueError(f"frame_scale must be in (1, 4], got {self.frame_scale}")
 
 
 @dataclass

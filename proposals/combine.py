@@ -11,45 +11,18 @@ a box whose IoU with an already kept box is above ``dedup_iou``: greedy NMS with
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import nms
 
-from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
+from proposals.config import MergeConfig, ProposalConfig
+from proposals.selective_search import SelectiveSearchRunner
 
 SELECTIVE_SEARCH, MULTIBOX = 0, 1
 SOURCE_NAMES = ("selective_search", "multibox")
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    dedup_iou: float = 0.9  # a box this close to a kept one adds nothing to coverage at IoU 0.5 or 0.7
-    max_proposals: int = 3000  # R-CNN's fast mode gives about 2,000 per image; the cap only guards the networks
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.dedup_iou <= 1.0:
-            raise ValueError(f"dedup_iou must be in (0, 1], got {self.dedup_iou}")
-        if not 1 <= self.max_proposals <= 100_000:
-            raise ValueError(f"max_proposals must be in 1..100000, got {self.max_proposals}")
-
-
-@dataclass(frozen=True)
-class ProposalConfig:
-    """Where one image's proposals come from (section 8): what the detector, `ircnn detect` and `ircnn proposals`
-    build their ``ProposalGenerator`` from (``ProposalGenerator.from_config``)."""
-
-    selective_search: bool = True  # selective search boxes (in a worker process, ``SelectiveSearchRunner``)
-    search: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)  # its mode and 2x coarsening
-    multibox: bool = True  # the MultiBox network's boxes, when there is a network (a bundle's ``multibox``)
-    multibox_top: int | None = None  # the N most confident MultiBox boxes only; None: all K (the paper's 200)
-    merge: MergeConfig = field(default_factory=MergeConfig)  # de-duplication and the per-image cap
-
-    def __post_init__(self) -> None:
-        if self.multibox_top is not None and self.multibox_top < 1:
-            raise ValueError(f"multibox_top must be None or >= 1, got {self.multibox_top}")
 
 
 @dataclass

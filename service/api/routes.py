@@ -14,12 +14,20 @@ from starlette.requests import ClientDisconnect
 
 from detector.classify import CROP_SCHEMES
 from service.api.errors import ApiError, job_error
-from service.api.schemas import (ClassifyResponse, ClassifyResults, DetectResponse, DetectResults, ErrorDetail,
-                                 ErrorResponse, FailedImage, ModelInfo, ModelsResponse)
+from service.api.schemas import (
+    ClassifyResponse,
+    ClassifyResults,
+    DetectResponse,
+    DetectResults,
+    ErrorDetail,
+    ErrorResponse,
+    FailedImage,
+    ModelInfo,
+    ModelsResponse,
+)
 from service.api.uploads import Upload, decoded, read_uploads
 from service.api.worker import MAX_DETECTIONS, ClassifyJob, DetectJob, Service
 from service.batching import QueueFull
-
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "empty, truncated or corrupt image, malformed multipart, more "

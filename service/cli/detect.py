@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import sys
 
-from service.cli.common import (BACKEND_CHOICES, BACKEND_HELP, PRECISION_HELP, CliError, count, flag_error, given,
-                                print_json)
-
+from service.cli.common import (
+    BACKEND_CHOICES,
+    BACKEND_HELP,
+    PRECISION_HELP,
+    CliError,
+    count,
+    flag_error,
+    given,
+    print_json,
+)
 
 # Literals so that building the parser does not import torch; tests/service/cli/test_detect.py checks them against
 # service.batch.FORMATS and detector.rcnn.DetectConfig's defaults.
@@ -99,11 +106,10 @@ def _check_detect_args(args) -> None:
 
 
 def detect_config(args):
-    """``DetectConfig`` of the flags; a value out of range is the usage error of its flag."""
-    from detector.ensemble import EnsembleConfig
-    from detector.rcnn import DetectConfig
-    from proposals.combine import ProposalConfig
-    from proposals.selective_search import SelectiveSearchConfig
+    """``DetectConfig`` of the flags, made without loading torch; a value out of range is the usage error of its
+    flag."""
+    from detector.config import DetectConfig, EnsembleConfig
+    from proposals.config import ProposalConfig, SelectiveSearchConfig
 
     try:
         return DetectConfig(score_threshold=args.score_threshold, max_detections=args.max_detections,
@@ -120,11 +126,11 @@ def detect_config(args):
 
 
 def _cmd_detect(args) -> int:
+    config = detect_config(args)
     _check_detect_args(args)
     from service.paths import check_paths
 
     check_paths(args.paths)  # in a second, before torch and the model load
-    config = detect_config(args)
     from service.batch import BatchConfig, DetectorSpec, run_batch
 
     try:

