@@ -44,7 +44,7 @@ from eval.formats import ImageLookup, parse_json, read_imageset, to_devkit_ints,
 from service.paths import check_paths
 
 if TYPE_CHECKING:
-    from detector.rcnn import DetectConfig
+    from detector.config import DetectConfig
 
 FORMATS = ("jsonl", "coco", "ilsvrc")
 JOURNAL_SUFFIX = ".partial.jsonl"  # beside a coco / ilsvrc output

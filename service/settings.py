@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detector.image import MAX_BYTES, MAX_PIXELS
-from proposals.combine import MergeConfig, ProposalConfig
+from proposals.config import MergeConfig, ProposalConfig
 
 
 class Settings(BaseSettings):

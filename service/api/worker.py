@@ -160,8 +160,9 @@ class Service:
 
 def _detector_of(bundle, ensemble, settings: Settings):
     """A Detector for det200 / det200-from-cls1000 bundles, else None (that bundle only classifies)."""
-    from detector.rcnn import DetectConfig, Detector
-    from proposals.combine import ProposalConfig
+    from detector.config import DetectConfig
+    from detector.rcnn import Detector
+    from proposals.config import ProposalConfig
 
     try:
         config = DetectConfig(max_detections=MAX_DETECTIONS, max_regions=settings.max_regions,

@@ -20,7 +20,8 @@ from detector.rcnn import (DetectConfig, Detections, Detector, RegionScorer, det
                            nms_per_class)
 from detector.warp import warp_regions
 from eval.classes import det200
-from proposals.combine import MergeConfig, ProposalConfig, ProposalGenerator, Proposals
+from proposals.combine import ProposalGenerator, Proposals
+from proposals.config import ProposalConfig
 from proposals.multibox import MultiBox, MultiBoxConfig, save_multibox
 from service.cli import main
 
@@ -205,21 +206,6 @@ def test_nms_of_nothing_and_bad_shapes():
     assert dets.to_json() == []
     with pytest.raises(ValueError, match="K \\+ 1"):
         nms_per_class(torch.tensor([A]), torch.tensor([[0.5, 0.5]]), torch.tensor([1, 2]))
-
-
-@pytest.mark.parametrize("field, value", [("nms_iou", 0.0), ("score_threshold", 1.5), ("max_detections", 0),
-                                          ("max_regions", 20_000), ("cascade_top_k", 0), ("context", -1)])
-def test_config_rejects_bad_values(field, value):
-    with pytest.raises(ValueError, match=field):
-        DetectConfig(**{field: value})
-
-
-def test_max_regions_is_at_most_the_proposals_cap():
-    assert DetectConfig().max_regions == DetectConfig().proposals.merge.max_proposals == 3000
-    with pytest.raises(ValueError, match="max_regions must be in 1..3000, got 3001"):
-        DetectConfig(max_regions=3001)
-    wide = ProposalConfig(merge=MergeConfig(max_proposals=5000))
-    assert DetectConfig(max_regions=5000, proposals=wide).max_regions == 5000
 
 
 def test_detector_clips_proposals_and_caps_regions(tiny_bundle, photo):

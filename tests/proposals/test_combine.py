@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from proposals.combine import (MULTIBOX, SELECTIVE_SEARCH, MergeConfig, ProposalConfig, ProposalGenerator, Proposals,
-                               merge)
+from proposals.combine import MULTIBOX, SELECTIVE_SEARCH, MergeConfig, ProposalGenerator, Proposals, merge
+from proposals.config import ProposalConfig
 from proposals.recall import CoverageEvaluator, best_overlaps
 
 

@@ -12,9 +12,8 @@ def test_modes_are_the_strategies_selective_search_knows():
 
 
 def test_configs_import_nothing_heavy():
-    """`ircnn` builds these from its flags before it loads anything: a bad value answers at once."""
-    code = ("import sys, proposals.config, detector.config\n"
-            "print([m for m in ('torch', 'numpy', 'cv2', 'PIL') if m in sys.modules])")
+    """`ircnn proposals` builds these from its flags before it loads anything: a bad value answers at once."""
+    code = "import sys, proposals.config\nprint([m for m in ('torch', 'numpy', 'cv2', 'PIL') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
