@@ -1,15 +1,7 @@
 """The parser as a whole: light to build, help texts that stand alone, usage errors before any model loads."""
 
-from service.cli import main
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_parser_is_light_and_agrees_with_the_model():
+def test_parser_is_light_and_agrees_with_the_model(run):
     import subprocess
     import sys
 
@@ -25,7 +17,7 @@ def test_parser_is_light_and_agrees_with_the_model():
     assert out.strip() == "False"  # `ircnn data synth` and `ircnn eval` start without loading torch
 
 
-def test_help_and_usage_errors_import_nothing_heavy():
+def test_help_and_usage_errors_import_nothing_heavy(run):
     """`ircnn --help`, every `--help` and a usage error answer without torch, OpenCV, NumPy, FastAPI, Ray or ONNX
     (each costs seconds on a loaded machine); the literals that make this possible agree with the code."""
     import subprocess
@@ -68,7 +60,7 @@ def test_help_texts_stand_alone():
         assert "later" not in text, text
 
 
-def test_missing_image_is_a_usage_error_before_the_model_loads(tmp_path, capsys, monkeypatch):
+def test_missing_image_is_a_usage_error_before_the_model_loads(tmp_path, run, monkeypatch):
     """A missing path fails at once, naming it, before torch and the model: the model path below is wrong too,
     and the message is about the image."""
     import detector.bundle
@@ -79,7 +71,7 @@ def test_missing_image_is_a_usage_error_before_the_model_loads(tmp_path, capsys,
     monkeypatch.setattr(detector.bundle, "resolve_bundle", no_loading)
     (tmp_path / "here.jpg").write_bytes(b"")
     for command in ("classify", "detect", "proposals"):
-        code, out, err = run(capsys, command, tmp_path / "here.jpg", tmp_path / "missing.jpg", "--model",
+        code, out, err = run(command, tmp_path / "here.jpg", tmp_path / "missing.jpg", "--model",
                              tmp_path / "no-model")
         assert code == 2 and out == "", (command, err)
         assert err.strip() == f"ircnn: error: no such file or directory: {tmp_path / 'missing.jpg'}; check the path"
