@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detector.config import BACKENDS
 from detector.members import first_conv
 from detector.transform import fold_into_conv
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
 EXPORT_VERSION = 1  # bump when the exported graph changes, so old cache entries are not reused
 OPSET = 18
 _INSTALL = {"onnxruntime": 'pip install "inception-rcnn[onnx]"', "openvino": 'pip install "inception-rcnn[openvino]"'}

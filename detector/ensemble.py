@@ -12,7 +12,6 @@ measures which of those is fastest here, per member architecture, and runs each 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,39 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from detector.autobackend import Choice, choose_backend
-from detector.backends import BACKENDS, BackendMember
+from detector.backends import BackendMember
 from detector.bundle import Bundle
 from detector.transform import Normalize
-
-PRECISIONS = ("fp32", "bf16", "int8")
-AUTO = "auto"
-
-
-@dataclass(frozen=True)
-class EnsembleConfig:
-    batch_size: int = 32  # crops per forward pass; 32 is near the CPU throughput plateau (bench/classify.py)
-    channels_last: bool = True  # NHWC convolutions; faster on CPUs with AVX-512 and on GPUs
-    precision: str = "fp32"  # "bf16" runs under bfloat16 autocast: faster, probabilities differ by ~1e-2;
-    #                          "int8": the bundle's calibrated int8 models (``ircnn model quantize``,
-    #                          detector/quantize.py) on onnxruntime (what auto picks) or openvino
-    # "torch" (the reference), "onnxruntime" (fp32) or "openvino" (fp32/bf16): the members exported to ONNX with
-    # the normalisation folded in, once, cached by weight hash (detector/backends.py); channels_last is then moot.
-    # "auto": the fastest of those measured here (detector/autobackend.py; with precision "bf16", bf16 is allowed,
-    # where native, not required; channels_last is then measured too). The library default stays the reference;
-    # the CLI and the service default to auto.
-    backend: str = "torch"
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.batch_size <= 1024:
-            raise ValueError(f"batch_size must be in 1..1024, got {self.batch_size}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.backend not in (AUTO,) + BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join((AUTO,) + BACKENDS)}, got {self.backend!r}")
-        if self.backend == "onnxruntime" and self.precision == "bf16":
-            raise ValueError("backend onnxruntime runs fp32 or int8; use backend openvino (or torch) for bf16")
-        if self.precision == "int8" and self.backend == "torch":
-            raise ValueError("precision int8 runs on backend onnxruntime or openvino (or auto), not torch")
+from detector.config import AUTO, EnsembleConfig
 
 
 class Ensemble(nn.Module):

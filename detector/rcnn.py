@@ -41,72 +41,16 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from detector.bundle import Bundle, Preprocess, check_det_ids
-from detector.ensemble import Ensemble, EnsembleConfig
+from detector.config import DetectConfig
+from detector.ensemble import Ensemble
 from detector.multibox_bundle import load_multibox
-from detector.warp import MAX_REGIONS, check_boxes, check_image, warp_frames, warp_regions
+from detector.warp import check_boxes, check_image, warp_frames, warp_regions
 from eval.classes import det200_from_cls1000
 from eval.records import detections_json
-from proposals.combine import MergeConfig, ProposalGenerator, Proposals
-from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
+from proposals.combine import ProposalGenerator, Proposals
 
 FROM_CLS_TASKS = ("det200-from-cls1000", "cls1000")  # 1000-way ImageNet heads, mapped to DET classes
-WHOLE_OBJECTS = ("auto", "on", "off")
 MIN_SIDE = 1.0  # proposals narrower or lower than this (after clipping to the image) are not scored
-
-
-@dataclass(frozen=True)
-class DetectConfig:
-    nms_iou: float = 0.3  # per-class NMS overlap, R-CNN's value
-    score_threshold: float = 0.01  # detections scoring below this are dropped
-    max_detections: int = 100  # per image, the best by score over all classes
-    # px of context around each box at the network's input scale; None: R-CNN's 16 px at 224, scaled to the
-    # bundle's input size (round(16 * size / 224)), as `ircnn train detector` scales it
-    context: int | None = None
-    max_regions: int = 3000  # proposals scored per image, in the proposal generator's priority order
-    cascade_top_k: int | None = None  # None: every member scores every region; K: member 0 scores all, the
-    #                                   others only the K regions of each image that member 0 rates least background
-    warp_chunk: int = 128  # regions warped and scored at a time: 128 x 150 KB of uint8 at 224 px
-    # Whole objects over their parts, for classifiers that never learnt a background class (``det200-from-cls1000``
-    # bundles): their most confident windows are an object's most telling parts (a cat's face). "auto": on for
-    # such bundles, off for det200 detectors fine-tuned with a background class; "on", "off". Two steps:
-    whole_objects: str = "auto"
-    # 1. context frames (``contrast_frames``): the ``context_frames`` regions least likely background are scored
-    #    again on their surrounding frame (the box ``frame_scale`` times larger, the box blanked); a class keeps
-    #    p(box) * (1 - p(frame)), since a part has more of its object around it than the whole has. Only those
-    #    regions can become detections.
-    context_frames: int = 300
-    frame_scale: float = 1.8
-    # 2. parts (``suppress_parts``): after NMS, a detection with ``part_overlap`` of its area inside a larger
-    #    same-class detection scoring at least ``part_ratio`` times as high is dropped.
-    part_overlap: float = 0.8
-    part_ratio: float = 0.8
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.nms_iou <= 1.0:
-            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        if not 1 <= self.max_detections <= 10_000:
-            raise ValueError(f"max_detections must be in 1..10000, got {self.max_detections}")
-        if self.context is not None and not 0 <= self.context <= 64:
-            raise ValueError(f"context must be in 0..64 px, got {self.context}")
-        if not 1 <= self.max_regions <= MAX_REGIONS:
-            raise ValueError(f"max_regions must be in 1..{MAX_REGIONS}, got {self.max_regions}")
-        if self.cascade_top_k is not None and not 1 <= self.cascade_top_k <= MAX_REGIONS:
-            raise ValueError(f"cascade_top_k must be None or in 1..{MAX_REGIONS}, got {self.cascade_top_k}")
-        if not 1 <= self.warp_chunk <= 1024:
-            raise ValueError(f"warp_chunk must be in 1..1024, got {self.warp_chunk}")
-        if self.whole_objects not in WHOLE_OBJECTS:
-            raise ValueError(f"whole_objects must be one of {', '.join(WHOLE_OBJECTS)}, got {self.whole_objects!r}")
-        if not 0.0 < self.part_overlap <= 1.0:
-            raise ValueError(f"part_overlap must be in (0, 1], got {self.part_overlap}")
-        if not 0.0 < self.part_ratio <= 10.0:
-            raise ValueError(f"part_ratio must be in (0, 10], got {self.part_ratio}")
-        if not 1 <= self.context_frames <= MAX_REGIONS:
-            raise ValueError(f"context_frames must be in 1..{MAX_REGIONS}, got {self.context_frames}")
-        if not 1.0 < self.frame_scale <= 4.0:
-            raise ValueError(f"frame_scale must be in (1, 4], got {self.frame_scale}")
 
 
 @dataclass
@@ -327,27 +271,26 @@ class Detector:
                                                               and scorer.cls_to_det is not None)
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, config: DetectConfig = DetectConfig(), selective_search: bool = True,
-                    multibox: bool = True, coarsen: float = 2.0) -> Detector:
-        """Scorer from the bundle's members; proposals from selective search (``coarsen``: the paper's 2x) and the
-        bundle's MultiBox network when ``multibox`` is set and the bundle has one."""
+    def from_bundle(cls, bundle: Bundle, config: DetectConfig = DetectConfig()) -> Detector:
+        """The detector ``config`` describes over ``bundle``: the scorer from its members, proposals as
+        ``config.proposals`` says (the bundle's MultiBox network, when it has one and MultiBox is on). The one
+        place a ``Detector`` is assembled: the CLI, the batch runner, Ray workers and the service call it."""
         scorer = RegionScorer(bundle, config)
         net = None
-        if multibox and bundle.multibox is not None and bundle.path is not None:
+        if config.proposals.multibox and bundle.multibox is not None and bundle.path is not None:
             net = load_multibox(bundle.path, device=scorer.ensemble.device)
-        if not selective_search and net is None:
+        if not config.proposals.selective_search and net is None:
             raise ValueError("no proposal source: selective search is off and the bundle has no MultiBox network "
                              "(train one with `ircnn train multibox`)")
-        runner = SelectiveSearchRunner(SelectiveSearchConfig(coarsen=coarsen)) if selective_search else None
-        generator = ProposalGenerator(runner, net, MergeConfig(max_proposals=config.max_regions))
-        return cls(scorer, generator, config)
+        return cls(scorer, ProposalGenerator.from_config(config.proposals, net), config)
 
     def _propose(self, image: np.ndarray) -> tuple[Proposals, dict[str, float]]:
         check_image(image)
         return self.proposals(image)
 
     def propose(self, image: np.ndarray) -> Proposals:
-        """``image`` uint8 RGB ``[H, W, 3]`` -> merged proposals (at most ``config.max_regions``)."""
+        """``image`` uint8 RGB ``[H, W, 3]`` -> merged proposals (at most ``config.proposals.merge.max_proposals``;
+        ``score`` takes the first ``config.max_regions``)."""
         return self._propose(image)[0]
 
     def regions(self, image: np.ndarray, proposals: Proposals | Tensor) -> Tensor:
@@ -382,9 +325,7 @@ class Detector:
         return dets
 
     def close(self) -> None:
-        runner = self.proposals.selective_search
-        if runner is not None and hasattr(runner, "close"):
-            runner.close()
+        self.proposals.close()
 
     def __enter__(self) -> Detector:
         return self

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MAX_REGIONS = 10_000  # per call: 10,000 warped 224 px regions are already 1.5 GB of uint8
+from detector.config import MAX_REGIONS
+
 MAX_COORD = 1e8  # |box coordinate| bound in pixels; beyond any image the decoder accepts (40 M pixels, any shape)
 CV2_MAX_SIDE = 32_000  # cv2.warpAffine keeps source positions in int16
 BACKENDS = ("auto", "opencv", "torch")

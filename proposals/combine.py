@@ -18,20 +18,11 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms
 
+from proposals.config import MergeConfig, ProposalConfig
+from proposals.selective_search import SelectiveSearchRunner
+
 SELECTIVE_SEARCH, MULTIBOX = 0, 1
 SOURCE_NAMES = ("selective_search", "multibox")
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    dedup_iou: float = 0.9  # a box this close to a kept one adds nothing to coverage at IoU 0.5 or 0.7
-    max_proposals: int = 3000  # R-CNN's fast mode gives about 2,000 per image; the cap only guards the networks
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.dedup_iou <= 1.0:
-            raise ValueError(f"dedup_iou must be in (0, 1], got {self.dedup_iou}")
-        if not 1 <= self.max_proposals <= 100_000:
-            raise ValueError(f"max_proposals must be in 1..100000, got {self.max_proposals}")
 
 
 @dataclass
@@ -85,22 +76,51 @@ class ProposalGenerator:
     the merged ``Proposals`` and the seconds each source took.
     """
 
-    def __init__(self, selective_search=None, multibox=None, config: MergeConfig = MergeConfig()) -> None:
+    def __init__(self, selective_search=None, multibox=None, config: MergeConfig = MergeConfig(),
+                 multibox_top: int | None = None) -> None:
         if selective_search is None and multibox is None:
             raise ValueError("no proposal source: enable selective search or MultiBox")
         self.selective_search = selective_search
         self.multibox = multibox
         self.config = config
+        self.multibox_top = multibox_top  # None: every box the network predicts
 
-    def __call__(self, image: np.ndarray) -> tuple[Proposals, dict[str, float]]:
-        parts, seconds = [], {}
+    @classmethod
+    def from_config(cls, config: ProposalConfig = ProposalConfig(), multibox=None) -> ProposalGenerator:
+        """The generator ``config`` describes, over ``multibox`` (a ``MultiBox`` network, or None for none). Starts
+        the selective search worker process when selective search is on; ``close()`` stops it."""
+        multibox = multibox if config.multibox else None
+        if not config.selective_search and multibox is None:
+            raise ValueError("no proposal source: selective search is off and there is no MultiBox network")
+        runner = SelectiveSearchRunner(config.search) if config.selective_search else None
+        return cls(runner, multibox, config.merge, config.multibox_top)
+
+    def parts(self, image: np.ndarray) -> tuple[dict[str, Proposals], dict[str, float]]:
+        """Each source's proposals before merging, in priority order (``multibox``, ``selective_search``), and the
+        seconds each took."""
+        parts, seconds = {}, {}
         if self.multibox is not None:
             start = time.perf_counter()
             (boxes, scores), = self.multibox.propose([image])
-            parts.append(Proposals.from_multibox(boxes, scores))
+            parts["multibox"] = Proposals.from_multibox(boxes[: self.multibox_top], scores[: self.multibox_top])
             seconds["multibox"] = time.perf_counter() - start
         if self.selective_search is not None:
             start = time.perf_counter()
-            parts.append(Proposals.from_selective_search(self.selective_search(image)))
+            parts["selective_search"] = Proposals.from_selective_search(self.selective_search(image))
             seconds["selective_search"] = time.perf_counter() - start
-        return merge(parts, self.config), seconds
+        return parts, seconds
+
+    def __call__(self, image: np.ndarray) -> tuple[Proposals, dict[str, float]]:
+        parts, seconds = self.parts(image)
+        return merge(list(parts.values()), self.config), seconds
+
+    def close(self) -> None:
+        """Stop the selective search worker process, if this generator runs one."""
+        if hasattr(self.selective_search, "close"):
+            self.selective_search.close()
+
+    def __enter__(self) -> ProposalGenerator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -37,53 +37,24 @@ with x and y mapped back separately. A single-colour image gives one box, the wh
 from __future__ import annotations
 
 import ctypes
-import math
 import multiprocessing
 import signal
 import threading
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from proposals.config import MIN_WORK_SIDE, SelectiveSearchConfig
+
 MAX_PIXELS = 100_000_000  # refuse larger inputs; a 100 MP uint8 RGB array is already 300 MB
-MIN_WORK_SIDE = 32  # the working image is at least this many px along both axes (thin strips are stretched)
 SIGMA = 0.8  # Felzenszwalb's Gaussian pre-smoothing, as in R-CNN
 KS = {"fast": (50, 100), "quality": (50, 100, 150, 300)}  # Felzenszwalb k before coarsening; min size = k
-MODES = tuple(KS)
 
 _libc = ctypes.CDLL(None)  # the process's C library: the rand() that OpenCV's ranking calls
 
 
 class ProposalError(ValueError):
     """An image for which no proposals could be made (too large, no pixels, or OpenCV crashed or timed out)."""
-
-
-@dataclass(frozen=True)
-class SelectiveSearchConfig:
-    mode: str = "fast"  # "fast" (R-CNN's: 2 colour spaces x 2 k x 2 strategies) or "quality" (5 x 4 x 4)
-    coarsen: float = 2.0  # the paper's change: every Felzenszwalb k and min size multiplied by this (R-CNN: 1.0)
-    resize_width: int = 500  # R-CNN segments images resized to 500 px wide; boxes are mapped back
-    min_side_resized: float = 20.0  # R-CNN's FilterBoxesWidth: drop boxes under 20 px wide or high at that scale
-    min_side: float = 4.0  # and boxes under this many px wide or high in the original image
-    seed: int = 0  # srand() seed for OpenCV's randomised ranking: same image, same config -> same order
-    max_boxes: int | None = None  # keep the first (best-ranked) boxes only
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not 0.25 <= self.coarsen <= 16:  # below 0.25 the superpixel count (and OpenCV's n^2 matrix) explodes
-            raise ValueError(f"coarsen must be in 0.25..16, got {self.coarsen}")
-        if not MIN_WORK_SIDE <= self.resize_width <= 2000:
-            raise ValueError(f"resize_width must be in {MIN_WORK_SIDE}..2000, got {self.resize_width}")
-        for name in ("min_side_resized", "min_side"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in 0..2**32-1 (C unsigned int), got {self.seed}")
-        if self.max_boxes is not None and self.max_boxes < 0:
-            raise ValueError(f"max_boxes must be None or >= 0, got {self.max_boxes}")
 
 
 def selective_search(image: np.ndarray, config: SelectiveSearchConfig = SelectiveSearchConfig()) -> np.ndarray:

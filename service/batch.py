@@ -44,9 +44,10 @@ from eval.coco import coco_categories, write_coco_results
 from eval.parsing import parse_json
 from eval.records import detection_record, error_record, record_table, write_record
 from eval.submission import write_submission
+from service.paths import check_paths
 
 if TYPE_CHECKING:
-    from detector.rcnn import DetectConfig
+    from detector.config import DetectConfig
 
 FORMATS = ("jsonl", "coco", "ilsvrc")
 JOURNAL_SUFFIX = ".partial.jsonl"  # beside a coco / ilsvrc output
@@ -341,16 +342,6 @@ class DetectOutput:
 # ---- inputs ----------------------------------------------------------------------------------------------
 
 
-def check_paths(paths: Iterable[str | os.PathLike]) -> None:
-    """Raise ValueError naming the PATH arguments that do not exist: a usage error, found before any work (and,
-    in ``ircnn detect`` and ``ircnn classify``, before the model loads)."""
-    missing = [str(p) for p in paths if not os.path.exists(p)]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ValueError(f"no such file or directory: {', '.join(missing[:3])}{more}; check the path"
-                         f"{'s' if len(missing) > 1 else ''}")
-
-
 def input_files(inputs: list[str | os.PathLike]) -> list[Path]:
     """``list_images`` of the PATH arguments, each file once (the first spelling kept); ``check_paths`` first."""
     check_paths(inputs)
@@ -417,10 +408,7 @@ class DetectorSpec:
     from the bundle's path (``service.ray_engine``) exactly as the local engine builds one in this process."""
 
     model: str | None  # bundle directory; None: torchvision's ImageNet GoogLeNet (``resolve_bundle``)
-    config: DetectConfig  # NMS, threshold, cap, ensemble batch size and precision
-    selective_search: bool = True
-    multibox: bool = True  # add the bundle's MultiBox boxes when it has a MultiBox network
-    coarsen: float = 2.0  # selective search superpixel size multiplier (the paper: 2)
+    config: DetectConfig  # proposals, NMS, threshold, cap, ensemble batch size and precision
 
     def load(self, device: str = "cpu"):
         """The bundle, its members on ``device``."""
@@ -432,8 +420,7 @@ class DetectorSpec:
         """A ``Detector`` over ``bundle`` (loaded by ``load``) with these options."""
         from detector.rcnn import Detector
 
-        return Detector.from_bundle(bundle, self.config, selective_search=self.selective_search,
-                                    multibox=self.multibox, coarsen=self.coarsen)
+        return Detector.from_bundle(bundle, self.config)
 
 
 def local_engine(make_detector: Callable[[], object], todo: list[Path]) -> Generator[Result, None, None]:
@@ -459,6 +446,10 @@ class BatchConfig:
     vis_threshold: float = 0.3  # draw detections scoring at least this
     progress: bool = False  # tqdm bar on stderr
     report_errors: bool = True  # "path: error: message" on stderr for each failed image
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.vis_threshold <= 1.0:
+            raise ValueError(f"vis_threshold must be in 0..1, got {self.vis_threshold}")
 
 
 @dataclass

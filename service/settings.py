@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detector.image import MAX_BYTES, MAX_PIXELS
+from proposals.config import MergeConfig, ProposalConfig
 
 
 class Settings(BaseSettings):
@@ -48,11 +49,11 @@ class Settings(BaseSettings):
         "auto", description="inference engine of the members (detector/backends.py); auto: the fastest that "
         "matches torch fp32, measured once per member architecture on this machine and cached "
         "(detector/autobackend.py)")
-    selective_search: bool = Field(True, description="detection proposals from coarsened selective search "
-                                   "(plus MultiBox when the bundle has one)")
-    max_regions: int = Field(3000, ge=1, le=3000, description="proposals scored per image by the detector "
-                             "(latency against recall; the paper's R-CNN scores about 2000); `ircnn detect "
-                             "--max-regions` is the same dial")
+    selective_search: bool = Field(ProposalConfig.selective_search, description="detection proposals from "
+                                   "coarsened selective search (plus MultiBox when the bundle has one)")
+    max_regions: int = Field(MergeConfig.max_proposals, ge=1, le=MergeConfig.max_proposals,
+                             description="proposals scored per image by the detector (latency against recall; the "
+                             "paper's R-CNN scores about 2000); `ircnn detect --max-regions` is the same dial")
     whole_objects: Literal["auto", "on", "off"] = Field("auto", description="prefer whole objects over their parts "
                                                         "(context frames + part suppression); auto: on for "
                                                         "det200-from-cls1000 bundles, off for det200")

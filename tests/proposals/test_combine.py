@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from proposals.combine import MULTIBOX, SELECTIVE_SEARCH, MergeConfig, Proposals, merge
+from proposals.combine import MULTIBOX, SELECTIVE_SEARCH, MergeConfig, ProposalGenerator, Proposals, merge
+from proposals.config import ProposalConfig
 from proposals.recall import CoverageEvaluator, best_overlaps
 
 
@@ -29,6 +30,31 @@ def test_merge_caps_and_handles_empty_input():
     assert empty.boxes.shape == (0, 4) and len(empty) == 0
     with pytest.raises(ValueError, match="dedup_iou"):
         MergeConfig(dedup_iou=0)
+
+
+class FixedMultiBox:
+    """A MultiBox stand-in: the same three boxes, most confident first, for every image."""
+
+    def propose(self, images):
+        return [(torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50.0]]), torch.tensor([0.9, 0.5, 0.1]))
+                for _ in images]
+
+
+def test_generator_from_config_keeps_the_top_multibox_boxes_and_needs_a_source():
+    image = torch.zeros(60, 60, 3, dtype=torch.uint8).numpy()
+    config = ProposalConfig(selective_search=False, multibox_top=2)
+    with ProposalGenerator.from_config(config, FixedMultiBox()) as generate:
+        parts, seconds = generate.parts(image)
+        merged, _ = generate(image)
+    assert list(parts) == ["multibox"] and set(seconds) == {"multibox"}
+    assert parts["multibox"].scores.tolist() == pytest.approx([0.9, 0.5])
+    assert merged.boxes.tolist() == [[0, 0, 10, 10], [20, 20, 30, 30]]
+    with pytest.raises(ValueError, match="no proposal source"):
+        ProposalGenerator.from_config(ProposalConfig(selective_search=False), None)
+    with pytest.raises(ValueError, match="no proposal source"):  # MultiBox off: the network is not used
+        ProposalGenerator.from_config(ProposalConfig(selective_search=False, multibox=False), FixedMultiBox())
+    with pytest.raises(ValueError, match="multibox_top"):
+        ProposalConfig(multibox_top=0)
 
 
 def test_best_overlaps_by_hand():

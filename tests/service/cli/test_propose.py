@@ -7,13 +7,6 @@ import pytest
 from PIL import Image
 
 from eval.synth import SynthConfig, write_synth_set
-from service.cli import main
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +16,14 @@ def small_set(tmp_path_factory):
     return out
 
 
-def test_proposals_for_images_json_and_errors(tmp_path, capsys):
+def test_proposals_for_images_json_and_errors(tmp_path, run):
     rng = np.random.default_rng(0)
     image = np.zeros((120, 160, 3), np.uint8)
     image[20:70, 30:90] = (200, 30, 30)
     image[60:110, 90:150] = rng.integers(0, 255, (50, 60, 3))
     Image.fromarray(image).save(tmp_path / "a.png")
     (tmp_path / "b.jpg").write_bytes(b"nope")
-    code, out, err = run(capsys, "proposals", tmp_path / "a.png", tmp_path / "b.jpg", "--multibox", 0, "--json")
+    code, out, err = run("proposals", tmp_path / "a.png", tmp_path / "b.jpg", "--multibox", 0, "--json")
     assert code == 1
     first, second = [json.loads(line) for line in out.splitlines()]
     assert (first["width"], first["height"]) == (160, 120) and first["seconds"] > 0
@@ -42,19 +35,19 @@ def test_proposals_for_images_json_and_errors(tmp_path, capsys):
     assert "not a supported image" in second["error"]
 
 
-def test_proposals_argument_errors(tmp_path, capsys):
-    code, _, err = run(capsys, "proposals", tmp_path / "x.png", "--multibox", 200)
+def test_proposals_argument_errors(tmp_path, run):
+    code, _, err = run("proposals", tmp_path / "x.png", "--multibox", 200)
     assert code == 2 and "no MultiBox network" in err
-    code, _, err = run(capsys, "proposals", tmp_path / "x.png", "--selective-search", "off", "--multibox", 0)
+    code, _, err = run("proposals", tmp_path / "x.png", "--selective-search", "off", "--multibox", 0)
     assert code == 2 and "nothing to propose" in err
-    code, _, err = run(capsys, "proposals", "--eval", "--multibox", 0)
+    code, _, err = run("proposals", "--eval", "--multibox", 0)
     assert code == 2 and "--annotations" in err
-    code, _, err = run(capsys, "proposals", "--multibox", 0)
+    code, _, err = run("proposals", "--multibox", 0)
     assert code == 2 and "give images" in err
 
 
-def test_coverage_tool_on_a_synthetic_set(small_set, tmp_path, capsys):
-    code, out, err = run(capsys, "proposals", "--eval", "--annotations", small_set / "Annotations" / "DET",
+def test_coverage_tool_on_a_synthetic_set(small_set, tmp_path, run):
+    code, out, err = run("proposals", "--eval", "--annotations", small_set / "Annotations" / "DET",
                          "--imageset", small_set / "ImageSets" / "DET" / "val.txt", "--multibox", 0, "--json",
                          "--plots", tmp_path / "plots")
     assert code == 0, err

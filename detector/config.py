@@ -1,0 +1,105 @@
+"""The detector's configurations: the ensemble (``EnsembleConfig``) and R-CNN detection (``DetectConfig``), which
+holds the proposal stage's ``ProposalConfig`` beside it.
+
+Plain frozen dataclasses that import nothing heavy (no torch or NumPy), so that `ircnn` checks the flags that make
+them before it loads anything: a value out of range is a usage error within a second. The modules that use them
+(``detector.ensemble``, ``detector.rcnn``) import them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from proposals.config import MergeConfig, ProposalConfig
+
+BACKENDS = ("torch", "onnxruntime", "openvino")  # the members' inference engines (detector.backends)
+PRECISIONS = ("fp32", "bf16", "int8")
+AUTO = "auto"  # backend: the fastest of BACKENDS measured here (detector.autobackend)
+MAX_REGIONS = 10_000  # per call: 10,000 warped 224 px regions are already 1.5 GB of uint8
+WHOLE_OBJECTS = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    batch_size: int = 32  # crops per forward pass; 32 is near the CPU throughput plateau (bench/classify.py)
+    channels_last: bool = True  # NHWC convolutions; faster on CPUs with AVX-512 and on GPUs
+    precision: str = "fp32"  # "bf16" runs under bfloat16 autocast: faster, probabilities differ by ~1e-2;
+    #                          "int8": the bundle's calibrated int8 models (``ircnn model quantize``,
+    #                          detector/quantize.py) on onnxruntime (what auto picks) or openvino
+    # "torch" (the reference), "onnxruntime" (fp32) or "openvino" (fp32/bf16): the members exported to ONNX with
+    # the normalisation folded in, once, cached by weight hash (detector/backends.py); channels_last is then moot.
+    # "auto": the fastest of those measured here (detector/autobackend.py; with precision "bf16", bf16 is allowed,
+    # where native, not required; channels_last is then measured too). The library default stays the reference;
+    # the CLI and the service default to auto.
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= 1024:
+            raise ValueError(f"batch_size must be in 1..1024, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.backend not in (AUTO,) + BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join((AUTO,) + BACKENDS)}, got {self.backend!r}")
+        if self.backend == "onnxruntime" and self.precision == "bf16":
+            raise ValueError("backend onnxruntime runs fp32 or int8; use backend openvino (or torch) for bf16")
+        if self.precision == "int8" and self.backend == "torch":
+            raise ValueError("precision int8 runs on backend onnxruntime or openvino (or auto), not torch")
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    nms_iou: float = 0.3  # per-class NMS overlap, R-CNN's value
+    score_threshold: float = 0.01  # detections scoring below this are dropped
+    max_detections: int = 100  # per image, the best by score over all classes
+    # px of context around each box at the network's input scale; None: R-CNN's 16 px at 224, scaled to the
+    # bundle's input size (round(16 * size / 224)), as `ircnn train detector` scales it
+    context: int | None = None
+    # proposals scored per image, in the proposal generator's priority order: at most (and by default) the
+    # proposals' own cap, ``proposals.merge.max_proposals``
+    max_regions: int = MergeConfig.max_proposals
+    cascade_top_k: int | None = None  # None: every member scores every region; K: member 0 scores all, the
+    #                                   others only the K regions of each image that member 0 rates least background
+    warp_chunk: int = 128  # regions warped and scored at a time: 128 x 150 KB of uint8 at 224 px
+    # Whole objects over their parts, for classifiers that never learnt a background class (``det200-from-cls1000``
+    # bundles): their most confident windows are an object's most telling parts (a cat's face). "auto": on for
+    # such bundles, off for det200 detectors fine-tuned with a background class; "on", "off". Two steps:
+    whole_objects: str = "auto"
+    # 1. context frames (``contrast_frames``): the ``context_frames`` regions least likely background are scored
+    #    again on their surrounding frame (the box ``frame_scale`` times larger, the box blanked); a class keeps
+    #    p(box) * (1 - p(frame)), since a part has more of its object around it than the whole has. Only those
+    #    regions can become detections.
+    context_frames: int = 300
+    frame_scale: float = 1.8
+    # 2. parts (``suppress_parts``): after NMS, a detection with ``part_overlap`` of its area inside a larger
+    #    same-class detection scoring at least ``part_ratio`` times as high is dropped.
+    part_overlap: float = 0.8
+    part_ratio: float = 0.8
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)  # selective search, MultiBox, merging
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in 0..1, got {self.score_threshold}")
+        if not 1 <= self.max_detections <= 10_000:
+            raise ValueError(f"max_detections must be in 1..10000, got {self.max_detections}")
+        if self.context is not None and not 0 <= self.context <= 64:
+            raise ValueError(f"context must be in 0..64 px, got {self.context}")
+        cap = self.proposals.merge.max_proposals  # scoring more regions than there are proposals means nothing
+        if not 1 <= self.max_regions <= min(cap, MAX_REGIONS):
+            raise ValueError(f"max_regions must be in 1..{min(cap, MAX_REGIONS)}, got {self.max_regions}")
+        if self.cascade_top_k is not None and not 1 <= self.cascade_top_k <= MAX_REGIONS:
+            raise ValueError(f"cascade_top_k must be None or in 1..{MAX_REGIONS}, got {self.cascade_top_k}")
+        if not 1 <= self.warp_chunk <= 1024:
+            raise ValueError(f"warp_chunk must be in 1..1024, got {self.warp_chunk}")
+        if self.whole_objects not in WHOLE_OBJECTS:
+            raise ValueError(f"whole_objects must be one of {', '.join(WHOLE_OBJECTS)}, got {self.whole_objects!r}")
+        if not 0.0 < self.part_overlap <= 1.0:
+            raise ValueError(f"part_overlap must be in (0, 1], got {self.part_overlap}")
+        if not 0.0 < self.part_ratio <= 10.0:
+            raise ValueError(f"part_ratio must be in (0, 10], got {self.part_ratio}")
+        if not 1 <= self.context_frames <= MAX_REGIONS:
+            raise ValueError(f"context_frames must be in 1..{MAX_REGIONS}, got {self.context_frames}")
+        if not 1.0 < self.frame_scale <= 4.0:
+            raise ValueError(f"frame_scale must be in (1, 4], got {self.frame_scale}")

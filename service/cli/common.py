@@ -1,0 +1,78 @@
+"""What the command modules share: the usage error, JSON output, choice literals and help texts of flags that
+several commands take, and turning a config's ValueError into the usage error of its flag.
+
+Literals here so that building the parser imports nothing heavy (torch, cv2, numpy): `ircnn --help`, any `--help`
+and usage errors answer at once. tests/service/cli checks them against detector.googlenet.VARIANTS,
+detector.efficientnet_lite.VARIANTS and detector.backends.BACKENDS.
+"""
+
+from __future__ import annotations
+
+import json
+
+VARIANTS = ("paper", "torchvision")
+LITE_VARIANTS = ("lite0", "lite1", "lite2", "lite3", "lite4")
+
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "openvino")
+BACKEND_HELP = ("auto (default): the fastest of torch (default layout or channels_last), ONNX Runtime and OpenVINO "
+                "that matches torch fp32 within 1e-4, measured once per member architecture on this machine (a few "
+                "seconds) and cached, see `ircnn model info BUNDLE --backends`; or force one: torch (the reference), "
+                "onnxruntime (fp32), openvino (fp32, bf16)")
+PRECISION_HELP = ("fp32 (default) or bf16 (bfloat16, probabilities differ by ~1e-2): faster only where bf16 is "
+                  "native (AVX512_BF16 or AMX CPUs, GPUs), slower elsewhere; with --backend auto, bf16 allows "
+                  "bf16 candidates where native and lets the measurement decide")
+
+
+class CliError(Exception):
+    """A user-facing error: printed to stderr as ``ircnn: error: <message>``, exit code 2."""
+
+
+def print_json(doc) -> None:
+    print(json.dumps(doc))
+
+
+def count(n: int, word: str, plural: str = "") -> str:
+    """``count(1, "image")`` is "1 image", ``count(2, "box", "boxes")`` "2 boxes"."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def flag_error(e: ValueError, *fields: str) -> CliError:
+    """A config's ``ValueError`` about one of ``fields`` as the usage error of its flag: "max_regions must be in
+    1..3000, got 0" -> "--max-regions must be in 1..3000, got 0". Other messages pass through as they are."""
+    message = str(e)
+    for name in fields:
+        if message.startswith(name + " "):
+            return CliError("--" + name.replace("_", "-") + message[len(name):])
+    return CliError(message)
+
+
+def given(**options) -> dict:
+    """The options a user set (argparse's None means "not given"), as keywords for a config: a flag left out
+    takes the config's default, declared there once."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def print_bundle(bundle, as_json: bool) -> None:
+    """A bundle's description (`ircnn model ...` and `ircnn train ...` print it after writing one)."""
+    info = bundle.describe()
+    if as_json:
+        print_json(info)
+        return
+    print(f"bundle      {info['path']}")
+    if info["task"] == "det200":
+        print(f"task        det200 ({info['classes'] - 1} DET classes + background)")
+    elif info["task"] == "det200-from-cls1000":
+        print(f"task        det200-from-cls1000 ({info['classes']} CLS classes summed into 200 DET classes)")
+    else:
+        print(f"task        {info['task']} ({info['classes']} classes)")
+    members = [f"{name}, {params:,} parameters" for name, params in zip(info["architectures"],
+                                                                       info["parameters_per_member"])]
+    if len(set(members)) == 1:
+        print(f"members     {len(members)} x {members[0]}")
+    else:  # a mixed ensemble: one line per member
+        for i, member in enumerate(members):
+            print(f"member {i:<4} {member}")
+    pre = info["preprocess"]
+    print(f"preprocess  {pre['size']}x{pre['size']}, mean {pre['mean']}, std {pre['std']}")
+    print(f"multibox    {info['multibox'] or 'none'}")
+    print(f"provenance  {json.dumps(info['provenance'])}")

@@ -1,0 +1,48 @@
+"""``ircnn serve``: the REST service under uvicorn."""
+
+from __future__ import annotations
+
+from service.cli.common import CliError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="the REST service: /v1/detect, /v1/classify, /v1/models, /metrics, web page",
+                       description="Serve the HTTP API with uvicorn: POST /v1/detect and /v1/classify (an image as "
+                       "multipart field 'image' or as the raw body), GET /v1/models, /healthz, /readyz and /metrics, "
+                       "the web page at / and interactive API docs at /docs. Every IRCNN_* setting (the table in "
+                       "README's service section) is read from the environment; these flags override them. SIGTERM "
+                       "or Ctrl-C stops taking connections, finishes the requests in flight, then exits 0.")
+    p.add_argument("--host", help="address to listen on (default IRCNN_HOST or 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="default IRCNN_PORT or 8000")
+    p.add_argument("--model", help="bundle directory (default IRCNN_MODEL, else torchvision's ImageNet GoogLeNet)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="longest wait for in-flight requests at shutdown (default 30)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import signal
+
+    import uvicorn
+
+    from detector.bundle import read_manifest
+    from service.app import create_app, server_options
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
+    settings = Settings(**overrides)
+    if settings.model is not None:
+        read_manifest(settings.model)  # a wrong path fails here with its message, before uvicorn starts
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            timeout_graceful_shutdown=args.graceful_timeout, log_level=args.log_level,
+                            **server_options(settings))
+    server = uvicorn.Server(config)
+    # uvicorn finishes the requests in flight on SIGTERM, then re-raises the signal to the handler installed
+    # before it ran; the default one would end the process "killed by SIGTERM". A completed graceful shutdown is
+    # a clean exit (status 0, what supervisors and `docker stop` expect), so that re-raise does nothing here.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    if not server.started:
+        raise CliError("the service did not start (see the log above)")
+    return 0
