@@ -42,9 +42,11 @@ class Settings(BaseSettings):
                                  "requests to batch with the first one")
     max_batch: int = Field(8, ge=1, le=1024, description="requests per batch (1 turns micro-batching off)")
     inference_batch_size: int = Field(32, ge=1, le=1024, description="crops per forward pass of a member")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: faster only where bf16 is native "
-                                              "(AMX/AVX-512-BF16 CPUs, GPUs), slower elsewhere; probabilities "
-                                              "differ by ~1e-2; with backend auto it allows bf16 candidates")
+    precision: Literal["fp32", "bf16", "int8"] = Field("fp32", description="bf16: faster only where bf16 is "
+                                                      "native (AMX/AVX-512-BF16 CPUs, GPUs), slower elsewhere; "
+                                                      "probabilities differ by ~1e-2; with backend auto it allows "
+                                                      "bf16 candidates; int8: the bundle's int8 models (`ircnn "
+                                                      "model quantize`) on onnxruntime")
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto", description="inference engine of the members (detector/backends.py); auto: the fastest that "
         "matches torch fp32, measured once per member architecture on this machine and cached "

@@ -56,9 +56,9 @@ from detector.training.proposal_cache import CachedProposals, ProposalCache
 from detector.training.windows import (DetImage, WindowBatches, Windows, WindowSampler, build_windows, object_recall,
                                        read_detection_split)
 from eval.classes import det200
-from proposals.combine import MergeConfig, ProposalGenerator
+from proposals.combine import ProposalGenerator
+from proposals.config import MergeConfig, ProposalConfig, SelectiveSearchConfig
 from detector.multibox_bundle import load_multibox, multibox_provenance, save_multibox
-from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 
 # How member i differs from the others (cycled past 6): the paper's members share the topology and differ in
 # "sampling methodologies and the random order in which they see input images". The order comes from the seed
@@ -97,11 +97,13 @@ class DetectorTrainConfig:
     lr_step_epochs: int = 8  # section 6: "decreasing the learning rate by 4% every 8 epochs"
     lr_gamma: float = 0.96
     vary_members: bool = True  # members take MEMBER_VARIANTS[i % 6]; False: all take member 0's
+    # proposals as detection makes them (proposals.config's defaults: section 8's 2x coarser superpixels, R-CNN's
+    # 500 px segmentation width, the 3,000 cap after merging)
     selective_search: bool = True
-    coarsen: float = 2.0  # section 8: superpixels 2x larger than R-CNN's
-    selective_search_width: int = 500  # R-CNN segments images resized to this width
+    coarsen: float = SelectiveSearchConfig.coarsen
+    selective_search_width: int = SelectiveSearchConfig.resize_width
     multibox_from: str | None = None  # bundle whose MultiBox adds its boxes to the proposals (and is copied)
-    max_proposals: int = 3000  # per image, after merging (DetectConfig.max_regions' default)
+    max_proposals: int = MergeConfig.max_proposals
     proposals_cache: str | None = None  # default <out>/.proposals
     image_cache_mb: int = 512  # decoded images kept per loading process
     # seed (member i: seed + i), device, EMA, checkpoints (default <out>/.detector-checkpoint), max_minutes;
@@ -140,28 +142,29 @@ def member_variant(cfg: DetectorTrainConfig, member: int) -> dict:
 # ---- proposals -------------------------------------------------------------------------------------------
 
 
-def _proposal_configs(cfg: DetectorTrainConfig) -> tuple[SelectiveSearchConfig | None, MergeConfig]:
-    ss = SelectiveSearchConfig(coarsen=cfg.coarsen, resize_width=cfg.selective_search_width)
-    return (ss if cfg.selective_search else None), MergeConfig(max_proposals=cfg.max_proposals)
+def proposal_config(cfg: DetectorTrainConfig) -> ProposalConfig:
+    """The proposals the detector is trained on, as the detector's ``ProposalConfig``."""
+    return ProposalConfig(selective_search=cfg.selective_search,
+                          search=SelectiveSearchConfig(coarsen=cfg.coarsen, resize_width=cfg.selective_search_width),
+                          merge=MergeConfig(max_proposals=cfg.max_proposals))
 
 
 @contextmanager
 def proposal_generator(cfg: DetectorTrainConfig) -> Iterator[ProposalGenerator]:
     """What the detector is trained on: coarsened selective search and/or the MultiBox of ``multibox_from``,
     merged; the selective search workers stop on the way out."""
-    ss, merge = _proposal_configs(cfg)
-    runner = SelectiveSearchRunner(ss) if ss is not None else None
+    multibox = load_multibox(cfg.multibox_from) if cfg.multibox_from is not None else None
+    generator = ProposalGenerator.from_config(proposal_config(cfg), multibox)  # the detector's one builder
     try:
-        multibox = load_multibox(cfg.multibox_from) if cfg.multibox_from is not None else None
-        yield ProposalGenerator(runner, multibox, merge)
+        yield generator
     finally:
-        if runner is not None:
-            runner.close()
+        generator.close()
 
 
 def proposal_settings(cfg: DetectorTrainConfig) -> dict:
     """What the cached boxes depend on (the cache folder's hash); MultiBox by its weights' SHA-256."""
-    ss, merge = _proposal_configs(cfg)
+    config = proposal_config(cfg)
+    ss, merge = (config.search if config.selective_search else None), config.merge
     multibox = None
     if cfg.multibox_from is not None:
         name = read_manifest(cfg.multibox_from).get("multibox")

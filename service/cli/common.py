@@ -20,7 +20,9 @@ BACKEND_HELP = ("auto (default): the fastest of torch (default layout or channel
                 "onnxruntime (fp32), openvino (fp32, bf16)")
 PRECISION_HELP = ("fp32 (default) or bf16 (bfloat16, probabilities differ by ~1e-2): faster only where bf16 is "
                   "native (AVX512_BF16 or AMX CPUs, GPUs), slower elsewhere; with --backend auto, bf16 allows "
-                  "bf16 candidates where native and lets the measurement decide")
+                  "bf16 candidates where native and lets the measurement decide; int8: the bundle's int8 models "
+                  "(made by `ircnn model quantize`), on onnxruntime (auto) or openvino")
+PRECISIONS = ("fp32", "bf16", "int8")  # detector.config.PRECISIONS (a literal: the parser imports nothing heavy)
 
 
 class CliError(Exception):

@@ -9,6 +9,7 @@ from service.cli.common import (
     BACKEND_CHOICES,
     BACKEND_HELP,
     PRECISION_HELP,
+    PRECISIONS,
     CliError,
     count,
     flag_error,
@@ -65,7 +66,7 @@ def add_parser(sub) -> None:
                    "(the paper: 2)")
     p.add_argument("--multibox", choices=("auto", "off"), default="auto",
                    help="auto: add the bundle's MultiBox boxes when it has a MultiBox network")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=PRECISION_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
     p.add_argument("--max-regions", type=int, default=DETECT_DEFAULTS["max_regions"], metavar="N",
                    help=f"score the first N proposals per image, in the proposal generator's priority order "

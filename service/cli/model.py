@@ -1,4 +1,4 @@
-"""``ircnn model summary|init|import-torchvision|import-efficientnet-lite|merge|info``: model bundles."""
+"""``ircnn model summary|init|import-torchvision|import-efficientnet-lite|merge|info|quantize``: model bundles."""
 
 from __future__ import annotations
 
@@ -75,6 +75,22 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="with --backends: cpu or cuda[:N]")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_model_info)
+
+    p = sub.add_parser("quantize", help="int8 copies of a bundle's members, for --precision int8",
+                       description="Post-training static quantisation (ONNX Runtime): each member's convolutions in "
+                                   "int8, calibrated on warped regions of IMAGES as detection makes them (the "
+                                   "bundle's proposals, warp and context frames); the classifier layer and softmax "
+                                   "stay float. Writes int8/ into the bundle; detect, classify and serve use it with "
+                                   "--precision int8 (IRCNN_PRECISION=int8), and refuse it once the members change. "
+                                   "Calibrate on photos like those you will run on, not on your evaluation images.")
+    p.add_argument("dir", help="bundle directory (int8/ is written into it)")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                   help="calibration images, or directories of them (searched recursively)")
+    p.add_argument("--regions", type=int, default=300, help="calibration regions, spread evenly over the images, "
+                   "each image's best proposals first (16..5000, default 300)")
+    p.add_argument("--max-images", type=int, default=100, help="use at most this many of the images (default 100)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_model_quantize)
 
 
 def _cmd_model_summary(args) -> int:
@@ -173,4 +189,51 @@ def _cmd_model_info(args) -> int:
     print_bundle(bundle, False)
     for name, choice in choices:
         print(format_choice(f"backend auto, {name}", choice))
+    return 0
+
+
+def _cmd_model_quantize(args) -> int:
+    from service.paths import check_paths
+
+    if not 1 <= args.max_images <= 10_000:
+        raise CliError(f"--max-images must be in 1..10000, got {args.max_images}")
+    try:
+        check_paths([args.dir, *args.images])
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    import sys
+    import time
+
+    from detector.bundle import load_bundle
+    from detector.image import ImageError, list_images, read_image
+    from detector.quantize import calibration_regions, quantize_bundle
+
+    start = time.perf_counter()
+    files = list_images(args.images)[: args.max_images]
+    if not files:
+        raise CliError(f"no images (JPEG, PNG, WebP, BMP or TIFF) in {', '.join(args.images)}")
+    bundle = load_bundle(args.dir)
+    images, skipped = [], []
+    for f in files:
+        try:
+            images.append((str(f), read_image(str(f))))
+        except ImageError as e:
+            skipped.append(str(f))
+            print(f"ircnn: skipping {f}: {e}", file=sys.stderr)
+    if not images:
+        raise CliError("none of the calibration images could be read")
+    try:
+        calibration = calibration_regions(bundle, images, args.regions)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    out = quantize_bundle(bundle, calibration)
+    doc = {"bundle": args.dir, "int8": str(out), "members": len(bundle.members), "images": len(images),
+           "skipped": skipped, "regions": len(calibration.regions), "frames": calibration.frames,
+           "seconds": round(time.perf_counter() - start, 1)}
+    if args.json:
+        print_json(doc)
+    else:
+        print(f"int8 models of {doc['members']} member(s) in {out}: calibrated on {doc['regions']} regions "
+              f"({doc['frames']} context frames) of {doc['images']} image(s) in {doc['seconds']:.0f} s; run with "
+              "--precision int8")
     return 0

@@ -184,7 +184,7 @@ def test_members_subset_and_classifier(tiny_bundle):
 def test_bad_configuration_is_named(tiny_bundle, monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         EnsembleConfig(backend="tensorrt")
-    with pytest.raises(ValueError, match="onnxruntime runs fp32 only"):
+    with pytest.raises(ValueError, match="onnxruntime runs fp32 or int8"):
         EnsembleConfig(backend="onnxruntime", precision="bf16")
     member = tiny_bundle().members[0]
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed

@@ -154,3 +154,29 @@ def test_int8_lite0_keeps_fp32s_answers_on_real_photos(tmp_path):
     with Detector.from_bundle(bundle, DetectConfig(ensemble=INT8)) as detector:  # the whole pipeline runs int8
         dets = detector.detect(photo("chelsea"))
     assert len(dets) and int(dets.det_ids[0]) == 59  # the best detection is a domestic cat
+
+
+def test_cli_quantizes_then_detects_and_classifies_in_int8(tiny, tmp_path, capsys):
+    from service.cli import main
+
+    bundle = tmp_path / "b"
+    save_bundle(bundle, load_bundle(tiny))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "rocket"):
+        (photos / f"{name}.jpg").write_bytes((REAL / f"{name}.JPEG").read_bytes())
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    assert main(["detect", str(REAL / "chelsea.JPEG"), "--model", str(bundle), "--precision", "int8"]) == 2
+    assert "ircnn model quantize" in capsys.readouterr().err  # no int8 models yet: says what to run
+    assert main(["model", "quantize", str(bundle), "--images", str(photos), "--regions", "40", "--json"]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert (doc["regions"], doc["images"], doc["members"]) == (40, 2, 1) and doc["skipped"] == [str(photos / "broken.jpg")]
+    assert "broken.jpg" in err
+    assert load_int8(load_bundle(bundle))
+    assert main(["detect", str(REAL / "chelsea.JPEG"), "--model", str(bundle), "--precision", "int8",
+                 "--max-regions", "50", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["width"] == 451 and isinstance(record["detections"], list)
+    assert main(["model", "quantize", str(bundle), "--images", str(tmp_path / "nowhere")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -6,12 +6,13 @@ def test_parser_is_light_and_agrees_with_the_model(run):
     import sys
 
     from detector.backends import BACKENDS
+    from detector.config import PRECISIONS
     from detector.efficientnet_lite import VARIANTS as LITE_VARIANTS
     from detector.googlenet import VARIANTS
     from service.cli import common
 
     assert common.VARIANTS == VARIANTS and common.LITE_VARIANTS == LITE_VARIANTS
-    assert common.BACKEND_CHOICES == ("auto",) + BACKENDS
+    assert common.BACKEND_CHOICES == ("auto",) + BACKENDS and common.PRECISIONS == PRECISIONS
     code = "import sys, service.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `ircnn data synth` and `ircnn eval` start without loading torch

@@ -235,7 +235,7 @@ def test_backend_and_cascade_flags_reach_the_detector(tmp_path, run, tiny_bundle
     cascaded = detect("--cascade", 1)  # only the best region gets member 1's opinion
     assert [d["score"] for d in cascaded] != [d["score"] for d in reference]
     code, _, err = run("detect", image, "--model", model, "--backend", "onnxruntime", "--precision", "bf16")
-    assert code == 2 and "onnxruntime runs fp32 only" in err
+    assert code == 2 and "onnxruntime runs fp32 or int8" in err
 
 
 def test_missing_path_is_a_usage_error_without_a_summary(tmp_path, run, model, image_dir):
