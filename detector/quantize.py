@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.backends import export_key, export_onnx
-from detector.bundle import Bundle, BundleError
+from detector.bundle import Bundle, BundleError, file_sha256
 from eval.parsing import parse_json
 
 INT8_DIR = "int8"
@@ -163,14 +163,6 @@ def quantize_model(fp32: Path, out: Path, regions: np.ndarray) -> None:
         os.replace(staged, out)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def quantize_bundle(bundle: Bundle, calibration: Calibration) -> Path:
     """Quantise every member of ``bundle`` (saved on disk) on ``calibration`` and write ``int8/`` into it,
     replacing an older one only once all members are done. Returns the int8 directory."""
@@ -190,7 +182,7 @@ def quantize_bundle(bundle: Bundle, calibration: Calibration) -> Path:
             fp32 = export_onnx(member, pre.mean, pre.std, pre.size)
             name = f"member{i}.onnx"
             quantize_model(fp32, staging / name, calibration.regions)
-            entries.append({"file": name, "sha256": _sha256_file(staging / name),
+            entries.append({"file": name, "sha256": file_sha256(staging / name),
                             "export_key": export_key(member, pre.mean, pre.std, pre.size)})
         doc = {"format": FORMAT, "size": pre.size, "members": entries,
                "calibration": {"images": [{"name": n, "sha256": h} for n, h in calibration.images],
@@ -256,7 +248,7 @@ def load_int8(bundle: Bundle) -> list[Path]:
         if entry["export_key"] != export_key(member, pre.mean, pre.std, pre.size):
             raise Int8Error(f"the int8 model of member {i} was calibrated for other weights than member {i} has "
                             f"now; {hint}")
-        if _sha256_file(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             raise Int8Error(f"{path} does not match its SHA-256 in {INT8_MANIFEST} (damaged or changed); {hint}")
         paths.append(path)
     return paths

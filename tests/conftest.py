@@ -58,3 +58,16 @@ def tiny_bundle():
         return bundle
 
     return make
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """A cache directory (exports, measured choices) of this test module's own: for modules that export real-size
+    members, so that they never find, or leave, another module's entries."""
+    before = os.environ.get("IRCNN_CACHE_DIR")
+    os.environ["IRCNN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        del os.environ["IRCNN_CACHE_DIR"]
+    else:
+        os.environ["IRCNN_CACHE_DIR"] = before

