@@ -43,9 +43,16 @@ exported), in ``EnsembleConfig.precision``; ``cascade_top_k`` does not apply (ea
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
+import os
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,12 +60,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from detector.backends import (
+    OPSET,
+    BackendError,
+    OnnxRuntimeMember,
+    cache_dir,
+    export_key,
+)
 from detector.bundle import Bundle
 from detector.efficientnet_lite import EfficientNetLiteConfig
 from detector.rcnn import DetectConfig, RegionScorer
-from detector.warp import check_boxes, check_image, dilate_boxes
+from detector.warp import MAX_REGIONS, check_boxes, check_image, dilate_boxes
 
 FRAMES = ("pool", "warp")
+ENGINES = ("torch", "onnxruntime")
 STRIDE = 16  # the trunk's output stride for both architectures
 
 
@@ -67,6 +82,10 @@ class SharedTrunkConfig:
     short_sides: tuple[int, ...] = (224, 320, 448, 640)  # the trunk runs on the image resized to each shorter side
     max_side: int = 1000  # ... where its longer side then stays within this (else it is resized to this longer side)
     frames: str = "pool"  # context frames: "pool" from the same feature map, "warp" through the full networks
+    # "onnxruntime": each member's trunk and rest exported to ONNX once (cached by weight hash beside the
+    # backends' exports) and run by ONNX Runtime's CPU provider in fp32: on a 2-core AVX-512 CPU, 14x faster
+    # than eager torch for Lite0's trunk and 2.5x for its rest, whose depthwise convolutions torch runs slowly
+    engine: str = "torch"
 
     def __post_init__(self) -> None:
         sides = self.short_sides
@@ -78,6 +97,8 @@ class SharedTrunkConfig:
             raise ValueError(f"max_side must be an int in 16..4000 px, got {self.max_side!r}")
         if self.frames not in FRAMES:
             raise ValueError(f"frames must be one of {', '.join(FRAMES)}, got {self.frames!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +148,61 @@ def _split_lite(m: nn.Module) -> SplitMember:
     return SplitMember(trunk, rest)
 
 
+class _Part(nn.Module):
+    """One side of a split, as a module that holds the member's parameters (what the ONNX exporter traces)."""
+
+    def __init__(self, member: nn.Module, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.member, self.fn = member, fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+def _export(part: _Part, path: Path, example: Tensor, dynamic: dict) -> None:
+    if importlib.util.find_spec("onnxscript") is None:
+        raise BackendError("the onnxruntime engine exports to ONNX, which needs onnx and onnxscript: "
+                           'pip install "inception-rcnn[onnx]"')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(part, (example,), dynamo=True, input_names=["x"], output_names=["y"],
+                                    dynamic_shapes={"x": dynamic}, opset_version=OPSET, optimize=True, verbose=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        program.save(tmp, external_data=False)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def onnx_split(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int) -> SplitMember:
+    """``split_member(member)`` exported to ONNX (trunk: any height and width that are multiples of 16; rest:
+    any number of regions) and run by ONNX Runtime, fp32 on the CPU; same inputs and outputs as torch tensors."""
+    split = split_member(member)
+    key = export_key(member, mean, std, size)
+    stride, most = torch.export.Dim, 4096
+    parts = {"trunk": (split.trunk, torch.zeros(1, 3, size, size),
+                       {2: STRIDE * stride("h", min=1, max=most // STRIDE), 3: STRIDE * stride("w", min=1, max=most // STRIDE)}),
+             "rest": (split.rest, None, {0: stride("regions", min=1, max=MAX_REGIONS)})}
+    runners = {}
+    for name, (fn, example, dynamic) in parts.items():
+        if example is None:  # the rest's input: two trunk outputs at the native size
+            with torch.inference_mode():
+                example = split.trunk(torch.zeros(2, 3, size, size)).clone()
+        path = cache_dir() / "onnx" / f"{key}-{name}{STRIDE}.onnx"
+        if not path.is_file():
+            _export(_Part(member, fn), path, example, dynamic)
+        runners[name] = OnnxRuntimeMember(path, torch.get_num_threads())
+
+    def run(name: str) -> Callable[[Tensor], Tensor]:
+        return lambda x: torch.from_numpy(runners[name](x.float().contiguous().cpu().numpy()))
+
+    return SplitMember(run("trunk"), run("rest"))
+
+
 def resize_factors(height: int, width: int, config: SharedTrunkConfig) -> list[float]:
     """The factors the whole image is resized by, one per ``short_sides`` entry, each capped by ``max_side``
     (equal factors, which the cap can make, are kept once). Increasing."""
@@ -161,7 +237,13 @@ class SharedTrunkScorer:
         self.size, self.context = self.warped.size, self.warped.context
         ensemble = self.warped.ensemble
         self.device, self.normalize = ensemble.device, ensemble.transform
-        self.splits = [split_member(m) for m in ensemble.members]
+        if trunk.engine == "onnxruntime":
+            if self.device.type != "cpu":
+                raise ValueError(f"the onnxruntime engine runs on the CPU; the bundle's members are on {self.device}")
+            pre = bundle.preprocess
+            self.splits = [onnx_split(m, pre.mean, pre.std, self.size) for m in ensemble.members]
+        else:
+            self.splits = [split_member(m) for m in ensemble.members]
         self.precision = config.ensemble.precision
         self.channels_last = config.ensemble.channels_last
         self._cached: tuple[tuple, list[float], list[list[Tensor]]] | None = None  # (image key, factors, maps)

@@ -170,3 +170,18 @@ def test_real_weights_score_the_whole_cat_as_a_domestic_cat(lite_bundle):
     best = int(probs[0, 1:].argmax())
     assert int(shared.det_ids[best]) == 59, probs[0].topk(3)  # domestic cat
     assert float(probs[0, 1 + best]) > 0.5
+
+
+def test_onnxruntime_engine_scores_as_torch(lite_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("IRCNN_CACHE_DIR", str(tmp_path))
+    image = read_image(str(REAL / "motorcycle_left.JPEG"))
+    boxes = torch.tensor([[92.0, 75.0, 686.0, 452.0], [42.0, 104.0, 283.0, 308.0], [300.0, 200.0, 360.0, 240.0]])
+    reference = SharedTrunkScorer(lite_bundle)
+    exported = SharedTrunkScorer(lite_bundle, DetectConfig(), SharedTrunkConfig(engine="onnxruntime"))
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2  # the trunk and the rest, cached
+    for score in ("score_regions", "score_frames"):
+        probs = getattr(exported, score)(image, boxes)
+        probs = probs[0] if isinstance(probs, tuple) else probs
+        expected = getattr(reference, score)(image, boxes)
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        assert torch.allclose(probs, expected, atol=1e-4), score
