@@ -13,9 +13,10 @@ its native input size (14 x 14 at 224), and only the remaining layers and the he
 Where each architecture is split (``split_member``):
 
 - GoogLeNet: the trunk ends at inception (4e) (stride 16, 14 x 14 x 832 at 224); the rest is max pool 4 ->
-  (5a) -> (5b) -> average pool -> linear, about 11% of the network's multiply-adds at 224 (Table 1).
+  (5a) -> (5b) -> average pool -> linear, about 8% of the network's multiply-adds at 224 (Table 1).
 - EfficientNet-Lite: the trunk ends before the last stride-2 stage (stride 16, the 112-channel stage of Lite0);
-  the rest is the remaining blocks, the head convolution, pooling and the linear layer.
+  the rest is the remaining blocks, the head convolution, pooling and the linear layer (a larger share of the
+  network than GoogLeNet's: its 1152- and 1280-channel layers at 7 x 7).
 
 A box and its ``context`` (R-CNN's 16 px at 224, ``RegionScorer.context``) map to the feature map as the warped
 region would: the dilated box ``detector.warp.dilate_boxes`` in the resized image's pixels, times
@@ -30,15 +31,17 @@ dilated sides is nearest ``size`` (in log ratio). One scale does not fit ILSVRC'
 Fast R-CNN's single shorter side 600 the whole cat of ``chelsea`` (300 px in a 451 x 300 photo) spans 700 px of
 the trunk's input, 3x what the head expects, and its det200-from-cls1000 Lite0 score drops from 0.95 (warped) to
 0.03 (background 0.48), while at shorter side 224 to 300 it scores 0.98. The default ``short_sides`` (224, 320,
-448, 640), steps of sqrt(2), serve boxes from about 60 px to the whole image of a 375 x 500 photo within a factor
-1.2 of 224 px; together the four trunks cost about 20 crops of 224 x 224 for such a photo, against one full
-network pass per region when warping. ``max_side`` (1000) bounds the largest scale's memory and time.
+448, 640), steps of sqrt(2), bring dilated boxes of about 110 to 450 px in a 375 x 500 photo within a factor 1.19
+of 224 px (smaller ones pool fewer cells than the grid, upsampled; the whole photo is 1.35x too large); together
+the four trunks cost about 20 crops of 224 x 224 for such a photo, against one full network pass per region when
+warping. ``max_side`` (1000) bounds the largest scale's memory and time.
 
 Context frames (``Detector``'s whole-objects step for ``det200-from-cls1000`` bundles) are pooled from the same
 map (``frames="pool"``): the frame box enlarged ``frame_scale`` times, the cells covering the box set to zero,
 the feature-space counterpart of ``detector.warp.warp_frames``'s blanked box; or warped and scored by the full
-networks as ``RegionScorer`` does (``frames="warp"``). Members run in torch (the split networks are not
-exported), in ``EnsembleConfig.precision``; ``cascade_top_k`` does not apply (each trunk runs once anyway).
+networks as ``RegionScorer`` does (``frames="warp"``). The split members run in torch, in
+``EnsembleConfig.precision``, or exported to ONNX Runtime (``engine="onnxruntime"``, fp32, the CPU);
+``cascade_top_k`` does not apply (each trunk runs once anyway).
 """
 
 from __future__ import annotations

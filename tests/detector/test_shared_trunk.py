@@ -185,3 +185,15 @@ def test_onnxruntime_engine_scores_as_torch(lite_bundle, tmp_path, monkeypatch):
         expected = getattr(reference, score)(image, boxes)
         expected = expected[0] if isinstance(expected, tuple) else expected
         assert torch.allclose(probs, expected, atol=1e-4), score
+
+
+def test_feature_maps_are_reused_only_for_the_same_pixels(spread):
+    bundle = googlenet("torchvision", spread)
+    shared = SharedTrunkScorer(bundle, DetectConfig(), NATIVE)
+    image = np.random.default_rng(5).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    _, first = shared.score_regions(image, WHOLE)
+    _, again = shared.score_regions(image.copy(), WHOLE)
+    assert first["trunk"] > 0 and again["trunk"] == 0  # same pixels, another array: the maps are kept
+    image[:112] = 255 - image[:112]  # changed in place: scored afresh
+    fresh = SharedTrunkScorer(bundle, DetectConfig(), NATIVE)
+    assert torch.allclose(shared(image, WHOLE), fresh(image, WHOLE), atol=1e-6)
