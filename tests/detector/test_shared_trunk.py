@@ -197,3 +197,17 @@ def test_feature_maps_are_reused_only_for_the_same_pixels(spread):
     image[:112] = 255 - image[:112]  # changed in place: scored afresh
     fresh = SharedTrunkScorer(bundle, DetectConfig(), NATIVE)
     assert torch.allclose(shared(image, WHOLE), fresh(image, WHOLE), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_scores_as_on_the_cpu(spread):
+    bundle = googlenet("torchvision", spread)
+    image = np.random.default_rng(6).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    boxes = torch.tensor([[10.0, 20.0, 200.0, 230.0], [150.0, 40.0, 300.0, 120.0]])
+    cpu = SharedTrunkScorer(bundle)(image, boxes)
+    for m in bundle.members:
+        m.cuda()
+    gpu = SharedTrunkScorer(bundle)
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(gpu(image, boxes), cpu, atol=1e-3)
+    assert torch.allclose(gpu(torch.from_numpy(image).permute(2, 0, 1).cuda(), boxes), cpu, atol=1e-3)
