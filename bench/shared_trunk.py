@@ -31,23 +31,16 @@ import numpy as np
 import torch
 
 from detector.bundle import init_bundle, load_bundle
-from detector.ensemble import EnsembleConfig
+from detector.config import DetectConfig, EnsembleConfig
 from detector.googlenet import GoogLeNetConfig
 from detector.image import read_image
-from detector.rcnn import (
-    DetectConfig,
-    Detector,
-    RegionScorer,
-    contrast_frames,
-    postprocess,
-)
+from detector.rcnn import Detector, RegionScorer, contrast_frames, postprocess
 from detector.shared_trunk import SharedTrunkConfig, SharedTrunkScorer
 from detector.summary import format_machine, machine
 from eval.annotations import read_annotations, read_blacklist, read_imageset
 from eval.detections import DetectionTable
 from eval.ilsvrc import DetectionEvaluator
-from proposals.combine import MergeConfig, ProposalGenerator
-from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
+from proposals.combine import ProposalGenerator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,8 +163,7 @@ def main() -> None:
     trunk = SharedTrunkConfig(short_sides=tuple(int(v) for v in args.short_sides.split(",")), engine=args.engine)
     warped = Recording(RegionScorer(bundle, config))
     shared = Recording(SharedTrunkScorer(bundle, config, trunk))
-    generator = ProposalGenerator(SelectiveSearchRunner(SelectiveSearchConfig(coarsen=2.0)), None,
-                                  MergeConfig(max_proposals=config.max_regions))
+    generator = ProposalGenerator.from_config(config.proposals)  # selective search 2x; the bundle has no MultiBox
     proposer = Detector(warped, generator, config)
     rows: dict[str, dict] = {}
     speed_stems = [v for v in args.speed_images.split(",") if v]
@@ -214,7 +206,7 @@ def main() -> None:
             google = init_bundle(GoogLeNetConfig(variant="torchvision"), task="det200-from-cls1000")
             speed["googlenet"] = speed_only(google, *first, generator, trunk)
     finally:
-        generator.selective_search.close()
+        generator.close()
     doc = {"machine": start_machine, "load_average_end": [round(v, 2) for v in os.getloadavg()],
            "backend": args.backend, "model": str(args.model), "short_sides": list(trunk.short_sides),
            "rows": rows, "speed_only": speed}

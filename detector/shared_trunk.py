@@ -63,16 +63,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from detector.backends import (
-    OPSET,
-    BackendError,
-    OnnxRuntimeMember,
-    cache_dir,
-    export_key,
-)
+from detector.backends import OPSET, BackendError, OnnxRuntimeMember, cache_dir, export_key
 from detector.bundle import Bundle
+from detector.config import DetectConfig
 from detector.efficientnet_lite import EfficientNetLiteConfig
-from detector.rcnn import DetectConfig, RegionScorer
+from detector.rcnn import RegionScorer
 from detector.warp import MAX_REGIONS, check_boxes, check_image, dilate_boxes
 
 FRAMES = ("pool", "warp")
@@ -186,10 +181,10 @@ def onnx_split(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...
     any number of regions) and run by ONNX Runtime, fp32 on the CPU; same inputs and outputs as torch tensors."""
     split = split_member(member)
     key = export_key(member, mean, std, size)
-    stride, most = torch.export.Dim, 4096
+    Dim, cells = torch.export.Dim, 4096 // STRIDE  # trunk inputs up to 4096 px a side (max_side is at most 4000)
     parts = {"trunk": (split.trunk, torch.zeros(1, 3, size, size),
-                       {2: STRIDE * stride("h", min=1, max=most // STRIDE), 3: STRIDE * stride("w", min=1, max=most // STRIDE)}),
-             "rest": (split.rest, None, {0: stride("regions", min=1, max=MAX_REGIONS)})}
+                       {2: STRIDE * Dim("h", min=1, max=cells), 3: STRIDE * Dim("w", min=1, max=cells)}),
+             "rest": (split.rest, None, {0: Dim("regions", min=1, max=MAX_REGIONS)})}
     runners = {}
     for name, (fn, example, dynamic) in parts.items():
         if example is None:  # the rest's input: two trunk outputs at the native size
@@ -287,7 +282,8 @@ class SharedTrunkScorer:
             raise ValueError(f"{len(boxes)} regions; at most max_regions = {self.config.max_regions} per image")
         return boxes
 
-    def _features(self, image: np.ndarray | Tensor, seconds: dict[str, float]) -> tuple[list[float], list[list[Tensor]]]:
+    def _features(self, image: np.ndarray | Tensor,
+                  seconds: dict[str, float]) -> tuple[list[float], list[list[Tensor]]]:
         """``(factors, maps)``: ``maps[member][scale]`` is ``Tensor[1, C, h, w]``, the trunk's output on the image
         resized by ``factors[scale]`` (normalised, then padded to /16 with zeros: every stride-2 layer then sees an
         even side, as at 224, for which EfficientNet's "same" paddings are fixed; zero is the warp's fill colour)."""

@@ -10,16 +10,11 @@ import pytest
 import torch
 
 from detector.bundle import import_efficientnet_lite, init_bundle
+from detector.config import DetectConfig
 from detector.googlenet import GoogLeNetConfig
 from detector.image import read_image
-from detector.rcnn import DetectConfig, RegionScorer
-from detector.shared_trunk import (
-    SharedTrunkConfig,
-    SharedTrunkScorer,
-    assign_scales,
-    resize_factors,
-    split_member,
-)
+from detector.rcnn import RegionScorer
+from detector.shared_trunk import SharedTrunkConfig, SharedTrunkScorer, assign_scales, resize_factors, split_member
 from detector.warp import dilate_boxes
 
 REAL = Path(__file__).resolve().parents[2] / "data" / "real_photos" / "Data" / "DET" / "val"
