@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,6 +49,9 @@ from detector.warp import check_boxes, check_image, warp_frames, warp_regions
 from eval.classes import det200_from_cls1000
 from eval.records import detections_json
 from proposals.combine import ProposalGenerator, Proposals
+
+if TYPE_CHECKING:
+    from detector.shared_trunk import SharedTrunkScorer
 
 FROM_CLS_TASKS = ("det200-from-cls1000", "cls1000")  # 1000-way ImageNet heads, mapped to DET classes
 MIN_SIDE = 1.0  # proposals narrower or lower than this (after clipping to the image) are not scored
@@ -261,7 +265,7 @@ class Detector:
     ``with``) stops the selective search worker process.
     """
 
-    def __init__(self, scorer: RegionScorer, proposals: ProposalGenerator,
+    def __init__(self, scorer: RegionScorer | SharedTrunkScorer, proposals: ProposalGenerator,
                  config: DetectConfig = DetectConfig()) -> None:
         self.scorer = scorer
         self.proposals = proposals
@@ -275,7 +279,12 @@ class Detector:
         """The detector ``config`` describes over ``bundle``: the scorer from its members, proposals as
         ``config.proposals`` says (the bundle's MultiBox network, when it has one and MultiBox is on). The one
         place a ``Detector`` is assembled: the CLI, the batch runner, Ray workers and the service call it."""
-        scorer = RegionScorer(bundle, config)
+        if config.scoring == "shared-trunk":
+            from detector.shared_trunk import SharedTrunkScorer  # it builds on RegionScorer, below
+
+            scorer = SharedTrunkScorer(bundle, config, config.shared_trunk)
+        else:
+            scorer = RegionScorer(bundle, config)
         net = None
         if config.proposals.multibox and bundle.multibox is not None and bundle.path is not None:
             net = load_multibox(bundle.path, device=scorer.ensemble.device)

@@ -65,38 +65,12 @@ from torchvision.ops import roi_align
 
 from detector.backends import OPSET, BackendError, OnnxRuntimeMember, cache_dir, export_key
 from detector.bundle import Bundle
-from detector.config import DetectConfig
+from detector.config import DetectConfig, SharedTrunkConfig
 from detector.efficientnet_lite import EfficientNetLiteConfig
 from detector.rcnn import RegionScorer
 from detector.warp import MAX_REGIONS, check_boxes, check_image, dilate_boxes
 
-FRAMES = ("pool", "warp")
-ENGINES = ("torch", "onnxruntime")
 STRIDE = 16  # the trunk's output stride for both architectures
-
-
-@dataclass(frozen=True)
-class SharedTrunkConfig:
-    short_sides: tuple[int, ...] = (224, 320, 448, 640)  # the trunk runs on the image resized to each shorter side
-    max_side: int = 1000  # ... where its longer side then stays within this (else it is resized to this longer side)
-    frames: str = "pool"  # context frames: "pool" from the same feature map, "warp" through the full networks
-    # "onnxruntime": each member's trunk and rest exported to ONNX once (cached by weight hash beside the
-    # backends' exports) and run by ONNX Runtime's CPU provider in fp32: on a 2-core AVX-512 CPU, 14x faster
-    # than eager torch for Lite0's trunk and 2.5x for its rest, whose depthwise convolutions torch runs slowly
-    engine: str = "torch"
-
-    def __post_init__(self) -> None:
-        sides = self.short_sides
-        if (not isinstance(sides, tuple) or not 1 <= len(sides) <= 8
-                or any(isinstance(v, bool) or not isinstance(v, int) or not 16 <= v <= 2000 for v in sides)
-                or list(sides) != sorted(set(sides))):
-            raise ValueError(f"short_sides must be a tuple of 1..8 increasing ints in 16..2000 px, got {sides!r}")
-        if isinstance(self.max_side, bool) or not isinstance(self.max_side, int) or not 16 <= self.max_side <= 4000:
-            raise ValueError(f"max_side must be an int in 16..4000 px, got {self.max_side!r}")
-        if self.frames not in FRAMES:
-            raise ValueError(f"frames must be one of {', '.join(FRAMES)}, got {self.frames!r}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
 
 @dataclass(frozen=True)

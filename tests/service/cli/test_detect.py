@@ -341,3 +341,35 @@ def test_backend_auto_is_the_default_and_torch_still_forces_torch(tmp_path, run,
     code, _, err = run("classify", image, "--model", model, "--precision", "bf16")
     assert code == 0, err
     assert asked == [(64, "bf16")]
+
+
+def test_scoring_shared_trunk_detects_what_the_shared_trunk_scorer_finds(tmp_path, run, tiny_bundle, image_dir):
+    """`--scoring shared-trunk` reaches the detector: its detections are those of a Detector built on
+    SharedTrunkScorer over the same proposals, and differ from warped scoring's; with --cascade it is refused."""
+    from detector.bundle import Preprocess, load_bundle, save_bundle
+    from detector.config import DetectConfig, EnsembleConfig, SharedTrunkConfig
+    from detector.image import read_image
+    from detector.rcnn import Detector
+
+    bundle = tiny_bundle(members=1, width=0.125, task="det200-from-cls1000")
+    bundle.preprocess = Preprocess(size=64, mean=bundle.preprocess.mean, std=bundle.preprocess.std)
+    model = save_bundle(tmp_path / "model", bundle)
+    image = image_dir / "a.jpg"
+
+    def detect(*flags):
+        code, out, err = run("detect", image, "--model", model, "--score-threshold", 0, "--backend", "torch",
+                             *flags)
+        assert code == 0, err
+        return json.loads(out)["detections"]
+
+    shared, warped = detect("--scoring", "shared-trunk"), detect()
+    config = DetectConfig(score_threshold=0.0, scoring="shared-trunk", shared_trunk=SharedTrunkConfig(engine="torch"),
+                          ensemble=EnsembleConfig(backend="torch"))
+    with Detector.from_bundle(load_bundle(model), config) as detector:
+        assert type(detector.scorer).__name__ == "SharedTrunkScorer"
+        expected = detector.detect(read_image(str(image))).to_json()
+    assert [d["det_id"] for d in shared] == [d["det_id"] for d in expected]
+    np.testing.assert_allclose([d["score"] for d in shared], [d["score"] for d in expected], atol=1e-5)
+    assert [d["score"] for d in shared] != [d["score"] for d in warped]
+    code, _, err = run("detect", image, "--model", model, "--scoring", "shared-trunk", "--cascade", 5)
+    assert code == 2 and "cascade does not apply to shared-trunk" in err
