@@ -107,24 +107,29 @@ def export_onnx(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ..
         raise BackendError("exporting to ONNX needs onnx and onnxscript, which both extras install: "
                            f"{_INSTALL['onnxruntime']} or {_INSTALL['openvino']}")
     directory.mkdir(parents=True, exist_ok=True)
-    graph = PixelGraph(member, mean, std)
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    write_onnx(PixelGraph(member, mean, std), example, path, ("pixels", "probs"),
+               {"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    return path
+
+
+def write_onnx(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str], dynamic_shapes: dict) -> None:
+    """``torch.onnx.export`` (the dynamo exporter, ``OPSET``) of ``module`` traced at ``example``, written to
+    ``path`` atomically (a concurrent reader never sees half a file). ``names``: the input's and output's."""
     # the exporter prints progress lines on stdout; they would corrupt `--json` output
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=["pixels"], output_names=["probs"],
-                                    dynamic_shapes={"x": {0: batch}}, opset_version=OPSET,
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[names[0]],
+                                    output_names=[names[1]], dynamic_shapes=dynamic_shapes, opset_version=OPSET,
                                     optimize=True, verbose=False)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".onnx.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     try:
         program.save(tmp, external_data=False)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 class OnnxRuntimeMember:

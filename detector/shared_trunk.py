@@ -46,13 +46,8 @@ networks as ``RegionScorer`` does (``frames="warp"``). The split members run in 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
-import os
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from detector.backends import OPSET, BackendError, OnnxRuntimeMember, cache_dir, export_key
+from detector.backends import BackendError, OnnxRuntimeMember, cache_dir, export_key, write_onnx
 from detector.bundle import Bundle
 from detector.config import DetectConfig, SharedTrunkConfig
 from detector.efficientnet_lite import EfficientNetLiteConfig
@@ -136,18 +131,7 @@ def _export(part: _Part, path: Path, example: Tensor, dynamic: dict) -> None:
         raise BackendError("the onnxruntime engine exports to ONNX, which needs onnx and onnxscript: "
                            'pip install "inception-rcnn[onnx]"')
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(part, (example,), dynamo=True, input_names=["x"], output_names=["y"],
-                                    dynamic_shapes={"x": dynamic}, opset_version=OPSET, optimize=True, verbose=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        program.save(tmp, external_data=False)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_onnx(part, example, path, ("x", "y"), {"x": dynamic})
 
 
 def onnx_split(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int) -> SplitMember:
