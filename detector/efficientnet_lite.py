@@ -22,6 +22,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from eval.parsing import dataclass_fields
+
 NAME = "efficientnet-lite"
 VARIANTS = ("lite0", "lite1", "lite2", "lite3", "lite4")
 RESOLUTION = {"lite0": 224, "lite1": 240, "lite2": 260, "lite3": 280, "lite4": 300}  # the builder's input sides
@@ -57,14 +59,9 @@ class EfficientNetLiteConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> EfficientNetLiteConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"arch must be a JSON object, got {type(d).__name__}")
-        d = {k: v for k, v in d.items() if k != "name"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown EfficientNet-Lite arch field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k != "name"}
+        return cls(**dataclass_fields(cls, d, "arch", "EfficientNet-Lite arch"))
 
 
 def _package(name: str, what: str):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eval.parsing import dataclass_fields
+
 AUX_LOSS_WEIGHT = 0.3  # section 5: "the losses of the auxiliary classifiers were weighted by 0.3"
 VARIANTS = ("paper", "torchvision")
 
@@ -73,13 +75,7 @@ class GoogLeNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GoogLeNetConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"arch must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown arch field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**dataclass_fields(cls, d, "arch", "arch"))
 
 
 class GoogLeNetOutputs(NamedTuple):

@@ -25,6 +25,7 @@ from detector.bundle import (IMAGENET_MEAN, IMAGENET_STD, BundleError, Preproces
                              set_multibox)
 from detector.googlenet import VARIANTS, GoogLeNet, GoogLeNetConfig
 from detector.transform import Normalize
+from eval.parsing import dataclass_fields
 from proposals.multibox import HeadConfig, MultiBox
 
 MULTIBOX_FILE = "multibox.safetensors"
@@ -64,13 +65,7 @@ class MultiBoxConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MultiBoxConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"a MultiBox config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MultiBox config field(s) {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
+        d = dataclass_fields(cls, d, "a MultiBox config", "MultiBox config")
         for key in ("mean", "std"):
             if key in d:
                 d[key] = tuple(float(v) for v in d[key])

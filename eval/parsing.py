@@ -8,6 +8,7 @@ checked for range (image indices 1..``MAX_IMAGE_INDEX``, DET ids 1..200, coordin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -120,3 +121,15 @@ def json_score(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{where}: 'score' must be a finite number, got {value!r}")
     return float(value)
+
+
+def dataclass_fields(cls, d, what: str, fields: str) -> dict:
+    """``d`` checked as the JSON object of dataclass ``cls`` (a dict with no key that is not one of its fields), as
+    a new dict: ``ValueError`` "``what`` must be a JSON object" or "unknown ``fields`` field(s) [...]; known: [...]"."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {fields} field(s) {sorted(unknown)}; known: {sorted(known)}")
+    return dict(d)

@@ -29,3 +29,20 @@ def test_deeply_nested_json_is_refused_with_file_and_line(write):
     assert parse_json("[" * 32 + "]" * 32) is not None
     with pytest.raises(ValueError, match=r"^x: JSON nested more than 32"):
         parse_json("[" * 33 + "]" * 33, "x")
+
+
+def test_dataclass_fields_names_what_is_wrong():
+    from dataclasses import dataclass
+
+    from eval.parsing import dataclass_fields
+
+    @dataclass
+    class Point:
+        x: int = 0
+        y: int = 0
+
+    assert dataclass_fields(Point, {"x": 1}, "a point", "point") == {"x": 1}
+    with pytest.raises(ValueError, match=r"^a point must be a JSON object, got list$"):
+        dataclass_fields(Point, [1, 2], "a point", "point")
+    with pytest.raises(ValueError, match=r"unknown point field\(s\) \['z'\]; known: \['x', 'y'\]"):
+        dataclass_fields(Point, {"x": 1, "z": 2}, "a point", "point")
