@@ -183,7 +183,7 @@ def quantize_bundle(bundle: Bundle, calibration: Calibration) -> Path:
             name = f"member{i}.onnx"
             quantize_model(fp32, staging / name, calibration.regions)
             entries.append({"file": name, "sha256": file_sha256(staging / name),
-                            "export_key": export_key(member, pre.mean, pre.std, pre.size)})
+                            "export_key": fp32.stem})  # exports are named by their export_key
         doc = {"format": FORMAT, "size": pre.size, "members": entries,
                "calibration": {"images": [{"name": n, "sha256": h} for n, h in calibration.images],
                                "regions": len(calibration.regions), "frames": int(calibration.frames),
