@@ -25,22 +25,14 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
     p.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default 0.01)")
     p.add_argument("--weight-decay", type=float, default=2e-4, help="on weights, not biases (default 2e-4)")
-    p.add_argument("--workers", type=int, default=default_workers(4),
-                   help=f"data loading processes per training process (default: one per core, at most 4: "
-                   f"{default_workers(4)} here)")
     p.add_argument("--variant", choices=VARIANTS, help="a new network's variant (default paper)")
     p.add_argument("--width", type=float, help="a new network's channel multiplier (default 1.0)")
     p.add_argument("--size", type=int, default=224, help="network input side (default 224)")
     p.add_argument("--members", type=int, default=1, help="ensemble members, member i with seed + i")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", metavar="BUNDLE", help="start every member from this bundle's weights and arch")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if there is one")
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="default BUNDLE_DIR/.checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=2000, metavar="STEPS",
-                   help="mid-epoch checkpoint interval (0: epoch ends only; default 2000)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="Polyak averaging decay (default 0.999)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each member after N steps (0: no limit)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    add_run_flags(p, checkpoint_dir=".checkpoint", checkpoint_every=2000, max_workers=4,
+                  workers="data loading processes per training process")
     p.add_argument("--json", action="store_true", help="one JSON line per epoch, then the bundle's description")
     p.set_defaults(func=_cmd_train_classifier)
 
@@ -72,18 +64,11 @@ def add_parser(sub) -> None:
     p.add_argument("--size", type=int, default=224, help="network input side (default 224)")
     p.add_argument("--grid", type=int, default=1, help="5b features pooled to GRID x GRID before the heads "
                    "(default 1: global average pool)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", metavar="BUNDLE", help="classifier bundle whose member 0 starts the trunk (its "
                    "variant, width and input normalisation are used)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if there is one")
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="default BUNDLE_DIR/.multibox-checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=2000, metavar="STEPS",
-                   help="mid-epoch checkpoint interval (0: epoch ends only; default 2000)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="Polyak averaging decay (default 0.999)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: no limit)")
-    p.add_argument("--workers", type=int, default=default_workers(4),
-                   help=f"data loading processes (default: one per core, at most 4: {default_workers(4)} here)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    add_run_flags(p, checkpoint_dir=".multibox-checkpoint", checkpoint_every=2000, max_workers=4,
+                  workers="data loading processes")
     p.add_argument("--json", action="store_true", help="one JSON line per epoch, then a summary document")
     p.set_defaults(func=_cmd_train_multibox)
 
@@ -118,10 +103,8 @@ def add_parser(sub) -> None:
     p.add_argument("--fg-per-batch", type=int, default=32, help="foreground windows per step (default 32)")
     p.add_argument("--lr", type=float, help="learning rate (default 0.001 with --from, 0.01 from random weights)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not biases (default 5e-4)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="Polyak averaging decay (default 0.999)")
     p.add_argument("--same-sampling", action="store_true", help="every member samples as member 0 (only the "
                    "seed differs)")
-    p.add_argument("--seed", type=int, default=0, help="member i uses seed + i (default 0)")
     p.add_argument("--coarsen", type=float, help="selective search superpixel factor (default 2.0)")
     p.add_argument("--selective-search-width", type=int, default=500, metavar="PX",
                    help="selective search segments images resized to this width (default 500, R-CNN's)")
@@ -130,16 +113,26 @@ def add_parser(sub) -> None:
                    "(the network is copied into the new bundle)")
     p.add_argument("--max-proposals", type=int, help="per image, after merging (default 3000)")
     p.add_argument("--proposals-cache", metavar="DIR", help="default BUNDLE_DIR/.proposals")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if there is one")
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="default BUNDLE_DIR/.detector-checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS",
-                   help="mid-epoch checkpoint interval (0: epoch ends only; default 200)")
-    p.add_argument("--workers", type=int, default=default_workers(2),
-                   help=f"window loading processes (default: one per core, at most 2: {default_workers(2)} here)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    add_run_flags(p, checkpoint_dir=".detector-checkpoint", checkpoint_every=200, max_workers=2,
+                  workers="window loading processes", seed="member i uses seed + i (default 0)")
     p.add_argument("--json", action="store_true", help="JSON lines: the proposal summary, one per epoch, then "
                    "the bundle's description")
     p.set_defaults(func=_cmd_train_detector)
+
+
+def add_run_flags(p, *, checkpoint_dir: str, checkpoint_every: int, max_workers: int, workers: str,
+                  seed: str | None = None) -> None:
+    """The flags of ``RunConfig`` that every ``ircnn train`` command has (read back by ``_run_config``)."""
+    p.add_argument("--seed", type=int, default=0, help=seed)
+    p.add_argument("--ema-decay", type=float, default=0.999, help="Polyak averaging decay (default 0.999)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if there is one")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help=f"default BUNDLE_DIR/{checkpoint_dir}")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, metavar="STEPS",
+                   help=f"mid-epoch checkpoint interval (0: epoch ends only; default {checkpoint_every})")
+    p.add_argument("--workers", type=int, default=default_workers(max_workers),
+                   help=f"{workers} (default: one per core, at most {max_workers}: {default_workers(max_workers)} "
+                   f"here)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
 
 
 def _run_config(args, **limits):
