@@ -16,7 +16,7 @@ import numpy as np
 
 from eval.boxes import MAX_COORD, check_box, from_devkit, to_devkit_ints
 from eval.classes import det200
-from eval.parsing import numbered_lines, parse_index
+from eval.parsing import fields, located, parse_index, whole_number
 
 MAX_XML_BYTES = 10 << 20  # an annotation file larger than this is refused unread
 
@@ -114,20 +114,14 @@ def read_imageset(path: str) -> dict[str, int]:
     """
     names: dict[str, int] = {}
     where_of_index: dict[int, str] = {}
-    for number, line in numbered_lines(path):
-        where = f"{path}:{number}"
-        tokens = line.split()
-        if len(tokens) != 2:
-            raise ValueError(f"{where}: expected '<image name> <index>', got {line!r}")
-        try:
-            index = parse_index(tokens[1])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        if tokens[0] in names:
-            raise ValueError(f"{where}: image {tokens[0]!r} listed twice")
+    for where, (name, index_text) in fields(path, 2, "'<image name> <index>'"):
+        with located(where):
+            index = parse_index(index_text)
+        if name in names:
+            raise ValueError(f"{where}: image {name!r} listed twice")
         if index in where_of_index:
             raise ValueError(f"{where}: image index {index} already used at {where_of_index[index]}")
-        names[tokens[0]] = index
+        names[name] = index
         where_of_index[index] = where
     if not names:
         raise ValueError(f"{path}: no images listed (expected '<image name> <index>' lines)")
@@ -221,15 +215,9 @@ def read_blacklist(path: str) -> set[tuple[int, int]]:
     The 2014 devkit's ``ILSVRC2014_det_validation_blacklist.txt`` names classes by WNID; DET ids are accepted too.
     """
     pairs = set()
-    for number, line in numbered_lines(path):
-        where = f"{path}:{number}"
-        tokens = line.split()
-        if len(tokens) != 2:
-            raise ValueError(f"{where}: expected '<image index> <wnid or DET id>', got {line!r}")
-        try:
-            pairs.add((parse_index(tokens[0]), _det_id_of(tokens[1])))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+    for where, (index, cls) in fields(path, 2, "'<image index> <wnid or DET id>'"):
+        with located(where):
+            pairs.add((parse_index(index), _det_id_of(cls)))
     return pairs
 
 
@@ -242,13 +230,8 @@ def _text(element: ET.Element, tag: str, path: str, what: str) -> str:
 
 def _int_field(element: ET.Element, tag: str, path: str, what: str) -> int:
     text = _text(element, tag, path, what)
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{path}: {what}<{tag}> is {text!r}, not a number") from None
-    if not value.is_integer():
-        raise ValueError(f"{path}: {what}<{tag}> is {text!r}, not a whole number of pixels")
-    return int(value)
+    with located(path):
+        return whole_number(text, f"{what}<{tag}>")
 
 
 # ---- image names -> imageset indices ---------------------------------------------------------------------

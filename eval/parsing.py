@@ -8,6 +8,7 @@ checked for range (image indices 1..``MAX_IMAGE_INDEX``, DET ids 1..200, coordin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,6 +34,42 @@ def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
             line = line.strip()
             if line:
                 yield number, line
+
+
+def fields(path: str, count: int, expected: str) -> Iterator[tuple[str, list[str]]]:
+    """(``path:line``, the line's whitespace-separated fields) for each non-empty line of a text file.
+
+    A line without exactly ``count`` fields raises ValueError ``path:line: expected <expected>, got '<line>'``.
+    """
+    for number, line in numbered_lines(path):
+        where = f"{path}:{number}"
+        tokens = line.split()
+        if len(tokens) != count:
+            raise ValueError(f"{where}: expected {expected}, got {line!r}")
+        yield where, tokens
+
+
+@contextlib.contextmanager
+def located(where: str) -> Iterator[None]:
+    """Put ``where: `` before the message of a ValueError raised inside (the message says what, this says where)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def whole_number(text: str, name: str) -> int:
+    """A whole number written as an integer or a float (``12``, ``12.0``, ``1.2e1``) -> int.
+
+    Raises ValueError ``<name> is '<text>', not a whole number`` (or ``not a number``); callers add the location.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} is {text!r}, not a number") from None
+    if not value.is_integer():  # also inf and nan
+        raise ValueError(f"{name} is {text!r}, not a whole number")
+    return int(value)
 
 
 def check_index(index: int, name: str = "image index") -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from eval.boxes import MAX_COORD, check_box, from_devkit, to_devkit_ints
 from eval.detections import DetectionTable, as_tables, text_output
-from eval.parsing import MAX_IMAGE_INDEX, check_index, numbered_lines
+from eval.parsing import MAX_IMAGE_INDEX, check_index, fields, located, whole_number
 
 _SUBMISSION_LINE = "'<image_index> <det_id> <confidence> <xmin> <ymin> <xmax> <ymax>'"
 
@@ -65,35 +65,19 @@ def _submission_ok(table: np.ndarray) -> bool:
 
 def _read_submission_slowly(path: str) -> DetectionTable:
     rows = []
-    for number, line in numbered_lines(path):
-        where = f"{path}:{number}"
-        tokens = line.split()
-        if len(tokens) != 7:
-            raise ValueError(f"{where}: expected 7 fields {_SUBMISSION_LINE}, got {len(tokens)}: {line!r}")
-        try:
-            index, det_id = (_integral(t, name) for t, name in zip(tokens[:2], ("image index", "DET id")))
+    for where, tokens in fields(path, 7, f"7 fields {_SUBMISSION_LINE}"):
+        with located(where):
+            index, det_id = (whole_number(t, name) for t, name in zip(tokens[:2], ("image index", "DET id")))
             check_index(index)
             if not 1 <= det_id <= 200:
                 raise ValueError(f"DET id {det_id} out of range 1..200")
             values = [_float(t) for t in tokens[2:]]
             _check_score(values[0])
             check_box(values[1:], "box")
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
         rows.append([index, det_id, *values])
     table = np.array(rows, dtype=np.float64).reshape(-1, 7)
     return DetectionTable(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2].copy(),
                           from_devkit(table[:, 3:]))
-
-
-def _integral(token: str, name: str) -> int:
-    try:
-        value = float(token)
-    except ValueError:
-        raise ValueError(f"{name} {token!r} is not an integer") from None
-    if not value.is_integer():
-        raise ValueError(f"{name} {token!r} is not an integer")
-    return int(value)
 
 
 def _float(token: str) -> float:

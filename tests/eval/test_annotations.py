@@ -75,7 +75,12 @@ def test_read_imageset_errors(text, match, write):
      "object 1: box .* xmax < xmin"),
     ("<annotation><size><width>5</width><height>5</height></size><object><name>n02883205</name>"
      "<bndbox><xmin>a</xmin><ymin>0</ymin><xmax>2</xmax><ymax>4</ymax></bndbox></object></annotation>",
-     "object 1: <bndbox/xmin> is 'a'"),
+     "object 1: <bndbox/xmin> is 'a', not a number"),
+    ("<annotation><size><width>5</width><height>5</height></size><object><name>n02883205</name>"
+     "<bndbox><xmin>1.5</xmin><ymin>0</ymin><xmax>2</xmax><ymax>4</ymax></bndbox></object></annotation>",
+     r"x.xml: object 1: <bndbox/xmin> is '1.5', not a whole number"),
+    ("<annotation><size><width>nan</width><height>5</height></size></annotation>",
+     r"x.xml: <size/width> is 'nan', not a whole number"),
     ("<annotation><size><width>5</width><height>5</height></size><object><name>n02883205</name>"
      "<bndbox><xmin>1e300</xmin><ymin>0</ymin><xmax>2</xmax><ymax>4</ymax></bndbox></object></annotation>",
      "object 1: box coordinate"),

@@ -33,7 +33,7 @@ def test_submission_keeps_float_coordinates(write):
 @pytest.mark.parametrize("text, match", [
     ("1 1 0.9 1 2 3 4\n1 1 0.9 1 2 3\n", r"sub.txt:2: expected 7 fields"),
     ("1 1 0.9 1 2 3 4\n\n1 0 0.9 1 2 3 4\n", r"sub.txt:3: DET id 0 out of range 1..200"),
-    ("1.5 1 0.9 1 2 3 4\n", r"sub.txt:1: image index '1.5' is not an integer"),
+    ("1.5 1 0.9 1 2 3 4\n", r"sub.txt:1: image index is .1.5., not a whole number"),
     ("0 1 0.9 1 2 3 4\n", r"sub.txt:1: image index 0 must be >= 1"),
     ("1 1 nan 1 2 3 4\n", r"sub.txt:1: score nan is not a finite number"),
     ("1 1 0.9 1 2 3 1e9\n", r"sub.txt:1: box coordinate 1000000000.0 is not a finite number"),
