@@ -1,4 +1,5 @@
-"""Detection fine-tuning (``ircnn train detector``): R-CNN's recipe with GoogLeNet region classifiers (section 8).
+"""Detection fine-tuning (``ircnn train detector``): R-CNN's recipe (section 8) with GoogLeNet region classifiers,
+or the members of a ``--from`` bundle (EfficientNet-Lite included).
 
 The paper: "similar to the R-CNN ... augmented with the Inception model as the region classifier ... we use an
 ensemble of 6 ConvNets when classifying each region", members of "the exact same topology (trained with different

@@ -73,7 +73,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_cmd_train_multibox)
 
     p = sub.add_parser("detector", help="fine-tune region classifiers with R-CNN's sampling (section 8)",
-                       description="Train an ensemble of GoogLeNet region classifiers on ILSVRC-format data "
+                       description="Train an ensemble of region classifiers (GoogLeNet, or the members of a --from bundle, "
+                       "EfficientNet-Lite included) on ILSVRC-format data "
                        "(ROOT/Data/DET, Annotations/DET, ImageSets/DET/train.txt). Head: background + the DET "
                        "classes present in the training annotations. Proposals (2x coarsened selective search, plus "
                        "MultiBox with --multibox-from) are computed once per image and cached; a proposal with IoU "
