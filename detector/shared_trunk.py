@@ -46,7 +46,6 @@ networks as ``RegionScorer`` does (``frames="warp"``). The split members run in 
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,11 +126,8 @@ class _Part(nn.Module):
 
 
 def _export(part: _Part, path: Path, example: Tensor, dynamic: dict) -> None:
-    if importlib.util.find_spec("onnxscript") is None:
-        raise BackendError("the onnxruntime engine exports to ONNX, which needs onnx and onnxscript: "
-                           'pip install "inception-rcnn[onnx]"')
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_onnx(part, example, path, ("x", "y"), {"x": dynamic})
+    write_onnx(part, example, path, ("x", "y"), dynamic)
 
 
 def onnx_split(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int) -> SplitMember:
@@ -139,10 +135,10 @@ def onnx_split(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...
     any number of regions) and run by ONNX Runtime, fp32 on the CPU; same inputs and outputs as torch tensors."""
     split = split_member(member)
     key = export_key(member, mean, std, size)
-    Dim, cells = torch.export.Dim, 4096 // STRIDE  # trunk inputs up to 4096 px a side (max_side is at most 4000)
+    side = 4096  # trunk inputs up to 4096 px a side (max_side is at most 4000), multiples of STRIDE
     parts = {"trunk": (split.trunk, torch.zeros(1, 3, size, size),
-                       {2: STRIDE * Dim("h", min=1, max=cells), 3: STRIDE * Dim("w", min=1, max=cells)}),
-             "rest": (split.rest, None, {0: Dim("regions", min=1, max=MAX_REGIONS)})}
+                       {2: ("h", STRIDE, side, STRIDE), 3: ("w", STRIDE, side, STRIDE)}),
+             "rest": (split.rest, None, {0: ("regions", 1, MAX_REGIONS)})}
     runners = {}
     for name, (fn, example, dynamic) in parts.items():
         if example is None:  # the rest's input: two trunk outputs at the native size

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from detector import backends
 from detector.backends import BackendError, BackendMember, PixelGraph, export_onnx
@@ -213,3 +214,63 @@ def test_backend_rejects_bad_pixels(tiny_bundle):
         runner(pixels(2).float().numpy())
     with pytest.raises(ValueError, match="expected uint8"):
         Ensemble.from_bundle(bundle, EnsembleConfig(backend="openvino"))(pixels(2).float())
+
+
+class _Flat(nn.Module):
+    """Traces to the same graph at any batch size."""
+
+    def forward(self, x):
+        return x.float().flatten(1).softmax(dim=1)
+
+
+class _Baked(nn.Module):
+    """A trace keeps the height it saw (``float()`` of a size is a constant to it)."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) * float(x.shape[2])
+
+
+def _ort(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+@needs("onnxruntime")
+def test_write_onnx_takes_the_trace_that_runs_as_the_module(tmp_path, monkeypatch):
+    def no_dynamo(*args):
+        raise AssertionError("the dynamo exporter ran although the trace was right")
+
+    monkeypatch.setattr(backends, "_export_dynamo", no_dynamo)
+    path = tmp_path / "flat.onnx"
+    backends.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
+    for n in (1, 5):
+        x = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8)
+        torch.testing.assert_close(_ort(path, x), _Flat()(x), atol=1e-6, rtol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["flat.onnx"]
+
+
+@needs("onnxruntime")
+def test_write_onnx_falls_back_to_dynamo_when_the_trace_fails(tmp_path, monkeypatch):
+    export = torch.onnx.export
+
+    def no_torchscript(*args, dynamo, **kwargs):
+        if not dynamo:
+            raise RuntimeError("this torch has no TorchScript exporter")
+        return export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_torchscript)
+    path = tmp_path / "flat.onnx"
+    backends.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
+    x = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    torch.testing.assert_close(_ort(path, x), _Flat()(x), atol=1e-6, rtol=0)
+
+
+@needs("onnxruntime")
+def test_write_onnx_caches_no_graph_that_keeps_a_size_it_saw(tmp_path):
+    with pytest.raises(BackendError, match=r"TorchScript exporter's: the trace differs from the module by .* at "
+                       r"input \(1, 3, 48, 32\)"):
+        backends.write_onnx(_Baked(), torch.zeros(1, 3, 32, 32), tmp_path / "baked.onnx", ("x", "y"),
+                            {2: ("h", 16, 256, 16)})
+    assert list(tmp_path.iterdir()) == []  # nothing cached, no temporary file left

@@ -28,7 +28,7 @@ def image_dir(tmp_path):
 
 def test_classify_144_crops_with_three_members(tmp_path, run, tiny_bundle, image_dir):
     save_bundle(tmp_path / "b", tiny_bundle(members=3, width=0.125))
-    code, out, err = run("classify", image_dir / "good.jpg", "--model", tmp_path / "b", "--crops", 144,
+    code, out, err = run("classify", image_dir / "good.jpg", "--model", tmp_path / "b", "--crops", 144, "--backend", "torch",
                          "--top-k", 1000, "--json")
     assert code == 0, err
     (result,) = json_lines(out)
