@@ -1,8 +1,9 @@
 """Optional inference backends for the ensemble: each member exported once to ONNX, run by ONNX Runtime or OpenVINO.
 
 PyTorch stays the reference. A backend runs the same eval graph, exported with ``torch.onnx.export``
-(``write_onnx``: the TorchScript exporter where this torch has it, else the ``dynamo`` one), with the bundle's
-normalisation folded in so that it takes the raw ``uint8`` pixels ``Tensor[N, 3, S, S]`` and returns softmax probabilities ``Tensor[N, K]``:
+(``write_onnx``: the TorchScript exporter where its graph checks out, else the ``dynamo`` one), with the bundle's
+normalisation folded in so that it takes the raw ``uint8`` pixels ``Tensor[N, 3, S, S]`` and returns softmax
+probabilities ``Tensor[N, K]``:
 
 - the ``1 / (255 std)`` scale goes into the first convolution's weights (exact, also at the zero-padded border,
   because scaling commutes with zero padding);
@@ -92,13 +93,17 @@ def export_key(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...
     return h.hexdigest()
 
 
+EXPORTERS = ("torchscript", "dynamo")  # tried in this order (``write_onnx``)
+_EXPORTER_NAMES = {"torchscript": "TorchScript", "dynamo": "dynamo"}
+
+
 def export_onnx(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int = 224,
                 directory: Path | None = None) -> Path:
     """The member's ``PixelGraph`` as ONNX for ``size`` x ``size`` input (dynamic batch), exported once and cached.
 
     The spatial size is static: ``torch.export`` cannot express the ceil-mode pooling sizes symbolically, and
-    static shapes compile to faster kernels anyway. Returns the cached file's path; a second call with the same
-    weights, normalisation and size exports nothing.
+    static shapes compile to faster kernels anyway. Returns the cached file's path, ``<export_key>.onnx``; a second
+    call with the same weights, normalisation and size exports nothing.
     """
     if not 32 <= size <= 1024:
         raise ValueError(f"size must be in 32..1024, got {size}")
@@ -118,41 +123,64 @@ def write_onnx(module: nn.Module, example: Tensor, path: Path, names: tuple[str,
     never sees half a file). ``names``: the input's and output's; ``dynamic``: the input's dynamic dimensions,
     ``{dim: (name, min, max)}`` or ``{dim: (name, min, max, multiple)}`` for sizes that are multiples of one.
 
-    The TorchScript exporter goes first: it wrote GoogLeNet in 0.7 s where the dynamo exporter took 11.7 s (the
-    graphs ran equally fast in ONNX Runtime and agreed with torch within 2e-9), and every member of every bundle
-    pays the export once per machine. But a trace can keep a size it saw as a constant, so its graph is run by ONNX
-    Runtime on an input of other dynamic sizes and must give the module's output; when it does not (EfficientNet's
-    trunk at another image size did not), when ONNX Runtime is missing, or when this torch no longer has the old
-    exporter, the dynamo exporter writes the graph instead, checked the same way (BackendError when neither runs
-    as the module does: nothing is cached then).
+    ``EXPORTERS`` are tried in turn; the first graph that ONNX Runtime runs as the module, on an input whose dynamic
+    sizes differ from ``example``'s, is written (BackendError naming each failure when none does: nothing is cached
+    then). The TorchScript exporter goes first: it wrote GoogLeNet in 0.7 s where the dynamo exporter took
+    11.7 s (the graphs ran equally fast in ONNX Runtime and agreed with torch within 2e-9), and every member of every
+    bundle pays the export once per machine. But a trace can keep a size it saw as a constant (EfficientNet's trunk
+    at another image size did), which the check catches; the dynamo exporter is then used, and also where this
+    torch no longer has the TorchScript one. Without ONNX Runtime to check with, only the dynamo graph is trusted.
     """
     module.eval()  # (the TorchScript exporter sets the module's mode back to what it was: so eval, all through)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
+    failures = []
     # the exporters print progress lines on stdout (they would corrupt `--json` output) and deprecation warnings
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
-            try:
-                torch.onnx.export(module, (example,), tmp, dynamo=False, input_names=[names[0]],
-                                  output_names=[names[1]], opset_version=OPSET,
-                                  dynamic_axes={names[0]: {d: spec[0] for d, spec in dynamic.items()}})
-                traced = _runs_as(module, tmp, example, dynamic)
-            except Exception as e:  # gone from this torch, or unable to trace the module
-                traced = f"{type(e).__name__}: {str(e)[:200]}"
-            if traced is not True:
-                _export_dynamo(module, example, tmp, names, dynamic, traced)
-                checked = _runs_as(module, tmp, example, dynamic)
-                if checked not in (True, _NO_CHECKER):
-                    raise BackendError(f"no ONNX export of {type(module).__name__} runs as torch does: the "
-                                       f"TorchScript exporter's: {traced}; the dynamo exporter's: {checked}")
-            os.replace(tmp, path)
+            for exporter in EXPORTERS:
+                try:
+                    _EXPORT[exporter](module, example, tmp, names, dynamic)
+                    checked = _runs_as(module, tmp, example, dynamic)
+                except Exception as e:  # gone from this torch, unable to trace the module, onnxscript missing
+                    checked = f"{type(e).__name__}: {str(e)[:200]}"
+                if checked is True or (checked == _NO_CHECKER and exporter == "dynamo"):
+                    os.replace(tmp, path)
+                    return
+                failures.append(f"the {_EXPORTER_NAMES[exporter]} exporter's: {checked}")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    raise BackendError(f"no ONNX export of {type(module).__name__} runs as torch does: {'; '.join(failures)}")
 
 
-_NO_CHECKER = "onnxruntime is not installed to check the trace"
+def _export_torchscript(module: nn.Module, example: Tensor, tmp: str, names: tuple[str, str],
+                        dynamic: dict[int, tuple]) -> None:
+    torch.onnx.export(module, (example,), tmp, dynamo=False, input_names=[names[0]], output_names=[names[1]],
+                      opset_version=OPSET, dynamic_axes={names[0]: {d: spec[0] for d, spec in dynamic.items()}})
+
+
+def _export_dynamo(module: nn.Module, example: Tensor, tmp: str, names: tuple[str, str],
+                   dynamic: dict[int, tuple]) -> None:
+    if importlib.util.find_spec("onnxscript") is None:
+        raise BackendError("the dynamo exporter needs onnx and onnxscript: pip install onnx onnxscript")
+    shapes = {}
+    for d, (name, low, high, *multiple) in dynamic.items():
+        if multiple:
+            shapes[d] = multiple[0] * torch.export.Dim(name, min=max(1, low // multiple[0]),
+                                                       max=high // multiple[0])
+        else:
+            shapes[d] = torch.export.Dim(name, min=low, max=high)
+    program = torch.onnx.export(module, (example,), dynamo=True, input_names=[names[0]], output_names=[names[1]],
+                                dynamic_shapes={"x": shapes}, opset_version=OPSET, optimize=True, verbose=False)
+    program.save(tmp, external_data=False)
+
+
+_EXPORT = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
+
+
+_NO_CHECKER = "onnxruntime is not installed to check the graph"
 
 
 def _runs_as(module: nn.Module, graph: str, example: Tensor, dynamic: dict[int, tuple]) -> bool | str:
@@ -180,27 +208,10 @@ def _runs_as(module: nn.Module, graph: str, example: Tensor, dynamic: dict[int, 
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     if got.shape != expected.shape:
-        return f"the trace gave shape {got.shape} for {tuple(expected.shape)} at input {tuple(shape)}"
+        return f"the graph gave shape {got.shape} for {tuple(expected.shape)} at input {tuple(shape)}"
     scale = max(1.0, float(np.abs(expected).max()))
     diff = float(np.abs(got - expected).max())
-    return True if diff <= 1e-4 * scale else f"the trace differs from the module by {diff:.2g} at input {tuple(shape)}"
-
-
-def _export_dynamo(module: nn.Module, example: Tensor, tmp: str, names: tuple[str, str], dynamic: dict[int, tuple],
-                   why: str) -> None:
-    if importlib.util.find_spec("onnxscript") is None:
-        raise BackendError(f"the TorchScript ONNX export could not be used ({why}), and the dynamo exporter needs "
-                           f"onnx and onnxscript: pip install onnx onnxscript")
-    shapes = {}
-    for d, (name, low, high, *multiple) in dynamic.items():
-        if multiple:
-            shapes[d] = multiple[0] * torch.export.Dim(name, min=max(1, low // multiple[0]),
-                                                       max=high // multiple[0])
-        else:
-            shapes[d] = torch.export.Dim(name, min=low, max=high)
-    program = torch.onnx.export(module, (example,), dynamo=True, input_names=[names[0]], output_names=[names[1]],
-                                dynamic_shapes={"x": shapes}, opset_version=OPSET, optimize=True, verbose=False)
-    program.save(tmp, external_data=False)
+    return True if diff <= 1e-4 * scale else f"the graph differs from the module by {diff:.2g} at input {tuple(shape)}"
 
 
 class OnnxRuntimeMember:
