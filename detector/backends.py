@@ -18,7 +18,8 @@ in-memory model it came from. OpenVINO also keeps its compiled kernels there (``
     pip install inception-rcnn                # ONNX Runtime, fp32 (part of the plain install)
     pip install "inception-rcnn[openvino]"    # OpenVINO, fp32 or bf16 (bf16 needs AVX512_BF16 or AMX)
 
-int8 members are quantised copies of these graphs (``detector/quantize.py``), run by either runtime.
+int8 members are quantised copies of the dynamo exporter's graphs (``onnx/<sha256>.dynamo.onnx``; see
+``detector/quantize.py``), run by either runtime.
 
 ``detector/autobackend.py`` (``backend="auto"``) measures which of them runs a member fastest on this machine.
 """
@@ -98,34 +99,39 @@ _EXPORTER_NAMES = {"torchscript": "TorchScript", "dynamo": "dynamo"}
 
 
 def export_onnx(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int = 224,
-                directory: Path | None = None) -> Path:
+                directory: Path | None = None, exporter: str | None = None) -> Path:
     """The member's ``PixelGraph`` as ONNX for ``size`` x ``size`` input (dynamic batch), exported once and cached.
 
     The spatial size is static: ``torch.export`` cannot express the ceil-mode pooling sizes symbolically, and
     static shapes compile to faster kernels anyway. Returns the cached file's path, ``<export_key>.onnx``; a second
-    call with the same weights, normalisation and size exports nothing.
+    call with the same weights, normalisation and size exports nothing. ``exporter="dynamo"``: the dynamo
+    exporter's graph only (``<export_key>.dynamo.onnx``), whose optimiser folds EfficientNet's explicit padding into
+    the convolutions; int8 quantisation takes that form (``detector.quantize``).
     """
     if not 32 <= size <= 1024:
         raise ValueError(f"size must be in 32..1024, got {size}")
+    if exporter not in (None, *EXPORTERS):
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, or None for the first that works")
     directory = (directory or cache_dir()) / "onnx"
-    path = directory / f"{export_key(member, mean, std, size)}.onnx"
+    path = directory / f"{export_key(member, mean, std, size)}{'.dynamo' if exporter == 'dynamo' else ''}.onnx"
     if path.is_file():
         return path
     directory.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    write_onnx(PixelGraph(member, mean, std), example, path, ("pixels", "probs"), {0: ("batch", 1, 4096)})
+    write_onnx(PixelGraph(member, mean, std), example, path, ("pixels", "probs"), {0: ("batch", 1, 4096)},
+               (exporter,) if exporter else EXPORTERS)
     return path
 
 
 def write_onnx(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str],
-               dynamic: dict[int, tuple]) -> None:
+               dynamic: dict[int, tuple], exporters: tuple[str, ...] = EXPORTERS) -> None:
     """``module`` traced at ``example`` and written as ONNX (``OPSET``) to ``path`` atomically (a concurrent reader
     never sees half a file). ``names``: the input's and output's; ``dynamic``: the input's dynamic dimensions,
     ``{dim: (name, min, max)}`` or ``{dim: (name, min, max, multiple)}`` for sizes that are multiples of one.
 
-    ``EXPORTERS`` are tried in turn; the first graph that ONNX Runtime runs as the module, on an input whose dynamic
+    ``exporters`` are tried in turn; the first graph that ONNX Runtime runs as the module, on an input whose dynamic
     sizes differ from ``example``'s, is written (BackendError naming each failure when none does: nothing is cached
-    then). The TorchScript exporter goes first: it wrote GoogLeNet in 0.7 s where the dynamo exporter took
+    then). The TorchScript exporter goes first by default: it wrote GoogLeNet in 0.7 s where the dynamo exporter took
     11.7 s (the graphs ran equally fast in ONNX Runtime and agreed with torch within 2e-9), and every member of every
     bundle pays the export once per machine. But a trace can keep a size it saw as a constant (EfficientNet's trunk
     at another image size did), which the check catches; the dynamo exporter is then used, and also where this
@@ -139,7 +145,7 @@ def write_onnx(module: nn.Module, example: Tensor, path: Path, names: tuple[str,
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
-            for exporter in EXPORTERS:
+            for exporter in exporters:
                 try:
                     _EXPORT[exporter](module, example, tmp, names, dynamic)
                     checked = _runs_as(module, tmp, example, dynamic)

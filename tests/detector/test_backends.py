@@ -274,3 +274,19 @@ def test_write_onnx_caches_no_graph_that_keeps_a_size_it_saw(tmp_path):
         backends.write_onnx(_Baked(), torch.zeros(1, 3, 32, 32), tmp_path / "baked.onnx", ("x", "y"),
                             {2: ("h", 16, 256, 16)})
     assert list(tmp_path.iterdir()) == []  # nothing cached, no temporary file left
+
+
+@needs("onnxruntime")
+def test_dynamo_export_is_its_own_cache_entry(tiny_bundle, cache):
+    """int8 quantisation asks for the dynamo exporter's graph; it is cached beside the default export, not for it."""
+    bundle = small(tiny_bundle(seed=3))
+    member, pre = bundle.members[0], bundle.preprocess
+    default = export_onnx(member, pre.mean, pre.std, SIZE)
+    dynamo = export_onnx(member, pre.mean, pre.std, SIZE, exporter="dynamo")
+    assert dynamo.name == default.name.replace(".onnx", ".dynamo.onnx") and default.is_file()
+    x = pixels(3)
+    expected = PixelGraph(member, pre.mean, pre.std)(x)
+    for path in (default, dynamo):
+        torch.testing.assert_close(_ort(path, x), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="exporter must be one of torchscript, dynamo"):
+        export_onnx(member, pre.mean, pre.std, SIZE, exporter="jit")
