@@ -116,7 +116,6 @@ def export_onnx(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ..
     path = directory / f"{export_key(member, mean, std, size)}{'.dynamo' if exporter == 'dynamo' else ''}.onnx"
     if path.is_file():
         return path
-    directory.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     write_onnx(PixelGraph(member, mean, std), example, path, ("pixels", "probs"), {0: ("batch", 1, 4096)},
                (exporter,) if exporter else EXPORTERS)
@@ -138,6 +137,7 @@ def write_onnx(module: nn.Module, example: Tensor, path: Path, names: tuple[str,
     torch no longer has the TorchScript one. Without ONNX Runtime to check with, only the dynamo graph is trusted.
     """
     module.eval()  # (the TorchScript exporter sets the module's mode back to what it was: so eval, all through)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     failures = []

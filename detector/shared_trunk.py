@@ -49,7 +49,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from detector.backends import BackendError, OnnxRuntimeMember, cache_dir, export_key, write_onnx
+from detector.backends import OnnxRuntimeMember, cache_dir, export_key, write_onnx
 from detector.bundle import Bundle
 from detector.config import DetectConfig, SharedTrunkConfig
 from detector.efficientnet_lite import EfficientNetLiteConfig
@@ -125,11 +124,6 @@ class _Part(nn.Module):
         return self.fn(x)
 
 
-def _export(part: _Part, path: Path, example: Tensor, dynamic: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_onnx(part, example, path, ("x", "y"), dynamic)
-
-
 def onnx_split(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int) -> SplitMember:
     """``split_member(member)`` exported to ONNX (trunk: any height and width that are multiples of 16; rest:
     any number of regions) and run by ONNX Runtime, fp32 on the CPU; same inputs and outputs as torch tensors."""
@@ -146,7 +140,7 @@ def onnx_split(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...
                 example = split.trunk(torch.zeros(2, 3, size, size)).clone()
         path = cache_dir() / "onnx" / f"{key}-{name}{STRIDE}.onnx"
         if not path.is_file():
-            _export(_Part(member, fn), path, example, dynamic)
+            write_onnx(_Part(member, fn), example, path, ("x", "y"), dynamic)
         runners[name] = OnnxRuntimeMember(path, torch.get_num_threads())
 
     def run(name: str) -> Callable[[Tensor], Tensor]:
