@@ -28,7 +28,7 @@ import numpy as np
 
 from eval.annotations import image_key
 from eval.classes import cls1000, cls1000_devkit_ids
-from eval.parsing import numbered_lines, parse_json
+from eval.parsing import located, numbered_lines, parse_json
 
 LABEL_FORMATS = ("imagefolder", "pairs", "ilsvrc2012")
 
@@ -162,10 +162,8 @@ def _pairs_entries(path: str) -> Iterator[tuple[str, int, str]]:
         tokens = line.rsplit(None, 1)  # the image name may contain spaces; the label is the last word
         if len(tokens) != 2:
             raise ValueError(f"{where}: expected '<image> <wnid or class index>', got {line!r}")
-        try:
+        with located(where):
             yield tokens[0], parse_class(tokens[1]), where
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
 
 
 def _ilsvrc2012_entries(path: str) -> Iterator[tuple[str, int, str]]:
@@ -196,10 +194,8 @@ def read_predictions(path: str) -> Iterator[Prediction]:
     """
     for number, line in numbered_lines(path):
         where = f"{path}:{number}"
-        try:
+        with located(where):
             yield _parse_json_prediction(line, where) if line.startswith("{") else _parse_text_prediction(line, where)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
 
 
 def _parse_text_prediction(line: str, where: str) -> Prediction:

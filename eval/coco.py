@@ -15,7 +15,7 @@ from eval.annotations import ImageAnnotation, ImageLookup
 from eval.boxes import MAX_COORD, check_box, from_xywh, to_xywh
 from eval.classes import det200
 from eval.detections import DetectionTable, as_tables, text_output
-from eval.parsing import json_det_id, json_index, json_int, json_score, load_json
+from eval.parsing import json_det_id, json_index, json_int, json_score, load_json, located
 
 
 def coco_categories() -> list[dict]:
@@ -125,10 +125,8 @@ def read_coco_results(path: str, lookup: ImageLookup) -> DetectionTable:
             raise ValueError(f"{where}: expected an object, got {r!r}")
         image_id = r.get("image_id")
         if isinstance(image_id, str):
-            try:
+            with located(where):
                 image.append(lookup(image_id))
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
         else:
             image.append(json_index(image_id, "image_id", where))
         det_id.append(json_det_id(r.get("category_id"), where))

@@ -138,10 +138,8 @@ def json_int(value, name: str, where: str) -> int:
 def json_index(value, name: str, where: str) -> int:
     """A JSON image index field ``name`` in 1..``MAX_IMAGE_INDEX``."""
     index = json_int(value, name, where)
-    try:
+    with located(where):
         check_index(index, repr(name))
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
     return index
 
 

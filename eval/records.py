@@ -19,7 +19,7 @@ from eval.annotations import ImageLookup
 from eval.boxes import check_box
 from eval.classes import det200
 from eval.detections import DetectionTable
-from eval.parsing import json_det_id, json_score, numbered_lines, parse_json
+from eval.parsing import json_det_id, json_score, located, numbered_lines, parse_json
 
 
 def detections_json(boxes, scores, det_ids) -> list[dict]:
@@ -94,10 +94,8 @@ def read_jsonl_detections(path: str, lookup: ImageLookup) -> tuple[DetectionTabl
             continue
         if not isinstance(doc.get("detections"), list):
             raise ValueError(f"{where}: a detections line needs a list 'detections' (or an 'error')")
-        try:
+        with located(where):
             index = lookup(doc["image"])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
         ids, scores, coords = _record_rows(doc, where)
         image += [index] * len(ids)
         det_id += ids
