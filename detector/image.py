@@ -60,7 +60,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # without in_place it copies even an upright image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # as for headers, PIL raises assorted errors on bad pixel data (a TIFF whose strip
+        # offset is a fraction: TypeError)
         msg = str(e)
         code = "truncated" if "truncated" in msg.lower() or "image file is" in msg else "corrupt"
         raise ImageError(code, f"image data is {'truncated' if code == 'truncated' else 'corrupt'}: {msg}") from None

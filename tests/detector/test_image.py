@@ -154,3 +154,17 @@ def test_list_images_recurses_sorted_and_keeps_named_files(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     found = list_images([tmp_path / "d", tmp_path / "x.weird"])
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["d/b.jpg", "d/sub/a.PNG", "x.weird"]
+
+
+def test_a_tiff_whose_strip_offset_is_a_fraction_is_corrupt():
+    """Found by the service's fuzz test: Pillow seeks to a RATIONAL StripOffsets and raises TypeError."""
+    data = bytearray(encode(Image.fromarray(np.zeros((24, 32, 3), np.uint8)), "TIFF"))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets, made a RATIONAL 8/1 at the file's end
+            struct.pack_into("<HII", data, at + 2, 5, 1, len(data))
+            data += struct.pack("<II", 8, 1)
+    with pytest.raises(ImageError, match="image data is corrupt: .*IFDRational") as e:
+        decode_image(bytes(data))
+    assert e.value.code == "corrupt"
