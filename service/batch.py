@@ -44,6 +44,7 @@ from eval.coco import coco_categories, write_coco_results
 from eval.parsing import parse_json
 from eval.records import detection_record, error_record, record_table, write_record
 from eval.submission import write_submission
+from service import paths
 from service.paths import check_paths
 
 if TYPE_CHECKING:
@@ -483,8 +484,26 @@ class BatchSummary:
                 **({"vis": self.vis} if self.vis is not None else {})}
 
 
+def output_files(config: BatchConfig) -> list[str]:
+    """The files a run writes: ``config.out`` and, for coco / ilsvrc, its journal and image table beside it."""
+    if config.out is None:
+        return []
+    out = str(config.out)
+    return [out] if config.format == "jsonl" else [out, out + JOURNAL_SUFFIX, out + IMAGES_SUFFIX]
+
+
+def check_outputs(files: list[Path], config: BatchConfig, reads: dict[str, Iterable[str | os.PathLike]]) -> None:
+    """Raise ValueError if an output file of the run is one of the input ``files``, its imageset or a file of
+    ``reads`` (what -> paths: the bundle's files), whatever path or link names it."""
+    if config.out is None:
+        return
+    reads = {**({"--imageset": [config.imageset]} if config.imageset else {}), **reads}
+    paths.check_outputs("--out", config.out, output_files(config), files, reads)
+
+
 def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], config: BatchConfig,
-              engine: Callable[[list[Path]], Generator[Result, None, None]] | None = None) -> BatchSummary:
+              engine: Callable[[list[Path]], Generator[Result, None, None]] | None = None,
+              reads: dict[str, Iterable[str | os.PathLike]] | None = None) -> BatchSummary:
     """``ircnn detect``: every image under ``inputs`` -> one record in ``config.out`` (module docstring).
 
     ``make_detector()`` returns a ``detector.rcnn.Detector`` (closed at the end); it is called only when there is
@@ -492,7 +511,7 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
     yields the ``Result`` of every path of ``todo`` (the inputs not in the output yet), in any order
     (``service.ray_engine.RayEngine``); ``make_detector`` is then not used. Raises ValueError before any work for
     bad inputs (a path that does not exist, no images, an image outside the imageset, a --save-vis copy that would
-    overwrite an input, an output --resume cannot continue).
+    overwrite an input, an output that is an input or a file of ``reads``, an output --resume cannot continue).
     """
     files = input_files(inputs)
     note = ""
@@ -503,6 +522,7 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
     if not files:
         raise ValueError(f"no images found in {' '.join(map(str, inputs))} (looked for "
                          f"{', '.join(IMAGE_SUFFIXES)}{note})")
+    check_outputs(files, config, reads or {})
     names = relative_names(inputs, files)
     ids = None
     if config.format != "jsonl":

@@ -3,6 +3,7 @@ process or on a Ray cluster (``service.batch``, ``service.ray_engine``)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from service.cli.common import (
@@ -137,13 +138,20 @@ def detect_config(args):
                          "max_regions") from None
 
 
+def model_files(model: str | None) -> list[str]:
+    """The files of a bundle directory (none for torchvision's default checkpoint, found later)."""
+    if model is None or not os.path.isdir(model):
+        return []
+    return [os.path.join(root, name) for root, _, names in os.walk(model) for name in names]
+
+
 def _cmd_detect(args) -> int:
     config = detect_config(args)
     _check_detect_args(args)
     from service.paths import check_paths
 
     check_paths(args.paths)  # in a second, before torch and the model load
-    from service.batch import BatchConfig, DetectorSpec, run_batch
+    from service.batch import BatchConfig, DetectorSpec, check_outputs, input_files, run_batch
 
     try:
         batch = BatchConfig(out=args.out, format=args.format, resume=args.resume, retry_errors=args.retry_errors,
@@ -151,6 +159,11 @@ def _cmd_detect(args) -> int:
                             progress=sys.stderr.isatty() and not args.json, report_errors=not args.json)
     except ValueError as e:
         raise flag_error(e, "vis_threshold") from None
+    reads = {"--model": model_files(args.model)}
+    try:  # before the model loads: no output may be an input or a file the run reads
+        check_outputs(input_files(args.paths), batch, reads)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     spec = DetectorSpec(args.model, config)
     engine, engine_errors = None, ()
     if args.engine == "ray":
@@ -169,7 +182,7 @@ def _cmd_detect(args) -> int:
         return spec.build(bundle)
 
     try:
-        summary = run_batch(make_detector, args.paths, batch, engine=engine)
+        summary = run_batch(make_detector, args.paths, batch, engine=engine, reads=reads)
     except engine_errors as e:
         raise CliError(str(e)) from e
     except KeyboardInterrupt:

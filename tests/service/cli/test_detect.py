@@ -373,3 +373,33 @@ def test_scoring_shared_trunk_detects_what_the_shared_trunk_scorer_finds(tmp_pat
     assert [d["score"] for d in shared] != [d["score"] for d in warped]
     code, _, err = run("detect", image, "--model", model, "--scoring", "shared-trunk", "--cascade", 5)
     assert code == 2 and "cascade does not apply to shared-trunk" in err
+
+
+@pytest.mark.parametrize("fmt", ["coco", "ilsvrc", "jsonl"])
+def test_out_that_is_an_input_is_refused_and_the_input_kept(tmp_path, run, model, image_dir, fmt):
+    """An --out naming an input (directly, through '..', through a symbolic or a hard link), or naming a file
+    the run reads (the imageset, the bundle), is a usage error before any work; no byte of the input changes."""
+    photo = image_dir / "a.jpg"
+    before = photo.read_bytes()
+    (tmp_path / "link.jpg").symlink_to(photo)
+    os.link(photo, tmp_path / "hard.jpg")
+    imageset = tmp_path / "set.txt"
+    imageset.write_text("".join(f"{n.rsplit('.', 1)[0]} {i}\n" for i, n in enumerate(ORDER, 1)))
+    extra = ["--imageset", imageset] if fmt != "jsonl" else []
+    outs = [photo, image_dir / "sub" / ".." / "a.jpg", tmp_path / "link.jpg", tmp_path / "hard.jpg",
+            model / "model.json"] + ([imageset] if fmt != "jsonl" else [])
+    for out in outs:
+        saved = out.read_bytes()
+        code, stdout, err = run("detect", image_dir, "--model", model, "--format", fmt, "--out", out, *extra)
+        assert code == 2 and "detected" not in stdout + err, (out, err)
+        assert "--out" in err and ("is an input" in err or "is read by this run" in err), err
+        assert out.read_bytes() == saved
+    assert photo.read_bytes() == before
+    # the files written beside a coco / ilsvrc output count too: OUT.images.json may not be the imageset
+    if fmt != "jsonl":
+        named = tmp_path / "o.images.json"
+        named.write_text(imageset.read_text())
+        code, _, err = run("detect", image_dir, "--model", model, "--format", fmt, "--imageset", named,
+                           "--out", tmp_path / "o")
+        assert code == 2 and "o.images.json" in err and "is read by this run" in err, err
+        assert named.read_text() == imageset.read_text() and not (tmp_path / "o").exists()
