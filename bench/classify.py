@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.bundle import init_bundle
-from detector.classify import Classifier
-from detector.ensemble import EnsembleConfig
-from detector.googlenet import GoogLeNetConfig
-from detector.summary import format_machine, machine, matmul_peak, summarize
+from detector.bundle.format import init_bundle
+from detector.nets.googlenet import GoogLeNetConfig
+from detector.nets.summary import format_machine, machine, matmul_peak, summarize
+from detector.pipeline.classify import Classifier
+from detector.pipeline.ensemble import EnsembleConfig
 
 
 def images_per_second(clf: Classifier, images: list[np.ndarray], crops: int, min_seconds: float) -> float:

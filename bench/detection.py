@@ -55,21 +55,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.bundle import Bundle, load_bundle, read_manifest
-from detector.ensemble import EnsembleConfig
-from detector.googlenet import GoogLeNet
+from detector.bundle.format import Bundle, load_bundle, read_manifest
+from detector.bundle.multibox import load_multibox
+from detector.config import DetectConfig
 from detector.image import read_image
-from detector.multibox_bundle import load_multibox
-from detector.rcnn import MIN_SIDE, DetectConfig, Detections, Detector, RegionScorer, nms_per_class
-from detector.summary import _counts, format_machine, machine, matmul_peak
+from detector.nets.googlenet import GoogLeNet
+from detector.nets.summary import _counts, format_machine, machine, matmul_peak
+from detector.pipeline.detector import MIN_SIDE, Detections, Detector, nms_per_class
+from detector.pipeline.ensemble import EnsembleConfig
+from detector.pipeline.scoring import RegionScorer
 from eval.annotations import read_imageset
 from eval.detections import DetectionTable
-from eval.submission import write_submission
 from eval.ilsvrc import evaluate_files
+from eval.submission import write_submission
 from proposals.combine import MergeConfig, ProposalGenerator, Proposals, merge
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
-
-
 
 # What the detector learning test (tests/detector/training/test_detector.py) found to learn fastest from random
 # weights in minutes on this CPU: batch-normalised members without the auxiliary heads, batches of 16 windows half

@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 
-from detector.summary import format_machine, machine
+from detector.nets.summary import format_machine, machine
 from eval.annotations import ImageAnnotation
 from eval.detections import DetectionTable
-from eval.submission import read_submission, write_submission
 from eval.ilsvrc import MODES, DetectionEvaluator
+from eval.submission import read_submission, write_submission
 
 
 def generate(images: int, per_image: int, seed: int = 0) -> tuple[dict[int, ImageAnnotation], DetectionTable]:

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 import torch.utils.flop_counter
 
-from detector.bundle import load_bundle
-from detector.ensemble import Ensemble, EnsembleConfig
+from detector.bundle.format import load_bundle
+from detector.config import DetectConfig
 from detector.image import read_image
-from detector.quantize import calibration_regions, int8_agreement, quantize_bundle
-from detector.rcnn import DetectConfig, Detector
-from detector.summary import format_machine, machine, matmul_peak
+from detector.nets.summary import format_machine, machine, matmul_peak
+from detector.pipeline.detector import Detector
+from detector.pipeline.ensemble import Ensemble, EnsembleConfig
+from detector.runtimes.calibrate import calibration_regions, int8_agreement, quantize_bundle
 from eval.annotations import read_annotations, read_blacklist, read_imageset
 from eval.detections import DetectionTable
 from eval.ilsvrc import DetectionEvaluator
@@ -207,7 +208,7 @@ def main() -> None:
 
 
 def _warp(detector: Detector, image: np.ndarray, boxes: torch.Tensor) -> torch.Tensor:
-    from detector.warp import warp_regions
+    from detector.pipeline.warp import warp_regions
 
     s = detector.scorer
     return warp_regions(image, boxes, s.size, s.context, s.fill)

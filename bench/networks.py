@@ -23,8 +23,8 @@ timing runs in a fresh process, so that no other runtime's thread pool (OpenMP, 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import json
+import multiprocessing
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -33,13 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.backends import PixelGraph
-from detector.bundle import init_bundle, load_bundle
-from detector.ensemble import Ensemble, EnsembleConfig
-from detector.googlenet import GoogLeNetConfig
-from detector.members import describe_arch
-from detector.summary import format_machine, machine, matmul_peak, summarize
-
+from detector.bundle.format import init_bundle, load_bundle
+from detector.nets.googlenet import GoogLeNetConfig
+from detector.nets.members import describe_arch
+from detector.nets.summary import format_machine, machine, matmul_peak, summarize
+from detector.pipeline.ensemble import Ensemble, EnsembleConfig
+from detector.runtimes.export import PixelGraph
 
 CONFIGS = {
     "torch fp32 (default layout)": EnsembleConfig(channels_last=False),

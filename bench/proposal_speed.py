@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from detector.multibox_bundle import GoogLeNetMultiBox, MultiBoxConfig, load_multibox
-from detector.summary import format_machine, machine
+from detector.bundle.multibox import GoogLeNetMultiBox, MultiBoxConfig, load_multibox
+from detector.nets.summary import format_machine, machine
 from proposals.combine import MergeConfig, Proposals, merge
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner
 

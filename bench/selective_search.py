@@ -21,7 +21,7 @@ import time
 import numpy as np
 from skimage import data
 
-from detector.summary import format_machine, machine
+from detector.nets.summary import format_machine, machine
 from proposals.selective_search import SelectiveSearchConfig, SelectiveSearchRunner, selective_search
 
 # every photo that ships inside scikit-image (no download); camera, coins and moon are grayscale

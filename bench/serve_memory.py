@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from detector.summary import format_machine, machine
+from detector.nets.summary import format_machine, machine
 
 SIDE = 6000
 

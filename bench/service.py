@@ -32,11 +32,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from detector.bundle import init_bundle, save_bundle
-from detector.classify import Classifier
-from detector.googlenet import GoogLeNetConfig
+from detector.bundle.format import init_bundle, save_bundle
 from detector.image import decode_image
-from detector.summary import format_machine, machine
+from detector.nets.googlenet import GoogLeNetConfig
+from detector.nets.summary import format_machine, machine
+from detector.pipeline.classify import Classifier
 
 CONCURRENCY = (1, 4, 16)
 

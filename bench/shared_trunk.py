@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.bundle import init_bundle, load_bundle
+from detector.bundle.format import init_bundle, load_bundle
 from detector.config import DetectConfig, EnsembleConfig
-from detector.googlenet import GoogLeNetConfig
 from detector.image import read_image
-from detector.rcnn import Detector, RegionScorer, contrast_frames, postprocess
-from detector.shared_trunk import SharedTrunkConfig, SharedTrunkScorer
-from detector.summary import format_machine, machine
+from detector.nets.googlenet import GoogLeNetConfig
+from detector.nets.summary import format_machine, machine
+from detector.pipeline.detector import Detector, postprocess
+from detector.pipeline.scoring import RegionScorer, contrast_frames
+from detector.pipeline.shared_trunk import SharedTrunkConfig, SharedTrunkScorer
 from eval.annotations import read_annotations, read_blacklist, read_imageset
 from eval.detections import DetectionTable
 from eval.ilsvrc import DetectionEvaluator

@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.bundle import load_bundle
-from detector.ensemble import EnsembleConfig
+from detector.bundle.format import load_bundle
+from detector.config import DetectConfig
 from detector.image import read_image
-from detector.rcnn import DetectConfig, Detector, contrast_frames, postprocess
-from detector.summary import format_machine, machine
+from detector.nets.summary import format_machine, machine
+from detector.pipeline.detector import Detector, postprocess
+from detector.pipeline.ensemble import EnsembleConfig
+from detector.pipeline.scoring import contrast_frames
 from eval.annotations import read_annotations, read_blacklist, read_imageset
 from eval.detections import DetectionTable
 from eval.ilsvrc import DetectionEvaluator

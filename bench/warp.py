@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from skimage import data
 
-from detector.summary import format_machine, machine
-from detector.warp import dilate_boxes, warp_regions
+from detector.nets.summary import format_machine, machine
+from detector.pipeline.warp import dilate_boxes, warp_regions
 
 FILL = (124, 116, 104)
 REGIONS = 1000

@@ -34,7 +34,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from detector.classify import Classifier
+from detector.pipeline.classify import Classifier
 from service.api.errors import ApiError, install_error_handlers
 from service.api.routes import api_router
 from service.api.schemas import HealthResponse, ReadyResponse

@@ -413,13 +413,13 @@ class DetectorSpec:
 
     def load(self, device: str = "cpu"):
         """The bundle, its members on ``device``."""
-        from detector.bundle import resolve_bundle
+        from detector.bundle.importers import resolve_bundle
 
         return resolve_bundle(self.model, device=device)
 
     def build(self, bundle):
         """A ``Detector`` over ``bundle`` (loaded by ``load``) with these options."""
-        from detector.rcnn import Detector
+        from detector.pipeline.detector import Detector
 
         return Detector.from_bundle(bundle, self.config)
 

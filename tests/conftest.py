@@ -46,8 +46,8 @@ def spread():
 @pytest.fixture
 def tiny_bundle():
     """Factory: a bundle of narrow paper-variant members with spread weights."""
-    from detector.bundle import init_bundle
-    from detector.googlenet import GoogLeNetConfig
+    from detector.bundle.format import init_bundle
+    from detector.nets.googlenet import GoogLeNetConfig
 
     def make(members: int = 1, width: float = 0.25, variant: str = "paper", seed: int = 0, num_classes: int = 1000,
              task: str = "cls1000"):

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from detector.members import ArchConfig, build_member
+from detector.nets.members import ArchConfig, build_member
 
 FORMAT = 2  # 1: the detector's state.json with momentum buffers only (the classifier's was a pickle)
 STATE_NAME = "state.json"

@@ -45,21 +45,41 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from detector.bundle import Bundle, Preprocess, file_sha256, load_bundle, read_manifest, save_bundle
+from detector.bundle.format import Bundle, Preprocess, file_sha256, load_bundle, read_manifest, save_bundle
+from detector.bundle.multibox import load_multibox, multibox_provenance, save_multibox
 from detector.cpus import default_workers
-from detector.googlenet import GoogLeNetConfig, googlenet_loss
-from detector.members import ArchConfig, build_member, is_head, with_classes
-from detector.rcnn import fill_colour
+from detector.nets.googlenet import GoogLeNetConfig, googlenet_loss
+from detector.nets.members import ArchConfig, build_member, is_head, with_classes
+from detector.pipeline.scoring import fill_colour
 from detector.training.checkpoint import Checkpoint, load_members
-from detector.training.engine import (EMA, Dist, EpochEnd, Job, RunConfig, check_network, check_non_negative,
-                                      check_positive, fit, param_groups, processes, recipe, train_members)
+from detector.training.engine import (
+    EMA,
+    Dist,
+    EpochEnd,
+    Job,
+    RunConfig,
+    check_network,
+    check_non_negative,
+    check_positive,
+    fit,
+    param_groups,
+    processes,
+    recipe,
+    train_members,
+)
 from detector.training.proposal_cache import CachedProposals, ProposalCache
-from detector.training.windows import (DetImage, WindowBatches, Windows, WindowSampler, build_windows, object_recall,
-                                       read_detection_split)
+from detector.training.windows import (
+    DetImage,
+    WindowBatches,
+    Windows,
+    WindowSampler,
+    build_windows,
+    object_recall,
+    read_detection_split,
+)
 from eval.classes import det200
 from proposals.combine import ProposalGenerator
 from proposals.config import MergeConfig, ProposalConfig, SelectiveSearchConfig
-from detector.multibox_bundle import load_multibox, multibox_provenance, save_multibox
 
 # How member i differs from the others (cycled past 6): the paper's members share the topology and differ in
 # "sampling methodologies and the random order in which they see input images". The order comes from the seed

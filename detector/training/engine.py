@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from detector.bundle import MAX_MEMBERS
+from detector.bundle.format import MAX_MEMBERS
 from detector.cpus import default_workers
-from detector.googlenet import VARIANTS
+from detector.nets.googlenet import VARIANTS
 from detector.training.checkpoint import Checkpoint, open_checkpoint, pack, save_checkpoint, save_member, unpack
 
 

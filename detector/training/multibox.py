@@ -39,13 +39,23 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from detector.bundle import Bundle, load_bundle, read_manifest
-from detector.googlenet import VARIANTS, GoogLeNetConfig
+from detector.bundle.format import Bundle, load_bundle, read_manifest
+from detector.bundle.multibox import GoogLeNetMultiBox, MultiBoxConfig, save_multibox
 from detector.image import read_image
-from detector.multibox_bundle import GoogLeNetMultiBox, MultiBoxConfig, save_multibox
+from detector.nets.googlenet import VARIANTS, GoogLeNetConfig
 from detector.training.checkpoint import open_checkpoint
-from detector.training.engine import (Dist, EpochEnd, Job, RunConfig, check_non_negative, check_positive, fit,
-                                      param_groups, recipe, resolve_device)
+from detector.training.engine import (
+    Dist,
+    EpochEnd,
+    Job,
+    RunConfig,
+    check_non_negative,
+    check_positive,
+    fit,
+    param_groups,
+    recipe,
+    resolve_device,
+)
 from eval.annotations import read_det_split
 from proposals.multibox import ALPHA, kmeans_priors, multibox_loss, resize_image
 from proposals.recall import best_overlaps

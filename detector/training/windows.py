@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
 from detector.image import read_image
+from detector.pipeline.warp import warp_regions
 from detector.training.proposal_cache import CachedProposals
-from detector.warp import warp_regions
 from eval.annotations import read_det_split
 
 IMAGE_SUFFIX = ".JPEG"  # ILSVRC DET images: Data/DET/<name>.JPEG

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from detector.classify import CROP_SCHEMES
+from detector.pipeline.classify import CROP_SCHEMES
 from service.api.errors import ApiError, job_error
 from service.api.schemas import (
     ClassifyResponse,

@@ -14,8 +14,8 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from detector.classify import check_aspect
 from detector.image import ImageError, decode_image, image_size
+from detector.pipeline.classify import check_aspect
 from service.api.errors import ApiError, image_error
 from service.api.worker import Service
 from service.settings import Settings

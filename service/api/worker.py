@@ -11,8 +11,8 @@ import anyio
 import numpy as np
 import torch
 
-from detector.classify import Classifier
 from detector.image import ImageError
+from detector.pipeline.classify import Classifier
 from proposals.selective_search import ProposalError
 from service.api.errors import NON_FINITE, ModelOutputError
 from service.batching import Job, MicroBatcher
@@ -62,8 +62,8 @@ class Service:
     def load(self) -> None:
         """Load the bundle unless models were injected; runs once, in a thread, before the app takes requests."""
         if self.classifier is None and self.detector is None:
-            from detector.bundle import resolve_bundle
-            from detector.ensemble import EnsembleConfig
+            from detector.bundle.importers import resolve_bundle
+            from detector.pipeline.ensemble import EnsembleConfig
 
             self.bundle = bundle = resolve_bundle(self.settings.model, device=self.settings.device)
             s = self.settings
@@ -161,7 +161,7 @@ class Service:
 def _detector_of(bundle, ensemble, settings: Settings):
     """A Detector for det200 / det200-from-cls1000 bundles, else None (that bundle only classifies)."""
     from detector.config import DetectConfig
-    from detector.rcnn import Detector
+    from detector.pipeline.detector import Detector
     from proposals.config import ProposalConfig
 
     try:

@@ -32,9 +32,9 @@ def _cmd_classify(args) -> int:
     if not paths:
         raise CliError(f"no images found in {' '.join(args.images)} (looked for {', '.join(IMAGE_SUFFIXES)})")
     # torch and the model only now, once the arguments are known to be usable
-    from detector.bundle import resolve_bundle
-    from detector.classify import Classifier
-    from detector.ensemble import EnsembleConfig
+    from detector.bundle.importers import resolve_bundle
+    from detector.pipeline.classify import Classifier
+    from detector.pipeline.ensemble import EnsembleConfig
 
     bundle = resolve_bundle(args.model, device=args.device)
     classifier = Classifier(bundle, EnsembleConfig(batch_size=args.batch_size, precision=args.precision,

@@ -94,7 +94,7 @@ def add_parser(sub) -> None:
 
 
 def _cmd_model_summary(args) -> int:
-    from detector.summary import format_summary, summarize
+    from detector.nets.summary import format_summary, summarize
 
     doc = summarize(args.variant)
     if args.json:
@@ -114,13 +114,13 @@ def _cmd_model_init(args) -> int:
         except ValueError:
             raise CliError(f"--det-ids must be comma-separated integers, got {args.det_ids!r}") from None
     classes = (len(det_ids) + 1 if det_ids else 201) if args.task == "det200" else 1000
-    from detector.bundle import init_bundle, save_bundle
-    from detector.googlenet import GoogLeNetConfig
+    from detector.bundle.format import init_bundle, save_bundle
+    from detector.nets.googlenet import GoogLeNetConfig
 
     if args.arch == "googlenet":
         arch = GoogLeNetConfig(variant=args.variant, num_classes=classes, width=args.width)
     else:
-        from detector.efficientnet_lite import EfficientNetLiteConfig
+        from detector.nets.efficientnet_lite import EfficientNetLiteConfig
 
         arch = EfficientNetLiteConfig(variant=args.arch.removeprefix("efficientnet-"), num_classes=classes)
     bundle = init_bundle(arch, members=args.members, seed=args.seed, task=args.task, det_ids=det_ids)
@@ -130,7 +130,8 @@ def _cmd_model_init(args) -> int:
 
 
 def _cmd_model_import(args) -> int:
-    from detector.bundle import import_torchvision, save_bundle
+    from detector.bundle.format import save_bundle
+    from detector.bundle.importers import import_torchvision
 
     bundle = import_torchvision(args.file, input_range=args.input_range, task=args.task)
     save_bundle(args.out, bundle)
@@ -139,7 +140,8 @@ def _cmd_model_import(args) -> int:
 
 
 def _cmd_model_import_lite(args) -> int:
-    from detector.bundle import import_efficientnet_lite, save_bundle
+    from detector.bundle.format import save_bundle
+    from detector.bundle.importers import import_efficientnet_lite
 
     bundle = import_efficientnet_lite(args.variant, weights=args.weights, task=args.task)
     save_bundle(args.out, bundle)
@@ -148,7 +150,8 @@ def _cmd_model_import_lite(args) -> int:
 
 
 def _cmd_model_merge(args) -> int:
-    from detector.bundle import load_bundle, merge_bundles, save_bundle
+    from detector.bundle.format import load_bundle, save_bundle
+    from detector.bundle.importers import merge_bundles
 
     if len(args.bundles) < 2:
         raise CliError("merge needs at least two bundles")
@@ -159,7 +162,7 @@ def _cmd_model_merge(args) -> int:
 
 
 def _cmd_model_info(args) -> int:
-    from detector.bundle import load_bundle
+    from detector.bundle.format import load_bundle
 
     if not args.backends:
         print_bundle(load_bundle(args.dir), args.json)
@@ -168,8 +171,8 @@ def _cmd_model_info(args) -> int:
         raise CliError(f"--batch-size must be in 1..1024, got {args.batch_size}")
     import dataclasses
 
-    from detector.autobackend import choose_backend, format_choice
-    from detector.members import describe_arch
+    from detector.nets.members import describe_arch
+    from detector.runtimes.auto import choose_backend, format_choice
 
     bundle = load_bundle(args.dir, device=args.device)
     pre = bundle.preprocess
@@ -204,9 +207,9 @@ def _cmd_model_quantize(args) -> int:
     import sys
     import time
 
-    from detector.bundle import load_bundle
+    from detector.bundle.format import load_bundle
     from detector.image import ImageError, list_images, read_image
-    from detector.quantize import calibration_regions, quantize_bundle
+    from detector.runtimes.calibrate import calibration_regions, quantize_bundle
 
     start = time.perf_counter()
     files = list_images(args.images)[: args.max_images]

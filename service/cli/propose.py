@@ -63,7 +63,7 @@ def _proposal_sources(args, multibox) -> int:
 def _load_multibox(args):
     if args.model is None or args.multibox == "0":
         return None
-    from detector.multibox_bundle import load_multibox
+    from detector.bundle.multibox import load_multibox
 
     return load_multibox(args.model)
 

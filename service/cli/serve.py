@@ -26,7 +26,7 @@ def _cmd_serve(args) -> int:
 
     import uvicorn
 
-    from detector.bundle import read_manifest
+    from detector.bundle.format import read_manifest
     from service.app import create_app, server_options
     from service.settings import Settings
 

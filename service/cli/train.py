@@ -220,7 +220,7 @@ def _cmd_train_multibox(args) -> int:
     if args.init and (args.variant is not None or args.width is not None):
         raise CliError("--variant and --width describe a new trunk; with --init the bundle's architecture is "
                        "used, so drop them")
-    from detector.multibox_bundle import MULTIBOX_FILE
+    from detector.bundle.multibox import MULTIBOX_FILE
     from detector.training.multibox import MultiBoxTrainConfig, train_multibox
 
     cfg = MultiBoxTrainConfig(

@@ -12,10 +12,11 @@ import json
 import pytest
 import torch
 
-from detector import autobackend, ensemble
-from detector.autobackend import REFERENCE, Candidate, Choice, choose_backend
-from detector.bundle import Preprocess
-from detector.ensemble import Ensemble, EnsembleConfig
+from detector.bundle.format import Preprocess
+from detector.pipeline import ensemble
+from detector.pipeline.ensemble import Ensemble, EnsembleConfig
+from detector.runtimes import auto as autobackend
+from detector.runtimes.auto import REFERENCE, Candidate, Choice, choose_backend
 
 SIZE = 64
 

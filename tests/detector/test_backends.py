@@ -12,11 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from detector import backends
-from detector.backends import BackendError, BackendMember, PixelGraph, export_onnx
-from detector.bundle import UNIT_RANGE_MEAN, UNIT_RANGE_STD, Preprocess
-from detector.classify import Classifier
-from detector.ensemble import Ensemble, EnsembleConfig
+from detector.bundle.format import UNIT_RANGE_MEAN, UNIT_RANGE_STD, Preprocess
+from detector.pipeline.classify import Classifier
+from detector.pipeline.ensemble import Ensemble, EnsembleConfig
+from detector.runtimes import export, exported, ov
+from detector.runtimes.base import BackendError
+from detector.runtimes.export import PixelGraph, export_onnx
+from detector.runtimes.exported import BackendMember
 
 SIZE = 64  # small inputs keep the exports and runs fast; the graph is the same at 224
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
@@ -37,7 +39,7 @@ def needs(backend: str):
 
 
 def bf16_capable() -> bool:
-    return installed("openvino") and backends.openvino_supports_bf16()
+    return installed("openvino") and ov.openvino_supports_bf16()
 
 
 def case_params():
@@ -197,7 +199,7 @@ def test_bad_configuration_is_named(tiny_bundle, monkeypatch):
 
 @needs("openvino")
 def test_bf16_refused_without_cpu_support(tiny_bundle, monkeypatch):
-    monkeypatch.setattr(backends, "openvino_supports_bf16", lambda: False)
+    monkeypatch.setattr(exported, "openvino_supports_bf16", lambda: False)
     bundle = small(tiny_bundle())
     with pytest.raises(BackendError, match="AVX512_BF16 or AMX"):
         Ensemble.from_bundle(bundle, EnsembleConfig(backend="openvino", precision="bf16"))
@@ -242,9 +244,9 @@ def test_write_onnx_takes_the_trace_that_runs_as_the_module(tmp_path, monkeypatc
     def no_dynamo(*args):
         raise AssertionError("the dynamo exporter ran although the trace was right")
 
-    monkeypatch.setitem(backends._EXPORT, "dynamo", no_dynamo)
+    monkeypatch.setitem(export._EXPORT, "dynamo", no_dynamo)
     path = tmp_path / "flat.onnx"
-    backends.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
+    export.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
     for n in (1, 5):
         x = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8)
         torch.testing.assert_close(_ort(path, x), _Flat()(x), atol=1e-6, rtol=0)
@@ -262,7 +264,7 @@ def test_write_onnx_falls_back_to_dynamo_when_the_trace_fails(tmp_path, monkeypa
 
     monkeypatch.setattr(torch.onnx, "export", no_torchscript)
     path = tmp_path / "flat.onnx"
-    backends.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
+    export.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
     x = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
     torch.testing.assert_close(_ort(path, x), _Flat()(x), atol=1e-6, rtol=0)
 
@@ -271,7 +273,7 @@ def test_write_onnx_falls_back_to_dynamo_when_the_trace_fails(tmp_path, monkeypa
 def test_write_onnx_caches_no_graph_that_keeps_a_size_it_saw(tmp_path):
     with pytest.raises(BackendError, match=r"TorchScript exporter's: the graph differs from the module by .* at "
                        r"input \(1, 3, 48, 32\); the dynamo exporter's: the graph differs"):
-        backends.write_onnx(_Baked(), torch.zeros(1, 3, 32, 32), tmp_path / "baked.onnx", ("x", "y"),
+        export.write_onnx(_Baked(), torch.zeros(1, 3, 32, 32), tmp_path / "baked.onnx", ("x", "y"),
                             {2: ("h", 16, 256, 16)})
     assert list(tmp_path.iterdir()) == []  # nothing cached, no temporary file left
 

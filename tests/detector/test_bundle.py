@@ -5,9 +5,9 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from detector.bundle import (BundleError, default_bundle, import_torchvision, init_bundle, load_bundle,
-                             save_bundle)
-from detector.googlenet import GoogLeNetConfig
+from detector.bundle.format import BundleError, init_bundle, load_bundle, save_bundle
+from detector.bundle.importers import default_bundle, import_torchvision
+from detector.nets.googlenet import GoogLeNetConfig
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_bundle):

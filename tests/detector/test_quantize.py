@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from detector.bundle import Preprocess, import_efficientnet_lite, init_bundle, load_bundle, save_bundle
-from detector.ensemble import Ensemble, EnsembleConfig, member_choices
-from detector.googlenet import GoogLeNetConfig
+from detector.bundle.format import Preprocess, init_bundle, load_bundle, save_bundle
+from detector.bundle.importers import import_efficientnet_lite
+from detector.bundle.int8 import Int8Error, load_int8
+from detector.config import DetectConfig
 from detector.image import read_image
-from detector.quantize import (INT8_DIR, INT8_MANIFEST, Int8Error, calibration_regions, int8_agreement, load_int8,
-                               quantize_bundle)
-from detector.rcnn import DetectConfig, Detector
-from detector.warp import warp_regions
+from detector.nets.googlenet import GoogLeNetConfig
+from detector.pipeline.detector import Detector
+from detector.pipeline.ensemble import Ensemble, EnsembleConfig, member_choices
+from detector.pipeline.warp import warp_regions
+from detector.runtimes.calibrate import INT8_DIR, INT8_MANIFEST, calibration_regions, int8_agreement, quantize_bundle
 
 REAL = Path(__file__).resolve().parents[2] / "data" / "real_photos" / "Data" / "DET" / "val"
 INT8 = EnsembleConfig(backend="onnxruntime", precision="int8")

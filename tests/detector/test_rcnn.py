@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import csv
+import dataclasses
 import json
 from importlib import resources
 
@@ -15,10 +14,12 @@ import torch
 import torchvision
 from skimage import data
 
-from detector.bundle import Bundle, Preprocess, load_bundle
-from detector.multibox_bundle import GoogLeNetMultiBox, MultiBoxConfig, save_multibox
-from detector.rcnn import DetectConfig, Detections, Detector, RegionScorer, fill_colour, nms_per_class
-from detector.warp import warp_regions
+from detector.bundle.format import Bundle, Preprocess, load_bundle
+from detector.bundle.multibox import GoogLeNetMultiBox, MultiBoxConfig, save_multibox
+from detector.config import DetectConfig
+from detector.pipeline.detector import Detections, Detector, nms_per_class
+from detector.pipeline.scoring import RegionScorer, fill_colour
+from detector.pipeline.warp import warp_regions
 from eval.classes import det200
 from eval.records import detection_record
 from proposals.combine import ProposalGenerator, Proposals
@@ -224,7 +225,8 @@ def test_detector_clips_proposals_and_caps_regions(tiny_bundle, photo):
 
 
 def test_whole_objects_is_on_for_imagenet_classifiers_and_off_for_trained_detectors(tiny_bundle, photo):
-    from detector.rcnn import contrast_frames, suppress_parts
+    from detector.pipeline.detector import suppress_parts
+    from detector.pipeline.scoring import contrast_frames
 
     boxes = np.array([[0, 0, 150, 110], [10, 10, 60, 50], [70, 30, 155, 115], [80, 40, 120, 80]], np.float32)
     proposals = ProposalGenerator(selective_search=lambda im: boxes)
@@ -257,7 +259,7 @@ def test_detector_end_to_end_on_a_photo_with_selective_search(tiny_bundle, tmp_p
     bundle = tiny_bundle(num_classes=4, task="det200", width=0.125)
     bundle.preprocess = SMALL
     bundle.provenance["det_ids"] = [26, 124, 2]
-    from detector.bundle import save_bundle
+    from detector.bundle.format import save_bundle
 
     save_bundle(tmp_path, bundle)
     save_multibox(tmp_path, GoogLeNetMultiBox(MultiBoxConfig(k=5, width=0.125, size=64)))

@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from detector.bundle import import_efficientnet_lite, init_bundle
+from detector.bundle.format import init_bundle
+from detector.bundle.importers import import_efficientnet_lite
 from detector.config import DetectConfig
-from detector.googlenet import GoogLeNetConfig
 from detector.image import read_image
-from detector.rcnn import RegionScorer
-from detector.shared_trunk import SharedTrunkConfig, SharedTrunkScorer, assign_scales, resize_factors, split_member
-from detector.warp import dilate_boxes
+from detector.nets.googlenet import GoogLeNetConfig
+from detector.pipeline.scoring import RegionScorer
+from detector.pipeline.shared_trunk import (
+    SharedTrunkConfig,
+    SharedTrunkScorer,
+    assign_scales,
+    resize_factors,
+    split_member,
+)
+from detector.pipeline.warp import dilate_boxes
 
 REAL = Path(__file__).resolve().parents[2] / "data" / "real_photos" / "Data" / "DET" / "val"
 NATIVE = SharedTrunkConfig(short_sides=(224,), max_side=224)  # a 224 x 224 image stays as it is

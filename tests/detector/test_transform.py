@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from detector.transform import Normalize, fold_into_conv
+from detector.nets.transform import Normalize, fold_into_conv
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

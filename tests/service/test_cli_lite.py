@@ -98,10 +98,10 @@ def test_merge_mixes_googlenet_and_efficientnet_members(bundles, capsys, tmp_pat
 
 
 def test_service_detects_and_classifies_with_real_weights(bundles):
+    import time
+
     from service.app import create_app
     from service.settings import Settings
-
-    import time
 
     app = create_app(Settings(model=str(bundles[1]), backend="onnxruntime"))
     with TestClient(app) as client:

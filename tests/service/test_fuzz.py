@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from detector.bundle import Preprocess, init_bundle
-from detector.classify import Classifier
-from detector.googlenet import GoogLeNetConfig
+from detector.bundle.format import Preprocess, init_bundle
+from detector.nets.googlenet import GoogLeNetConfig
+from detector.pipeline.classify import Classifier
 from service.app import create_app
 from service.settings import Settings
 
@@ -97,7 +97,8 @@ queries = st.dictionaries(st.sampled_from(("top_k", "crops", "score_threshold", 
 
 @pytest.fixture(scope="module")
 def client():
-    from detector.rcnn import Detector, RegionScorer
+    from detector.pipeline.detector import Detector
+    from detector.pipeline.scoring import RegionScorer
     from proposals.combine import ProposalGenerator
 
     # 64 px network input: the code path is the same as at 224, and the mutants that still decode cost 12x less

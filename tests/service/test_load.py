@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.bundle import init_bundle, save_bundle
-from detector.googlenet import GoogLeNetConfig
+from detector.bundle.format import init_bundle, save_bundle
+from detector.nets.googlenet import GoogLeNetConfig
 
 START_S = 180  # import torch, load, spawn selective search, warm up: on 2 busy cores this can take a while
 WAIT_S = 120

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.bundle import Preprocess, save_bundle
+from detector.bundle.format import Preprocess, save_bundle
 from service import batch
 from service.cli import main
 from service.ray_engine import RayConfig, RayEngine

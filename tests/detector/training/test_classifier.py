@@ -16,10 +16,17 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from detector.bundle import Preprocess, load_bundle
+from detector.bundle.format import Preprocess, load_bundle
 from detector.training.checkpoint import load_checkpoint
-from detector.training.classifier import (ClassifierTrainConfig, Folder, RandomInterpolationResizedCrop,
-                                          eval_transform, resolve_classes, top1, train_transform)
+from detector.training.classifier import (
+    ClassifierTrainConfig,
+    Folder,
+    RandomInterpolationResizedCrop,
+    eval_transform,
+    resolve_classes,
+    top1,
+    train_transform,
+)
 from service.cli import main
 
 COLOURS = {"circle": (200, 40, 40), "square": (40, 180, 40), "triangle": (40, 60, 210)}

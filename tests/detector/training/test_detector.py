@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 import detector.training.detector as td
-from detector.bundle import init_bundle, load_bundle
+from detector.bundle.format import init_bundle, load_bundle
+from detector.config import DetectConfig
 from detector.image import read_image
-from detector.rcnn import DetectConfig, Detector, RegionScorer
+from detector.pipeline.detector import Detector
+from detector.pipeline.scoring import RegionScorer
 from detector.training.detector import MEMBER_VARIANTS, DetectorTrainConfig, member_variant, train_detector
 from detector.training.engine import RunConfig
 from eval.annotations import read_imageset
@@ -104,7 +106,7 @@ def test_resume_refuses_other_settings(synth, cache_dir, tmp_path):
 
 
 def test_cli_trains_two_members_from_a_classifier(synth, cache_dir, tmp_path, capsys, tiny_bundle):
-    from detector.bundle import save_bundle
+    from detector.bundle.format import save_bundle
 
     cls = tiny_bundle(members=1, width=0.125, num_classes=1000)
     save_bundle(tmp_path / "cls", cls)

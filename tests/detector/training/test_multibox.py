@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from detector.bundle import init_bundle, load_bundle, save_bundle
-from detector.googlenet import GoogLeNetConfig
-from detector.multibox_bundle import MULTIBOX_FILE, load_multibox
+from detector.bundle.format import init_bundle, load_bundle, save_bundle
+from detector.bundle.multibox import MULTIBOX_FILE, load_multibox
+from detector.nets.googlenet import GoogLeNetConfig
 from detector.training.engine import RunConfig
 from detector.training.multibox import MultiBoxTrainConfig, augment, read_normalised_split, recall, train_multibox
 from eval.synth import SynthConfig, write_synth_set

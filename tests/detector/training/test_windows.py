@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from detector.image import read_image
+from detector.pipeline.warp import warp_regions
 from detector.training.windows import WindowBatches, Windows, WindowSampler, label_windows, read_detection_split
-from detector.warp import warp_regions
 
 
 def test_labels_follow_rcnn_iou_rule():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.bundle import save_bundle
+from detector.bundle.format import save_bundle
 from service.cli import main
 
 

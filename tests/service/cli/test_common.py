@@ -5,10 +5,9 @@ def test_parser_is_light_and_agrees_with_the_model(run):
     import subprocess
     import sys
 
-    from detector.backends import BACKENDS
-    from detector.config import PRECISIONS
-    from detector.efficientnet_lite import VARIANTS as LITE_VARIANTS
-    from detector.googlenet import VARIANTS
+    from detector.config import BACKENDS, PRECISIONS
+    from detector.nets.efficientnet_lite import VARIANTS as LITE_VARIANTS
+    from detector.nets.googlenet import VARIANTS
     from service.cli import common
 
     assert common.VARIANTS == VARIANTS and common.LITE_VARIANTS == LITE_VARIANTS
@@ -65,12 +64,12 @@ def test_help_texts_stand_alone():
 def test_missing_image_is_a_usage_error_before_the_model_loads(tmp_path, run, monkeypatch):
     """A missing path fails at once, naming it, before torch and the model: the model path below is wrong too,
     and the message is about the image."""
-    import detector.bundle
+    import detector.bundle.importers
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the paths were checked")
 
-    monkeypatch.setattr(detector.bundle, "resolve_bundle", no_loading)
+    monkeypatch.setattr(detector.bundle.importers, "resolve_bundle", no_loading)
     (tmp_path / "here.jpg").write_bytes(b"")
     for command in ("classify", "detect", "proposals"):
         code, out, err = run(command, tmp_path / "here.jpg", tmp_path / "missing.jpg", "--model",

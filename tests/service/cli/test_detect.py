@@ -55,7 +55,7 @@ GOOD = [name for name in ORDER if name != "broken.jpg"]
 @pytest.fixture
 def model(tmp_path, tiny_bundle):
     """A random det200-from-cls1000 bundle of one narrow member on 64 px regions (fast; the pooling adapts)."""
-    from detector.bundle import Preprocess, save_bundle
+    from detector.bundle.format import Preprocess, save_bundle
 
     bundle = tiny_bundle(width=0.125, task="det200-from-cls1000")
     bundle.preprocess = Preprocess(size=64, mean=bundle.preprocess.mean, std=bundle.preprocess.std)
@@ -68,7 +68,7 @@ def names_of(records, root):
 
 
 def test_parser_literals_agree_with_the_code():
-    from detector.rcnn import DetectConfig
+    from detector.config import DetectConfig
     from service.cli import detect
 
     assert detect.DETECT_FORMATS == batch.FORMATS
@@ -95,8 +95,9 @@ def test_detect_directory_jsonl_with_an_error_line_and_exit_code_1(tmp_path, run
     assert len(failed) == 1 and len(dets) == sum(len(r.get("detections", ())) for r in records)
 
     # the per-image function a Ray actor calls gives the same records
-    from detector.bundle import load_bundle
-    from detector.rcnn import DetectConfig, Detector
+    from detector.bundle.format import load_bundle
+    from detector.config import DetectConfig
+    from detector.pipeline.detector import Detector
 
     with Detector.from_bundle(load_bundle(model), DetectConfig(max_detections=5)) as detector:
         assert batch.detect_one(detector, records[3]["image"]) == records[3]
@@ -211,7 +212,7 @@ def test_save_vis_draws_boxes_on_copies_of_the_inputs(tmp_path, run, model, imag
 def test_backend_and_cascade_flags_reach_the_detector(tmp_path, run, tiny_bundle, image_dir, monkeypatch):
     """`--backend onnxruntime` gives torch's detections (fp32, within 1e-4); `--cascade K` with one member changes
     nothing and with two members scores with member 0 outside each image's top K."""
-    from detector.bundle import Preprocess, save_bundle
+    from detector.bundle.format import Preprocess, save_bundle
 
     monkeypatch.setenv("IRCNN_CACHE_DIR", str(tmp_path / "cache"))
     bundle = tiny_bundle(members=2, width=0.125, task="det200-from-cls1000")
@@ -308,8 +309,8 @@ def test_resume_refuses_a_deeply_nested_journal_line_cleanly(tmp_path, run, mode
 def test_backend_auto_is_the_default_and_torch_still_forces_torch(tmp_path, run, model, image_dir, monkeypatch):
     """`ircnn detect` and `ircnn classify` resolve their members with auto unless told otherwise; `--backend torch`
     never measures; `--max-regions N` caps the regions the networks score."""
-    from detector import ensemble
-    from detector.autobackend import Choice
+    from detector.pipeline import ensemble
+    from detector.runtimes.auto import Choice
     from service.cli import build_parser
     from service.settings import Settings
 
@@ -346,10 +347,10 @@ def test_backend_auto_is_the_default_and_torch_still_forces_torch(tmp_path, run,
 def test_scoring_shared_trunk_detects_what_the_shared_trunk_scorer_finds(tmp_path, run, tiny_bundle, image_dir):
     """`--scoring shared-trunk` reaches the detector: its detections are those of a Detector built on
     SharedTrunkScorer over the same proposals, and differ from warped scoring's; with --cascade it is refused."""
-    from detector.bundle import Preprocess, load_bundle, save_bundle
+    from detector.bundle.format import Preprocess, load_bundle, save_bundle
     from detector.config import DetectConfig, EnsembleConfig, SharedTrunkConfig
     from detector.image import read_image
-    from detector.rcnn import Detector
+    from detector.pipeline.detector import Detector
 
     bundle = tiny_bundle(members=1, width=0.125, task="det200-from-cls1000")
     bundle.preprocess = Preprocess(size=64, mean=bundle.preprocess.mean, std=bundle.preprocess.std)

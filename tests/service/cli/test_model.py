@@ -5,7 +5,7 @@ import json
 import torch
 import torchvision
 
-from detector.bundle import save_bundle
+from detector.bundle.format import save_bundle
 
 
 def test_model_summary_json_gives_exact_counts_beside_table1(run):
@@ -31,7 +31,7 @@ def test_import_torchvision_cli_gives_torchvision_logits(tmp_path, run, spread):
     code, out, _ = run("model", "info", tmp_path / "b", "--json")
     info = json.loads(out)
     assert info["members"] == 1 and info["task"] == "cls1000"
-    from detector.bundle import load_bundle
+    from detector.bundle.format import load_bundle
 
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_model_init_and_info_text(tmp_path, run):
 def test_model_info_backends_says_what_auto_chose_and_why(tmp_path, run, tiny_bundle, monkeypatch):
     """One measurement per member architecture (two identical members: one block), every candidate's images/s,
     the choice marked; the second call reads the cache."""
-    from detector import autobackend
+    from detector.runtimes import auto as autobackend
 
     monkeypatch.setenv("IRCNN_CACHE_DIR", str(tmp_path / "cache"))
     speed = {"torch fp32": 5.0, "torch fp32 channels_last": 7.5, "onnxruntime fp32": 21.4, "openvino fp32": 12.3}

@@ -41,23 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.backends import export_key, export_onnx
-from detector.bundle import Bundle, BundleError, file_sha256
-from eval.parsing import parse_json
+from detector.bundle.format import Bundle, file_sha256
+from detector.bundle.int8 import FORMAT, INT8_DIR, INT8_MANIFEST, Int8Error
+from detector.runtimes.export import export_onnx
 
-INT8_DIR = "int8"
-INT8_MANIFEST = "int8.json"
-FORMAT = 1
 MIN_REGIONS, MAX_REGIONS = 16, 5000
 DEFAULT_REGIONS = 300
 CALIBRATION_BATCH = 20  # regions per calibration step; every step sees a full batch (the rest is dropped)
-MAX_MANIFEST_BYTES = 1_000_000
 KEEP_FLOAT = ("Gemm", "MatMul", "Softmax")  # ops left in float: the classifier and the probabilities
-_INSTALL = 'pip install onnxruntime (part of the plain install of inception-rcnn)'
-
-
-class Int8Error(BundleError):
-    """The bundle's int8 models are missing, stale or damaged; the message says what to run."""
+INSTALL_ORT = 'pip install onnxruntime (part of the plain install of inception-rcnn)'
 
 
 @dataclass(frozen=True)
@@ -79,8 +71,8 @@ def calibration_regions(bundle: Bundle, images: Sequence[tuple[str, np.ndarray]]
     """About ``regions`` warped regions from ``images`` (``(name, uint8 RGB [H, W, 3])`` pairs), spread evenly
     over them, each image's best proposals first. ``detector``: a ``Detector`` for the bundle to take proposals
     and the warp from (default: one with the library defaults, closed afterwards)."""
-    from detector.rcnn import Detector
-    from detector.warp import warp_frames, warp_regions
+    from detector.pipeline.detector import Detector
+    from detector.pipeline.warp import warp_frames, warp_regions
 
     if not MIN_REGIONS <= regions <= MAX_REGIONS:
         raise ValueError(f"calibration regions must be in {MIN_REGIONS}..{MAX_REGIONS}, got {regions}")
@@ -143,7 +135,7 @@ def quantize_model(fp32: Path, out: Path, regions: np.ndarray) -> None:
         )
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
-        raise Int8Error(f"int8 quantisation needs onnxruntime and onnx: {_INSTALL}") from None
+        raise Int8Error(f"int8 quantisation needs onnxruntime and onnx: {INSTALL_ORT}") from None
 
     class Reader(_Reader, CalibrationDataReader):
         pass
@@ -206,56 +198,6 @@ def quantize_bundle(bundle: Bundle, calibration: Calibration) -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def read_int8_manifest(bundle_dir: str | os.PathLike) -> dict:
-    """``int8/int8.json`` of a bundle, checked for shape (not yet against the members: ``load_int8``)."""
-    path = Path(bundle_dir) / INT8_DIR / INT8_MANIFEST
-    hint = f"run `ircnn model quantize --model {bundle_dir} --images DIR` to make them"
-    if not path.is_file():
-        raise Int8Error(f"{bundle_dir} has no int8 models ({INT8_DIR}/{INT8_MANIFEST} is missing); {hint}")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise Int8Error(f"{path} is larger than {MAX_MANIFEST_BYTES:,} bytes; {hint}")
-    try:
-        doc = parse_json(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Int8Error(f"{path} is not valid JSON ({e}); {hint}") from None
-    members = doc.get("members") if isinstance(doc, dict) else None
-    if (not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("size"), int)
-            or not isinstance(members, list)
-            or not all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("file", "sha256", "export_key"))
-                       for m in members)):
-        raise Int8Error(f"{path} is not an int8 manifest of format {FORMAT}; {hint}")
-    for m in members:
-        if Path(m["file"]).name != m["file"] or not m["file"].endswith(".onnx"):
-            raise Int8Error(f"{path}: member file {m['file']!r} must be a plain .onnx file name in {INT8_DIR}/")
-    return doc
-
-
-def load_int8(bundle: Bundle) -> list[Path]:
-    """The int8 model of each member of ``bundle``, checked (module docstring); raises ``Int8Error`` saying
-    what to run when they are missing, stale or damaged."""
-    if bundle.path is None:
-        raise Int8Error("int8 models live in a bundle's directory; this bundle was not loaded from disk")
-    root = Path(bundle.path)
-    doc = read_int8_manifest(root)
-    hint = f"run `ircnn model quantize --model {root} --images DIR` again"
-    pre = bundle.preprocess
-    if doc["size"] != pre.size or len(doc["members"]) != len(bundle.members):
-        raise Int8Error(f"the int8 models in {root / INT8_DIR} are for {len(doc['members'])} member(s) at "
-                        f"{doc['size']} px, the bundle has {len(bundle.members)} at {pre.size} px; {hint}")
-    paths = []
-    for i, (entry, member) in enumerate(zip(doc["members"], bundle.members)):
-        path = root / INT8_DIR / entry["file"]
-        if path.is_symlink() or not path.is_file():
-            raise Int8Error(f"{path} is missing (or a link); {hint}")
-        if entry["export_key"] != export_key(member, pre.mean, pre.std, pre.size):
-            raise Int8Error(f"the int8 model of member {i} was calibrated for other weights than member {i} has "
-                            f"now; {hint}")
-        if file_sha256(path) != entry["sha256"]:
-            raise Int8Error(f"{path} does not match its SHA-256 in {INT8_MANIFEST} (damaged or changed); {hint}")
-        paths.append(path)
-    return paths
 
 
 def int8_agreement(fp32: np.ndarray, int8: np.ndarray, confident: float = 0.5) -> dict:

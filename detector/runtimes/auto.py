@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from detector.backends import EXPORT_VERSION, cache_dir
 from detector.cpus import cpu_flags, cpu_model, native_bf16
+from detector.runtimes.base import cache_dir
+from detector.runtimes.export import EXPORT_VERSION
 
 AUTO_VERSION = 1  # bump when candidates or the measurement change, so old cached choices are not reused
 # Images per timed batch: the ensemble's batch size, at most this. The ranking must be measured at the batch the
@@ -135,7 +136,7 @@ def build_runner(candidate: Candidate, member: nn.Module, mean: tuple[float, ...
                  size: int, batch: int):
     """A one-member ``Ensemble`` running ``candidate``: ``uint8 Tensor[n, 3, S, S] -> Tensor[n, K]``. The member is
     copied, so that the layout a torch candidate sets does not change the caller's."""
-    from detector.ensemble import Ensemble, EnsembleConfig
+    from detector.pipeline.ensemble import Ensemble, EnsembleConfig
 
     config = EnsembleConfig(batch_size=batch, backend=candidate.backend, precision=candidate.precision,
                             channels_last=candidate.channels_last)

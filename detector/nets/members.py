@@ -14,9 +14,9 @@ import dataclasses
 
 from torch import nn
 
-from detector import efficientnet_lite
-from detector.efficientnet_lite import EfficientNetLiteConfig
-from detector.googlenet import GoogLeNet, GoogLeNetConfig
+from detector.nets import efficientnet_lite
+from detector.nets.efficientnet_lite import EfficientNetLiteConfig
+from detector.nets.googlenet import GoogLeNet, GoogLeNetConfig
 
 ArchConfig = GoogLeNetConfig | EfficientNetLiteConfig
 GOOGLENET = "googlenet"

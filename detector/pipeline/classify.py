@@ -22,9 +22,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from detector.bundle import Bundle
-from detector.ensemble import Ensemble, EnsembleConfig
+from detector.bundle.format import Bundle
 from detector.image import ImageError, read_image
+from detector.pipeline.ensemble import Ensemble, EnsembleConfig
 from eval.classes import Vocabulary, cls1000
 
 CROP_SCHEMES = (1, 10, 144)

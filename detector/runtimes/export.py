@@ -41,30 +41,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detector.config import BACKENDS
-from detector.members import first_conv
-from detector.transform import fold_into_conv
+from detector.nets.members import first_conv
+from detector.nets.transform import fold_into_conv
+from detector.runtimes.base import BackendError, cache_dir
+from detector.runtimes.ort import OnnxRuntimeMember
 
 # Bump when the exported function changes, so old cache entries are not reused. Not bumped for the switch from the
 # dynamo to the TorchScript exporter: both graphs compute the same function (held to torch alike), and a bump would
 # invalidate every int8/ copy quantised from the old exports.
 EXPORT_VERSION = 1
 OPSET = 18
-_INSTALL = {"onnxruntime": 'pip install "inception-rcnn[onnx]"', "openvino": 'pip install "inception-rcnn[openvino]"'}
-
-
-class BackendError(RuntimeError):
-    """A backend that cannot run here (not installed, CPU without bfloat16); the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """Where exported models live: ``$IRCNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/inception-rcnn``."""
-    root = os.environ.get("IRCNN_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inception-rcnn"
-
-
 class PixelGraph(nn.Module):
     """One member as exported: ``Tensor[N, 3, S, S]`` uint8 -> softmax ``Tensor[N, K]`` float32.
 
@@ -215,104 +201,3 @@ def _runs_as(module: nn.Module, graph: str, example: Tensor, dynamic: dict[int, 
     return True if diff <= 1e-4 * scale else f"the graph differs from the module by {diff:.2g} at input {tuple(shape)}"
 
 
-class OnnxRuntimeMember:
-    """An exported member run by ONNX Runtime's CPU provider (fp32). ``__call__(uint8 [n,3,S,S]) -> [n,K]``."""
-
-    def __init__(self, path: Path, threads: int) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendError(f"backend onnxruntime is not installed: {_INSTALL['onnxruntime']}") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # no busy-waiting between operators: on 2 cores it takes time from selective search and other processes
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: pixels})[0]
-
-
-def openvino_supports_bf16() -> bool:
-    """Whether this CPU runs bfloat16 natively (AVX512_BF16 or AMX), as OpenVINO reports it."""
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-class OpenVinoMember:
-    """An exported member compiled by OpenVINO for the CPU, fp32 or bf16 (inference precision hint).
-
-    OpenVINO caches the compiled kernels on disk next to the ONNX files. ``__call__(uint8 [n,3,S,S]) -> [n,K]``.
-    """
-
-    def __init__(self, path: Path, precision: str, threads: int) -> None:
-        try:
-            import openvino as ov
-        except ImportError:
-            raise BackendError(f"backend openvino is not installed: {_INSTALL['openvino']}") from None
-        # OpenVINO defaults to bf16 on CPUs that have it: fp32 must be asked for explicitly
-        properties = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                      "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-                      "CACHE_DIR": str(path.parent.parent / "openvino")}
-        self.request = ov.Core().compile_model(str(path), "CPU", properties).create_infer_request()
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        self.request.infer({0: pixels})
-        return self.request.get_output_tensor(0).data.copy()
-
-
-class BackendMember:
-    """One member on a backend: ``__call__(uint8 ndarray [n, 3, S, S]) -> float32 ndarray [n, K]`` probabilities.
-
-    Exported and loaded for ``size`` now, if given (so a failing export shows at construction; a missing runtime
-    always does); any other input size is exported and loaded the first time it is seen. ``precision="int8"``
-    runs ``int8_model``, the member's quantised graph for input side ``size`` (``detector/quantize.py``), which
-    takes no other size.
-    """
-
-    def __init__(self, member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], backend: str,
-                 precision: str = "fp32", threads: int | None = None, size: int | None = None,
-                 int8_model: Path | None = None) -> None:
-        if backend not in BACKENDS[1:]:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS[1:])}, got {backend!r}")
-        if backend == "onnxruntime" and precision not in ("fp32", "int8"):
-            raise ValueError("backend onnxruntime runs fp32 or int8; use backend openvino (or torch) for bf16")
-        if (precision == "int8") != (int8_model is not None) or (int8_model is not None and size is None):
-            raise ValueError("precision int8 runs a quantised model: give int8_model and its input size (only then)")
-        try:  # fail on a missing runtime before spending seconds on the export
-            __import__(backend)
-        except ImportError:
-            raise BackendError(f"backend {backend} is not installed: {_INSTALL[backend]}") from None
-        if precision == "bf16" and not openvino_supports_bf16():
-            raise BackendError("precision bf16 needs a CPU with AVX512_BF16 or AMX; this one has neither, "
-                               "use precision fp32")
-        self.member, self.mean, self.std = member, tuple(mean), tuple(std)
-        self.backend, self.precision, self.int8_model, self.int8_size = backend, precision, int8_model, size
-        self.threads = threads or torch.get_num_threads()
-        self.runners: dict[int, OnnxRuntimeMember | OpenVinoMember] = {}
-        if size is not None:
-            self._runner(size)
-
-    def _runner(self, size: int) -> OnnxRuntimeMember | OpenVinoMember:
-        if size not in self.runners:
-            if self.int8_model is not None:
-                if size != self.int8_size:
-                    raise BackendError(f"the int8 models are calibrated for {self.int8_size} px input, not {size} "
-                                       "px; use precision fp32 for other sizes")
-                path = self.int8_model
-            else:
-                path = export_onnx(self.member, self.mean, self.std, size)
-            # OpenVINO runs a quantised (QDQ) graph's int8 parts in int8 whatever the hint; fp32 for the rest
-            self.runners[size] = (OnnxRuntimeMember(path, self.threads) if self.backend == "onnxruntime"
-                                  else OpenVinoMember(path, "fp32" if self.precision == "int8" else self.precision,
-                                                      self.threads))
-        return self.runners[size]
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3]:
-            raise ValueError(f"expected uint8 [N, 3, S, S], got {pixels.dtype} {pixels.shape}")
-        return self._runner(pixels.shape[2])(pixels)

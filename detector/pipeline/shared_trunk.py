@@ -56,12 +56,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from detector.backends import OnnxRuntimeMember, cache_dir, export_key, write_onnx
-from detector.bundle import Bundle
+from detector.bundle.format import Bundle
 from detector.config import DetectConfig, SharedTrunkConfig
-from detector.efficientnet_lite import EfficientNetLiteConfig
-from detector.rcnn import RegionScorer
-from detector.warp import MAX_REGIONS, check_boxes, check_image, dilate_boxes
+from detector.nets.efficientnet_lite import EfficientNetLiteConfig
+from detector.pipeline.scoring import RegionScorer
+from detector.pipeline.warp import MAX_REGIONS, check_boxes, check_image, dilate_boxes
+from detector.runtimes.base import cache_dir
+from detector.runtimes.export import export_key, write_onnx
+from detector.runtimes.ort import OnnxRuntimeMember
 
 STRIDE = 16  # the trunk's output stride for both architectures
 

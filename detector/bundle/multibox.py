@@ -21,10 +21,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from detector.bundle import (IMAGENET_MEAN, IMAGENET_STD, BundleError, Preprocess, multibox_file, read_manifest,
-                             set_multibox)
-from detector.googlenet import VARIANTS, GoogLeNet, GoogLeNetConfig
-from detector.transform import Normalize
+from detector.bundle.format import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BundleError,
+    Preprocess,
+    multibox_file,
+    read_manifest,
+    set_multibox,
+)
+from detector.nets.googlenet import VARIANTS, GoogLeNet, GoogLeNetConfig
+from detector.nets.transform import Normalize
 from eval.parsing import dataclass_fields
 from proposals.multibox import HeadConfig, MultiBox
 

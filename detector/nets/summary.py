@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from detector.cpus import SPEED_FLAGS, cpu_flags, cpu_model, native_bf16
-from detector.googlenet import GoogLeNet, GoogLeNetConfig
+from detector.nets.googlenet import GoogLeNet, GoogLeNetConfig
 
 # Table 1, one row per line: (name, [children of GoogLeNet], output HxWxC, depth, params, ops); None = blank cell.
 TABLE1 = (

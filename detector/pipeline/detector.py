@@ -41,19 +41,17 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from detector.bundle import Bundle, Preprocess, check_det_ids
+from detector.bundle.format import Bundle
+from detector.bundle.multibox import load_multibox
 from detector.config import DetectConfig
-from detector.ensemble import Ensemble
-from detector.multibox_bundle import load_multibox
-from detector.warp import check_boxes, check_image, warp_frames, warp_regions
-from eval.classes import det200_from_cls1000
+from detector.pipeline.scoring import RegionScorer, contrast_frames
+from detector.pipeline.warp import check_boxes, check_image
 from eval.records import detections_json
 from proposals.combine import ProposalGenerator, Proposals
 
 if TYPE_CHECKING:
-    from detector.shared_trunk import SharedTrunkScorer
+    from detector.pipeline.shared_trunk import SharedTrunkScorer
 
-FROM_CLS_TASKS = ("det200-from-cls1000", "cls1000")  # 1000-way ImageNet heads, mapped to DET classes
 MIN_SIDE = 1.0  # proposals narrower or lower than this (after clipping to the image) are not scored
 
 
@@ -75,124 +73,6 @@ class Detections:
     def to_json(self) -> list[dict]:
         """``[{"box": [x1, y1, x2, y2], "det_id", "wnid", "name", "score"}, ...]`` (the `ircnn detect --json` shape)."""
         return detections_json(self.boxes, self.scores, self.det_ids)
-
-
-def fill_colour(preprocess: Preprocess) -> tuple[int, int, int]:
-    """The uint8 RGB colour that normalises to (almost exactly) zero: ``round(255 * mean)``."""
-    return tuple(int(np.floor(255.0 * m + 0.5)) for m in preprocess.mean)
-
-
-def _det_head(bundle: Bundle) -> tuple[Tensor, Tensor | None]:
-    """``(det_ids Tensor[K] int64, cls_to_det Tensor[1000, K] or None)`` for the bundle's head; raises if the
-    head cannot give DET scores."""
-    k_head = bundle.arch.num_classes
-    if bundle.task in FROM_CLS_TASKS:
-        if k_head != 1000:
-            raise ValueError(f"a {bundle.task} bundle needs a 1000-way head, this one has {k_head} outputs")
-        mapping = det200_from_cls1000()
-        det_ids = torch.tensor(sorted(mapping), dtype=torch.int64)
-        cls_to_det = torch.zeros(1000, len(det_ids))  # [1000, K]: 1 where CLS index c belongs to DET column j
-        for j, det_id in enumerate(det_ids.tolist()):
-            cls_to_det[list(mapping[det_id]), j] = 1.0
-        return det_ids, cls_to_det
-    if bundle.task != "det200":
-        raise ValueError(f"bundle task {bundle.task!r} cannot detect; use a det200 bundle (`ircnn train detector`) "
-                         "or a det200-from-cls1000 one (`ircnn model import-torchvision FILE --task "
-                         "det200-from-cls1000 --out DIR`)")
-    if k_head < 2:
-        raise ValueError(f"a det200 bundle needs a head of K + 1 >= 2 outputs (background + K classes), "
-                         f"this one has {k_head}")
-    det_ids = bundle.provenance.get("det_ids")
-    if det_ids is None:
-        if k_head != 201:
-            raise ValueError(f"this det200 bundle's head has {k_head} outputs but its provenance has no det_ids: a "
-                             f"head other than 201-way (background + 200) must list the DET id of each of its "
-                             f"{k_head - 1} non-background columns in provenance['det_ids']")
-        det_ids = list(range(1, 201))
-    det_ids = check_det_ids(det_ids, k_head)
-    return torch.tensor(det_ids, dtype=torch.int64), None
-
-
-class RegionScorer:
-    """Warped regions of one image -> ``Tensor[R, K + 1]`` DET probabilities, column 0 background, column ``j``
-    the DET id ``det_ids[j - 1]`` (module docstring for the two kinds of bundle)."""
-
-    def __init__(self, bundle: Bundle, config: DetectConfig = DetectConfig()) -> None:
-        self.det_ids, cls_to_det = _det_head(bundle)  # det_ids: Tensor[K]
-        self.size = bundle.preprocess.size
-        self.context = round(16 * self.size / 224) if config.context is None else config.context
-        if not 2 * self.context < self.size:
-            raise ValueError(f"context {self.context} leaves nothing of a {self.size} px input")
-        self.config = config
-        self.fill = fill_colour(bundle.preprocess)
-        device = next(bundle.members[0].parameters()).device  # where load_bundle(..., device) put the members
-        self.ensemble = Ensemble.from_bundle(bundle, config.ensemble).to(device)
-        self.cls_to_det = None if cls_to_det is None else cls_to_det.to(device)  # [1000, K]
-        self.cls_mapped = None if cls_to_det is None else (cls_to_det.sum(1) > 0).to(device)  # [1000]
-
-    def to_det(self, probs: Tensor) -> Tensor:
-        """Head probabilities ``Tensor[N, C]`` -> DET probabilities ``Tensor[N, K + 1]``, column 0 background."""
-        if self.cls_to_det is None:
-            return probs  # a det200 head already is background + K
-        det = probs @ self.cls_to_det  # [N, K]: each DET class sums its CLS classes
-        background = (1.0 - probs[:, self.cls_mapped].sum(dim=1, keepdim=True)).clamp_(min=0.0)  # [N, 1]
-        return torch.cat([background, det], dim=1)
-
-    def __call__(self, image: np.ndarray, boxes: Tensor) -> Tensor:
-        """``image`` uint8 RGB ``[H, W, 3]``, ``boxes (Tensor[R, 4])`` -> ``Tensor[R, K + 1]`` on the CPU."""
-        return self.score_regions(image, boxes)[0]
-
-    @torch.inference_mode()
-    def score_regions(self, image: np.ndarray, boxes: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """As ``__call__``, plus the seconds spent warping and in the networks."""
-        check_image(image)
-        boxes = check_boxes(boxes)
-        if len(boxes) > self.config.max_regions:
-            raise ValueError(f"{len(boxes)} regions; at most max_regions = {self.config.max_regions} per image")
-        seconds = {"warp": 0.0, "networks": 0.0}
-        source = image
-        if self.ensemble.device.type != "cpu":  # warp where the networks run: one upload of the image
-            source = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.ensemble.device)
-        n = len(self.ensemble.members)
-        if self.config.cascade_top_k is None or n == 1:
-            return self._run(source, boxes, seconds), seconds
-        probs = self._run(source, boxes, seconds, members=[0])  # [R, K + 1] of member 0
-        top = probs[:, 0].argsort()[: self.config.cascade_top_k]  # least background first
-        if len(top):
-            rest = self._run(source, boxes[top], seconds, members=list(range(1, n)))
-            probs[top] = (probs[top] + (n - 1) * rest) / n  # the average over all n members
-        return probs, seconds
-
-    @torch.inference_mode()
-    def score_frames(self, image: np.ndarray, boxes: Tensor, seconds: dict[str, float] | None = None) -> Tensor:
-        """``boxes (Tensor[R, 4])`` -> ``Tensor[R, K + 1]``, the DET probabilities of each box's context frame
-        (``detector.warp.warp_frames``, ``config.frame_scale``), averaged over all members."""
-        seconds = {"warp": 0.0, "networks": 0.0} if seconds is None else seconds
-        return self._run(image, check_boxes(boxes), seconds, frames=True)
-
-    def _run(self, source, boxes: Tensor, seconds: dict[str, float], members: list[int] | None = None,
-             frames: bool = False) -> Tensor:
-        out = []
-        for start in range(0, len(boxes), self.config.warp_chunk):
-            t0 = time.perf_counter()
-            chunk = boxes[start:start + self.config.warp_chunk]
-            regions = (warp_frames(source, chunk, self.size, self.config.frame_scale, self.fill) if frames else
-                       warp_regions(source, chunk, self.size, self.context, self.fill))  # [n, 3, size, size] uint8
-            t1 = time.perf_counter()
-            out.append(self.to_det(self.ensemble(regions, members)).float().cpu())
-            seconds["warp"] += t1 - t0
-            seconds["networks"] += time.perf_counter() - t1
-        if not out:
-            return torch.zeros(0, len(self.det_ids) + 1)
-        return torch.cat(out)
-
-
-def contrast_frames(probs: Tensor, frame_probs: Tensor) -> Tensor:
-    """``probs``, ``frame_probs``: ``Tensor[R, K + 1]`` of the boxes and of their context frames -> the boxes'
-    class scores ``p(box) * (1 - p(frame))`` (column 0, background, is kept as it was)."""
-    out = probs.clone()
-    out[:, 1:] = probs[:, 1:] * (1.0 - frame_probs[:, 1:]).clamp(min=0.0)
-    return out
 
 
 def suppress_parts(dets: Detections, overlap: float, ratio: float) -> Detections:
@@ -280,7 +160,7 @@ class Detector:
         ``config.proposals`` says (the bundle's MultiBox network, when it has one and MultiBox is on). The one
         place a ``Detector`` is assembled: the CLI, the batch runner, Ray workers and the service call it."""
         if config.scoring == "shared-trunk":
-            from detector.shared_trunk import SharedTrunkScorer  # it builds on RegionScorer, below
+            from detector.pipeline.shared_trunk import SharedTrunkScorer
 
             scorer = SharedTrunkScorer(bundle, config, config.shared_trunk)
         else:

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detector.autobackend import Choice, choose_backend
-from detector.backends import BackendMember
-from detector.bundle import Bundle
-from detector.transform import Normalize
+from detector.bundle.format import Bundle
 from detector.config import AUTO, EnsembleConfig
+from detector.nets.transform import Normalize
+from detector.runtimes.auto import Choice, choose_backend
+from detector.runtimes.exported import BackendMember
 
 
 class Ensemble(nn.Module):
@@ -59,7 +59,7 @@ class Ensemble(nn.Module):
     def from_bundle(cls, bundle: Bundle, config: EnsembleConfig = EnsembleConfig()) -> Ensemble:
         int8_models = None
         if config.precision == "int8":
-            from detector.quantize import load_int8
+            from detector.bundle.int8 import load_int8
 
             int8_models = load_int8(bundle)
         return cls(bundle.members, bundle.preprocess.mean, bundle.preprocess.std, config, size=bundle.preprocess.size,

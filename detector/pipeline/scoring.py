@@ -1,0 +1,113 @@
+"""Region scorers: one image's regions -> ``Tensor[R, K + 1]`` DET probabilities, column 0 background.
+
+``RegionScorer`` is the paper's: every region warped to the network input (R-CNN's warp with 16 px of context)
+and scored by the ensemble; ``detector.pipeline.shared_trunk.SharedTrunkScorer`` is the opt-in fast one. Both
+give ``det_ids``, ``cls_to_det``, ``ensemble``, ``score_regions(image, boxes)`` and ``score_frames(image, boxes,
+seconds)``, which is what ``Detector`` asks of a scorer. ``contrast_frames`` combines a box's scores with its
+context frame's (whole objects)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from detector.bundle.format import Bundle, Preprocess
+from detector.config import DetectConfig
+from detector.pipeline.det_head import det_head
+from detector.pipeline.ensemble import Ensemble
+from detector.pipeline.warp import check_boxes, check_image, warp_frames, warp_regions
+
+if TYPE_CHECKING:
+    pass
+
+def fill_colour(preprocess: Preprocess) -> tuple[int, int, int]:
+    """The uint8 RGB colour that normalises to (almost exactly) zero: ``round(255 * mean)``."""
+    return tuple(int(np.floor(255.0 * m + 0.5)) for m in preprocess.mean)
+
+
+class RegionScorer:
+    """Warped regions of one image -> ``Tensor[R, K + 1]`` DET probabilities, column 0 background, column ``j``
+    the DET id ``det_ids[j - 1]`` (module docstring for the two kinds of bundle)."""
+
+    def __init__(self, bundle: Bundle, config: DetectConfig = DetectConfig()) -> None:
+        self.det_ids, cls_to_det = det_head(bundle)  # det_ids: Tensor[K]
+        self.size = bundle.preprocess.size
+        self.context = round(16 * self.size / 224) if config.context is None else config.context
+        if not 2 * self.context < self.size:
+            raise ValueError(f"context {self.context} leaves nothing of a {self.size} px input")
+        self.config = config
+        self.fill = fill_colour(bundle.preprocess)
+        device = next(bundle.members[0].parameters()).device  # where load_bundle(..., device) put the members
+        self.ensemble = Ensemble.from_bundle(bundle, config.ensemble).to(device)
+        self.cls_to_det = None if cls_to_det is None else cls_to_det.to(device)  # [1000, K]
+        self.cls_mapped = None if cls_to_det is None else (cls_to_det.sum(1) > 0).to(device)  # [1000]
+
+    def to_det(self, probs: Tensor) -> Tensor:
+        """Head probabilities ``Tensor[N, C]`` -> DET probabilities ``Tensor[N, K + 1]``, column 0 background."""
+        if self.cls_to_det is None:
+            return probs  # a det200 head already is background + K
+        det = probs @ self.cls_to_det  # [N, K]: each DET class sums its CLS classes
+        background = (1.0 - probs[:, self.cls_mapped].sum(dim=1, keepdim=True)).clamp_(min=0.0)  # [N, 1]
+        return torch.cat([background, det], dim=1)
+
+    def __call__(self, image: np.ndarray, boxes: Tensor) -> Tensor:
+        """``image`` uint8 RGB ``[H, W, 3]``, ``boxes (Tensor[R, 4])`` -> ``Tensor[R, K + 1]`` on the CPU."""
+        return self.score_regions(image, boxes)[0]
+
+    @torch.inference_mode()
+    def score_regions(self, image: np.ndarray, boxes: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """As ``__call__``, plus the seconds spent warping and in the networks."""
+        check_image(image)
+        boxes = check_boxes(boxes)
+        if len(boxes) > self.config.max_regions:
+            raise ValueError(f"{len(boxes)} regions; at most max_regions = {self.config.max_regions} per image")
+        seconds = {"warp": 0.0, "networks": 0.0}
+        source = image
+        if self.ensemble.device.type != "cpu":  # warp where the networks run: one upload of the image
+            source = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.ensemble.device)
+        n = len(self.ensemble.members)
+        if self.config.cascade_top_k is None or n == 1:
+            return self._run(source, boxes, seconds), seconds
+        probs = self._run(source, boxes, seconds, members=[0])  # [R, K + 1] of member 0
+        top = probs[:, 0].argsort()[: self.config.cascade_top_k]  # least background first
+        if len(top):
+            rest = self._run(source, boxes[top], seconds, members=list(range(1, n)))
+            probs[top] = (probs[top] + (n - 1) * rest) / n  # the average over all n members
+        return probs, seconds
+
+    @torch.inference_mode()
+    def score_frames(self, image: np.ndarray, boxes: Tensor, seconds: dict[str, float] | None = None) -> Tensor:
+        """``boxes (Tensor[R, 4])`` -> ``Tensor[R, K + 1]``, the DET probabilities of each box's context frame
+        (``detector.warp.warp_frames``, ``config.frame_scale``), averaged over all members."""
+        seconds = {"warp": 0.0, "networks": 0.0} if seconds is None else seconds
+        return self._run(image, check_boxes(boxes), seconds, frames=True)
+
+    def _run(self, source, boxes: Tensor, seconds: dict[str, float], members: list[int] | None = None,
+             frames: bool = False) -> Tensor:
+        out = []
+        for start in range(0, len(boxes), self.config.warp_chunk):
+            t0 = time.perf_counter()
+            chunk = boxes[start:start + self.config.warp_chunk]
+            regions = (warp_frames(source, chunk, self.size, self.config.frame_scale, self.fill) if frames else
+                       warp_regions(source, chunk, self.size, self.context, self.fill))  # [n, 3, size, size] uint8
+            t1 = time.perf_counter()
+            out.append(self.to_det(self.ensemble(regions, members)).float().cpu())
+            seconds["warp"] += t1 - t0
+            seconds["networks"] += time.perf_counter() - t1
+        if not out:
+            return torch.zeros(0, len(self.det_ids) + 1)
+        return torch.cat(out)
+
+
+def contrast_frames(probs: Tensor, frame_probs: Tensor) -> Tensor:
+    """``probs``, ``frame_probs``: ``Tensor[R, K + 1]`` of the boxes and of their context frames -> the boxes'
+    class scores ``p(box) * (1 - p(frame))`` (column 0, background, is kept as it was)."""
+    out = probs.clone()
+    out[:, 1:] = probs[:, 1:] * (1.0 - frame_probs[:, 1:]).clamp(min=0.0)
+    return out
+
+
