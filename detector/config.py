@@ -3,18 +3,18 @@ holds the proposal stage's ``ProposalConfig`` beside it.
 
 Plain frozen dataclasses that import nothing heavy (no torch or NumPy), so that `ircnn` checks the flags that make
 them before it loads anything: a value out of range is a usage error within a second. The modules that use them
-(``detector.ensemble``, ``detector.rcnn``) import them from here.
+(``detector.pipeline``) import them from here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from detector.runtimes import AUTO, RUNTIMES, runtime_info
 from proposals.config import MergeConfig, ProposalConfig
 
-BACKENDS = ("torch", "onnxruntime", "openvino")  # the members' inference engines (detector.backends)
+BACKENDS = tuple(RUNTIMES)  # the members' runtimes, as detector.runtimes.RUNTIMES names them
 PRECISIONS = ("fp32", "bf16", "int8")
-AUTO = "auto"  # backend: the fastest of BACKENDS measured here (detector.autobackend)
 MAX_REGIONS = 10_000  # per call: 10,000 warped 224 px regions are already 1.5 GB of uint8
 WHOLE_OBJECTS = ("auto", "on", "off")
 
@@ -25,10 +25,10 @@ class EnsembleConfig:
     channels_last: bool = True  # NHWC convolutions; faster on CPUs with AVX-512 and on GPUs
     precision: str = "fp32"  # "bf16" runs under bfloat16 autocast: faster, probabilities differ by ~1e-2;
     #                          "int8": the bundle's calibrated int8 models (``ircnn model quantize``,
-    #                          detector/quantize.py) on onnxruntime (what auto picks) or openvino
-    # "torch" (the reference), "onnxruntime" (fp32) or "openvino" (fp32/bf16): the members exported to ONNX with
-    # the normalisation folded in, once, cached by weight hash (detector/backends.py); channels_last is then moot.
-    # "auto": the fastest of those measured here (detector/autobackend.py; with precision "bf16", bf16 is allowed,
+    #                          detector.runtimes.calibrate) on onnxruntime (what auto picks) or openvino
+    # a name of detector.runtimes.RUNTIMES: "torch" (the reference), "onnxruntime" (fp32) or "openvino" (fp32/bf16):
+    # the members exported to ONNX with the normalisation folded in, once, cached by weight hash; channels_last is
+    # then moot. "auto": the fastest of those measured here (detector.runtimes.auto; with precision "bf16", bf16 is allowed,
     # where native, not required; channels_last is then measured too). The library default stays the reference;
     # the CLI and the service default to auto.
     backend: str = "torch"
@@ -38,12 +38,13 @@ class EnsembleConfig:
             raise ValueError(f"batch_size must be in 1..1024, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.backend not in (AUTO,) + BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join((AUTO,) + BACKENDS)}, got {self.backend!r}")
-        if self.backend == "onnxruntime" and self.precision == "bf16":
-            raise ValueError("backend onnxruntime runs fp32 or int8; use backend openvino (or torch) for bf16")
-        if self.precision == "int8" and self.backend == "torch":
-            raise ValueError("precision int8 runs on backend onnxruntime or openvino (or auto), not torch")
+        if self.backend == AUTO:
+            return
+        precisions = runtime_info(self.backend).precisions
+        if self.precision not in precisions:
+            others = [n for n, info in RUNTIMES.items() if self.precision in info.precisions]
+            raise ValueError(f"backend {self.backend} runs {' or '.join(precisions)}; precision {self.precision} "
+                             f"runs on backend {' or '.join(others)} (or auto)")
 
 
 SCORINGS = ("warped", "shared-trunk")

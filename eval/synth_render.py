@@ -29,15 +29,12 @@ image depends only on the seed and its own number (same seed -> byte-identical f
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
+from eval.synth_config import SynthConfig
 from eval.synth_photos import CLASSES, Cutout, Sources, load_sources
-
-if TYPE_CHECKING:
-    from eval.synth import SynthConfig
 
 # Chance of 0, 1, ..., 6 objects and of 0..3 distractors in an image.
 _OBJECTS_P = (0.10, 0.28, 0.22, 0.15, 0.11, 0.08, 0.06)

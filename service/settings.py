@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detector.image import MAX_BYTES, MAX_PIXELS
+from detector.runtimes import AUTO, RUNTIMES
 from proposals.config import MergeConfig, ProposalConfig
 
 
@@ -47,10 +48,9 @@ class Settings(BaseSettings):
                                                       "probabilities differ by ~1e-2; with backend auto it allows "
                                                       "bf16 candidates; int8: the bundle's int8 models (`ircnn "
                                                       "model quantize`) on onnxruntime")
-    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
-        "auto", description="inference engine of the members (detector/backends.py); auto: the fastest that "
-        "matches torch fp32, measured once per member architecture on this machine and cached "
-        "(detector/autobackend.py)")
+    backend: str = Field("auto", description=f"runtime of the members, one of {', '.join((AUTO,) + tuple(RUNTIMES))}; "
+                         "auto: the fastest that matches torch fp32, measured once per member architecture on this "
+                         "machine and cached")
     selective_search: bool = Field(ProposalConfig.selective_search, description="detection proposals from "
                                    "coarsened selective search (plus MultiBox when the bundle has one)")
     max_regions: int = Field(MergeConfig.max_proposals, ge=1, le=MergeConfig.max_proposals,
@@ -72,6 +72,13 @@ class Settings(BaseSettings):
                              f"({self.max_pixels:,}), or the largest accepted image could never be admitted; raise "
                              f"IRCNN_MAX_PIXELS_IN_FLIGHT with IRCNN_MAX_PIXELS")
         return self
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str) -> str:
+        if backend != AUTO and backend not in RUNTIMES:
+            raise ValueError(f"IRCNN_BACKEND must be one of {', '.join((AUTO,) + tuple(RUNTIMES))}, got {backend!r}")
+        return backend
 
     @field_validator("api_token")
     @classmethod

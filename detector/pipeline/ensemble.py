@@ -3,10 +3,10 @@
 
 Input stays ``uint8`` until the last moment: the ensemble normalises ``Tensor[N, 3, S, S]`` uint8 crops itself,
 in chunks of ``batch_size``, in channels-last layout (about 1.7x faster than the default layout on AVX-512
-CPUs) and optionally under bfloat16 autocast. ``EnsembleConfig(backend="openvino" | "onnxruntime")`` runs the same
-members exported to ONNX instead (``detector/backends.py``), with the same input and output; ``backend="auto"``
-measures which of those is fastest here, per member architecture, and runs each member on its choice
-(``detector/autobackend.py``).
+CPUs) and optionally under bfloat16 autocast. ``EnsembleConfig(backend=...)`` names the runtime of
+``detector.runtimes.RUNTIMES`` the members run on (the exported ones run ONNX exports, with the same input and
+output); ``backend="auto"`` measures which of those is fastest here, per member architecture, and runs each member
+on its choice (``detector.runtimes.auto``).
 """
 
 from __future__ import annotations
@@ -14,26 +14,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from detector.bundle.format import Bundle
+from detector.bundle.int8 import load_int8
 from detector.config import AUTO, EnsembleConfig
 from detector.nets.transform import Normalize
+from detector.runtimes import runtime_class
 from detector.runtimes.auto import Choice, choose_backend
-from detector.runtimes.exported import BackendMember
 
 
 class Ensemble(nn.Module):
-    """Members' softmax probabilities, averaged. ``forward(Tensor[N, 3, S, S] uint8) -> Tensor[N, K]``."""
+    """Members' softmax probabilities, averaged. ``forward(Tensor[N, 3, S, S] uint8) -> Tensor[N, K]``.
+
+    Each member runs on the runtime its ``Choice`` names (``runners``: ``detector.runtimes.base.Runtime``); the
+    torch modules stay in ``members`` as the reference."""
 
     def __init__(self, members: list[nn.Module], mean: tuple[float, ...], std: tuple[float, ...],
                  config: EnsembleConfig = EnsembleConfig(), size: int | None = None,
                  int8_models: Sequence[Path] | None = None) -> None:
-        """``size``: the input side a backend exports for now (``from_bundle`` passes the bundle's); other sizes,
-        or all when None, are exported on first use. The torch backend ignores it. ``int8_models``: with
-        precision int8, each member's quantised model for ``size`` (``from_bundle`` reads the bundle's)."""
+        """``size``: the input side a runtime prepares for now (``from_bundle`` passes the bundle's); other sizes,
+        or all when None, are prepared on first use. ``int8_models``: with precision int8, each member's quantised
+        model for ``size`` (``from_bundle`` reads the bundle's)."""
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -42,25 +45,19 @@ class Ensemble(nn.Module):
         self.transform = Normalize(mean, std)
         self.to(next(members[0].parameters()).device)  # the buffers go where the members are (a bundle on cuda)
         self.eval()
-        self.choices = member_choices(members, mean, std, config, size)  # [Choice] per member
-        for member, choice in zip(members, self.choices):
-            if choice.backend == "torch" and choice.channels_last:
-                member.to(memory_format=torch.channels_last)
-        # exported members get a runner each (None: torch); the torch modules stay as the reference and for `members`
         if (config.precision == "int8") != (int8_models is not None) or (
                 int8_models is not None and len(int8_models) != len(members)):
             raise ValueError("precision int8 needs one int8 model per member (int8_models), and only it does")
+        self.choices = member_choices(members, mean, std, config, size)  # [Choice] per member
         int8_models = list(int8_models) if int8_models is not None else [None] * len(members)
-        self.runners = [None if c.backend == "torch" else
-                        BackendMember(m, mean, std, c.backend, c.precision, size=size, int8_model=q)
+        self.runners = [runtime_class(c.backend)(m, mean, std, precision=c.precision, size=size,
+                                                 channels_last=c.channels_last, int8_model=q)
                         for m, c, q in zip(members, self.choices, int8_models)]
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, config: EnsembleConfig = EnsembleConfig()) -> Ensemble:
         int8_models = None
         if config.precision == "int8":
-            from detector.bundle.int8 import load_int8
-
             int8_models = load_int8(bundle)
         return cls(bundle.members, bundle.preprocess.mean, bundle.preprocess.std, config, size=bundle.preprocess.size,
                    int8_models=int8_models)
@@ -82,35 +79,13 @@ class Ensemble(nn.Module):
         chosen = list(range(len(self.members))) if members is None else list(members)
         if not chosen or any(not 0 <= i < len(self.members) for i in chosen):
             raise ValueError(f"members must be a non-empty list of indices in 0..{len(self.members) - 1}, got {chosen}")
-        on_torch = [i for i in chosen if self.runners[i] is None]
-        exported = [i for i in chosen if self.runners[i] is not None]
         probs = []
         for start in range(0, images.shape[0], self.config.batch_size):
             chunk = images[start:start + self.config.batch_size]
-            parts = ([self._torch_sum(chunk, on_torch)] if on_torch else []) + (
-                [self._backend_sum(chunk, exported)] if exported else [])
-            probs.append(sum(parts) / len(chosen))
+            probs.append(sum(self.runners[i](chunk) for i in chosen) / len(chosen))
         if not probs:
             return torch.zeros(0, self.members[0].config.num_classes, device=self.device)
         return torch.cat(probs)
-
-    def _torch_sum(self, chunk: Tensor, chosen: list[int]) -> Tensor:
-        x = self.normalize(chunk)
-        layouts = {False: x}
-        total = None
-        for i in chosen:
-            choice = self.choices[i]
-            if choice.channels_last not in layouts:
-                layouts[choice.channels_last] = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=choice.precision == "bf16"):
-                p = self.members[i](layouts[choice.channels_last]).float().softmax(dim=1)  # [n, K]
-            total = p if total is None else total + p
-        return total
-
-    def _backend_sum(self, chunk: Tensor, chosen: list[int]) -> Tensor:
-        pixels = np.ascontiguousarray(chunk.cpu().numpy())
-        total = sum(self.runners[i](pixels) for i in chosen)  # [n, K] float32
-        return torch.from_numpy(total).to(self.device)
 
 
 def member_choices(members: Sequence[nn.Module], mean: tuple[float, ...], std: tuple[float, ...],

@@ -63,7 +63,7 @@ from detector.pipeline.scoring import RegionScorer
 from detector.pipeline.warp import MAX_REGIONS, check_boxes, check_image, dilate_boxes
 from detector.runtimes.base import cache_dir
 from detector.runtimes.export import export_key, write_onnx
-from detector.runtimes.ort import OnnxRuntimeMember
+from detector.runtimes.sessions import OrtSession
 
 STRIDE = 16  # the trunk's output stride for both architectures
 
@@ -143,7 +143,7 @@ def onnx_split(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...
         path = cache_dir() / "onnx" / f"{key}-{name}{STRIDE}.onnx"
         if not path.is_file():
             write_onnx(_Part(member, fn), example, path, ("x", "y"), dynamic)
-        runners[name] = OnnxRuntimeMember(path, torch.get_num_threads())
+        runners[name] = OrtSession(path, torch.get_num_threads())
 
     def run(name: str) -> Callable[[Tensor], Tensor]:
         return lambda x: torch.from_numpy(runners[name](x.float().contiguous().cpu().numpy()))

@@ -1,7 +1,7 @@
 """``backend="auto"``: the fastest correct runtime for one member on this machine, measured once and cached.
 
-The candidates are torch fp32 (default layout and channels_last), ONNX Runtime fp32 and OpenVINO fp32
-(``detector/backends.py``); with ``precision="bf16"`` (reduced precision allowed, not required) also torch bf16
+The candidates are the runtimes of ``detector.runtimes.RUNTIMES`` that run on the device, fp32, in each layout the
+table lists (today torch in default layout and channels_last, ONNX Runtime and OpenVINO); with ``precision="bf16"`` (reduced precision allowed, not required) also torch bf16
 and OpenVINO bf16, but only where bfloat16 is native: a CPU with AVX512_BF16 or AMX, or a GPU that supports it.
 Elsewhere bf16 is emulated and slower than fp32 (3x on an AVX2-only EPYC), so it is never a candidate there.
 A runtime that is not installed is skipped; torch is always a candidate. On a GPU only torch runs there, so only
@@ -13,8 +13,8 @@ a busy spell of a shared machine hits them alike), within about ``MEASURE_SECOND
 timed batch. Its probabilities must match torch fp32 (default layout, the reference) on that batch within
 ``TOLERANCE`` (1e-4 fp32, as the backend tests hold them; 2e-2 bf16), or it is rejected. The fastest accepted one
 is chosen (within ``TIE``, the earlier candidate). The batch is the ensemble's (at most 32), since runtimes rank
-differently at other batch sizes. It is paid once per key; on 2 AVX2 cores torch fp32's two batches of a
-full-width GoogLeNet alone take about 13 s (5 images/s, issue 11's figure).
+differently at other batch sizes. It is paid once per key (seconds to tens of seconds on a CPU, the docs'
+benchmarks page says how long).
 
 The choice is cached in ``cache_dir()/autobackend/<sha256>.json``, keyed by everything that decides the speed:
 the member's architecture (not its weights), input size, measurement batch, precision allowance, device, CPU
@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from detector.cpus import cpu_flags, cpu_model, native_bf16
+from detector.runtimes import REFERENCE as REFERENCE_RUNTIME
+from detector.runtimes import RUNTIMES, installed, runtime_class
 from detector.runtimes.base import cache_dir
 from detector.runtimes.export import EXPORT_VERSION
 
@@ -55,12 +57,12 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}  # max abs probability difference from 
 # candidates() (torch, then ONNX Runtime, then OpenVINO; fp32 before bf16) is chosen: on a shared machine two runs
 # differed by 15% on the same runtime, which would otherwise flip the choice between near-equal runtimes.
 TIE = 0.05
-_PACKAGES = ("torch", "onnxruntime", "openvino", "onnx", "onnxscript")
+_PACKAGES = tuple(dict.fromkeys(("torch",) + tuple(p for info in RUNTIMES.values() for p in info.packages)))
 
 
 @dataclass(frozen=True)
 class Candidate:
-    backend: str  # "torch", "onnxruntime" or "openvino"
+    backend: str  # a name of RUNTIMES
     precision: str = "fp32"
     channels_last: bool = False  # torch only (the exported runtimes choose their own layouts)
 
@@ -70,7 +72,7 @@ class Candidate:
         return f"{self.backend} {self.precision}{layout}"
 
 
-REFERENCE = Candidate("torch")
+REFERENCE = Candidate(REFERENCE_RUNTIME)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class Choice:
 
     @property
     def name(self) -> str:
-        return Candidate(self.backend, self.precision, self.channels_last and self.backend == "torch").name
+        return Candidate(self.backend, self.precision, self.channels_last and True in RUNTIMES[self.backend].layouts).name
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -104,22 +106,15 @@ def bf16_native(device: torch.device) -> bool:
     return native_bf16()
 
 
-def installed(backend: str) -> bool:
-    """Whether ``backend`` can run here: its runtime and the ONNX exporter's packages are importable."""
-    if backend == "torch":
-        return True
-    return all(importlib.util.find_spec(p) is not None for p in (backend, "onnx", "onnxscript"))
-
-
 def candidates(precision: str, device: torch.device) -> list[Candidate]:
-    """What auto measures for ``precision`` ("fp32", or "bf16": bf16 allowed) on ``device``, the reference first."""
-    out = [REFERENCE, Candidate("torch", channels_last=True)]
-    if device.type == "cpu":
-        out += [Candidate("onnxruntime"), Candidate("openvino")]
+    """What auto measures for ``precision`` ("fp32", or "bf16": bf16 allowed) on ``device``, the reference first:
+    every runtime of ``RUNTIMES`` that runs on ``device``, in each layout it lists, fp32; then, where bf16 is
+    allowed and native, bf16 on those that run it (the last layout each)."""
+    usable = {name: info for name, info in RUNTIMES.items() if device.type in info.devices}
+    out = [Candidate(name, "fp32", layout) for name, info in usable.items() for layout in info.layouts]
     if precision == "bf16" and bf16_native(device):
-        out.append(Candidate("torch", "bf16", channels_last=True))
-        if device.type == "cpu":
-            out.append(Candidate("openvino", "bf16"))
+        out += [Candidate(name, "bf16", info.layouts[-1]) for name, info in usable.items()
+                if "bf16" in info.precisions]
     return out
 
 
@@ -134,13 +129,15 @@ def measurement_pixels(n: int, size: int, seed: int = 0) -> Tensor:
 
 def build_runner(candidate: Candidate, member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
                  size: int, batch: int):
-    """A one-member ``Ensemble`` running ``candidate``: ``uint8 Tensor[n, 3, S, S] -> Tensor[n, K]``. The member is
-    copied, so that the layout a torch candidate sets does not change the caller's."""
-    from detector.pipeline.ensemble import Ensemble, EnsembleConfig
+    """The runtime ``candidate`` names over the member: ``uint8 Tensor[n, 3, S, S] -> Tensor[n, K]``, in batches of
+    ``batch``. The member is copied, so that the layout a torch candidate sets does not change the caller's."""
+    runtime = runtime_class(candidate.backend)(copy.deepcopy(member).eval(), mean, std, precision=candidate.precision,
+                                               size=size, channels_last=candidate.channels_last, int8_model=None)
 
-    config = EnsembleConfig(batch_size=batch, backend=candidate.backend, precision=candidate.precision,
-                            channels_last=candidate.channels_last)
-    return Ensemble([copy.deepcopy(member)], mean, std, config, size=size)
+    def run(pixels: Tensor) -> Tensor:
+        return torch.cat([runtime(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+
+    return run
 
 
 def time_batch(run, pixels: Tensor) -> float:

@@ -1,16 +1,36 @@
-"""What every runtime shares: the error a runtime raises when it cannot run (``BackendError``), the cache of exports
-and measurements (``cache_dir``) and how to install each optional runtime (``INSTALL``)."""
+"""What every runtime shares: the interface (``Runtime``), the error a runtime raises when it cannot run here
+(``BackendError``) and the cache of exports and measurements (``cache_dir``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
 
-INSTALL = {"onnxruntime": 'pip install "inception-rcnn[onnx]"', "openvino": 'pip install "inception-rcnn[openvino]"'}
+from torch import Tensor, nn
 
 
 class BackendError(RuntimeError):
-    """A backend that cannot run here (not installed, CPU without bfloat16); the message says what to do."""
+    """A runtime that cannot run here (not installed, CPU without bfloat16); the message says what to do."""
+
+
+class Runtime(Protocol):
+    """One member network on one runtime, built by ``Runtime(member, mean, std, precision=..., size=...,
+    channels_last=..., int8_model=...)``:
+
+    - ``member``: the torch module (the reference; a runtime may export it), ``mean``/``std`` its input transform;
+    - ``precision``: one of the runtime's ``RuntimeInfo.precisions``; ``size``: the input side to prepare for now
+      (None: on first use); ``channels_last``: the torch layout (others ignore it); ``int8_model``: with
+      precision int8, the member's calibrated model for ``size``.
+
+    Raises ``BackendError`` at construction when it cannot run here. Calling it maps uint8 pixels
+    ``Tensor[N, 3, S, S]`` to the member's softmax probabilities ``Tensor[N, K]`` float32 on the pixels' device.
+    """
+
+    def __init__(self, member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], *, precision: str,
+                 size: int | None, channels_last: bool, int8_model: Path | None) -> None: ...
+
+    def __call__(self, pixels: Tensor) -> Tensor: ...
 
 
 def cache_dir() -> Path:
@@ -19,5 +39,3 @@ def cache_dir() -> Path:
     if root:
         return Path(root)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inception-rcnn"
-
-

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from detector.nets.members import first_conv
 from detector.nets.transform import fold_into_conv
 from detector.runtimes.base import BackendError, cache_dir
-from detector.runtimes.ort import OnnxRuntimeMember
+from detector.runtimes.sessions import OrtSession
 
 # Bump when the exported function changes, so old cache entries are not reused. Not bumped for the switch from the
 # dynamo to the TorchScript exporter: both graphs compute the same function (held to torch alike), and a bump would
@@ -193,7 +193,7 @@ def _runs_as(module: nn.Module, graph: str, example: Tensor, dynamic: dict[int, 
         x = torch.randn(shape, generator=g, dtype=example.dtype)
     with torch.inference_mode():
         expected = module(x).float().numpy()
-    got = OnnxRuntimeMember(Path(graph), torch.get_num_threads())(x.numpy())
+    got = OrtSession(Path(graph), torch.get_num_threads())(x.numpy())
     if got.shape != expected.shape:
         return f"the graph gave shape {got.shape} for {tuple(expected.shape)} at input {tuple(shape)}"
     scale = max(1.0, float(np.abs(expected).max()))

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.ircnn = main  # a command made of other commands (quickstart) runs them through this, in this process
     try:
         return int(args.func(args) or 0)
     except (CliError, ValueError, OSError) as e:

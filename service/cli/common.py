@@ -2,27 +2,31 @@
 several commands take, and turning a config's ValueError into the usage error of its flag.
 
 Literals here so that building the parser imports nothing heavy (torch, cv2, numpy): `ircnn --help`, any `--help`
-and usage errors answer at once. tests/service/cli checks them against detector.googlenet.VARIANTS,
-detector.efficientnet_lite.VARIANTS and detector.backends.BACKENDS.
+and usage errors answer at once. tests/service/cli checks them against detector.nets.googlenet.VARIANTS and
+detector.nets.efficientnet_lite.VARIANTS. The runtimes and precisions come from detector.runtimes and
+detector.config, which import nothing heavy.
 """
 
 from __future__ import annotations
 
 import json
 
+from detector.config import PRECISIONS
+from detector.runtimes import AUTO, REFERENCE, RUNTIMES
+
 VARIANTS = ("paper", "torchvision")
 LITE_VARIANTS = ("lite0", "lite1", "lite2", "lite3", "lite4")
 
-BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "openvino")
-BACKEND_HELP = ("auto (default): the fastest of torch (default layout or channels_last), ONNX Runtime and OpenVINO "
-                "that matches torch fp32 within 1e-4, measured once per member architecture on this machine (a few "
-                "seconds) and cached, see `ircnn model info BUNDLE --backends`; or force one: torch (the reference), "
-                "onnxruntime (fp32), openvino (fp32, bf16)")
+BACKEND_CHOICES = (AUTO,) + tuple(RUNTIMES)
+BACKEND_HELP = (f"auto (default): the fastest of {', '.join(RUNTIMES)} that matches {REFERENCE} fp32 within 1e-4, "
+                "measured once per member architecture on this machine (a few seconds) and cached, see `ircnn model "
+                "info BUNDLE --backends`; or force one: " + ", ".join(
+                    f"{name} ({', '.join(info.precisions)}{'; the reference' if name == REFERENCE else ''})"
+                    for name, info in RUNTIMES.items()))
 PRECISION_HELP = ("fp32 (default) or bf16 (bfloat16, probabilities differ by ~1e-2): faster only where bf16 is "
                   "native (AVX512_BF16 or AMX CPUs, GPUs), slower elsewhere; with --backend auto, bf16 allows "
                   "bf16 candidates where native and lets the measurement decide; int8: the bundle's int8 models "
                   "(made by `ircnn model quantize`), on onnxruntime (auto) or openvino")
-PRECISIONS = ("fp32", "bf16", "int8")  # detector.config.PRECISIONS (a literal: the parser imports nothing heavy)
 
 
 class CliError(Exception):

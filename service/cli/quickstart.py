@@ -31,7 +31,6 @@ def add_parser(sub) -> None:
 
 
 def _cmd_quickstart(args) -> int:
-    from service.cli import main  # each step is an ircnn command, run in this process
     from service.quickstart import QuickstartConfig, not_learnt, report, run_quickstart
 
     try:
@@ -40,7 +39,7 @@ def _cmd_quickstart(args) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     try:
-        result = run_quickstart(args.out, config, main)
+        result = run_quickstart(args.out, config, args.ircnn)  # each step an ircnn command
     except RuntimeError as e:
         raise CliError(str(e)) from None
     print(report(result))

@@ -15,10 +15,12 @@ from torch import nn
 from detector.bundle.format import UNIT_RANGE_MEAN, UNIT_RANGE_STD, Preprocess
 from detector.pipeline.classify import Classifier
 from detector.pipeline.ensemble import Ensemble, EnsembleConfig
-from detector.runtimes import export, exported, ov
+from detector.runtimes import export as onnx_export
+from detector.runtimes import ov
 from detector.runtimes.base import BackendError
 from detector.runtimes.export import PixelGraph, export_onnx
-from detector.runtimes.exported import BackendMember
+from detector.runtimes.ort import OnnxRuntimeRuntime
+from detector.runtimes.ov import OpenVinoRuntime
 
 SIZE = 64  # small inputs keep the exports and runs fast; the graph is the same at 224
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
@@ -187,19 +189,19 @@ def test_members_subset_and_classifier(tiny_bundle):
 def test_bad_configuration_is_named(tiny_bundle, monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         EnsembleConfig(backend="tensorrt")
-    with pytest.raises(ValueError, match="onnxruntime runs fp32 or int8"):
+    with pytest.raises(ValueError, match="backend onnxruntime runs fp32 or int8; precision bf16 runs on backend torch or openvino"):
         EnsembleConfig(backend="onnxruntime", precision="bf16")
     member = tiny_bundle().members[0]
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with pytest.raises(BackendError, match=r"inception-rcnn\[onnx\]"):
-        BackendMember(member, (0.5,) * 3, (0.5,) * 3, "onnxruntime", size=SIZE)
+        OnnxRuntimeRuntime(member, (0.5,) * 3, (0.5,) * 3, size=SIZE)
     with pytest.raises(ValueError, match="size must be in"):
         export_onnx(member, (0.5,) * 3, (0.5,) * 3, 16)
 
 
 @needs("openvino")
 def test_bf16_refused_without_cpu_support(tiny_bundle, monkeypatch):
-    monkeypatch.setattr(exported, "openvino_supports_bf16", lambda: False)
+    monkeypatch.setattr(ov, "openvino_supports_bf16", lambda: False)
     bundle = small(tiny_bundle())
     with pytest.raises(BackendError, match="AVX512_BF16 or AMX"):
         Ensemble.from_bundle(bundle, EnsembleConfig(backend="openvino", precision="bf16"))
@@ -211,9 +213,9 @@ def test_bf16_refused_without_cpu_support(tiny_bundle, monkeypatch):
 @needs("openvino")
 def test_backend_rejects_bad_pixels(tiny_bundle):
     bundle = small(tiny_bundle())
-    runner = BackendMember(bundle.members[0], bundle.preprocess.mean, bundle.preprocess.std, "openvino", size=SIZE)
+    runner = OpenVinoRuntime(bundle.members[0], bundle.preprocess.mean, bundle.preprocess.std, size=SIZE)
     with pytest.raises(ValueError, match="uint8"):
-        runner(pixels(2).float().numpy())
+        runner.run(pixels(2).float().numpy())
     with pytest.raises(ValueError, match="expected uint8"):
         Ensemble.from_bundle(bundle, EnsembleConfig(backend="openvino"))(pixels(2).float())
 
@@ -244,9 +246,9 @@ def test_write_onnx_takes_the_trace_that_runs_as_the_module(tmp_path, monkeypatc
     def no_dynamo(*args):
         raise AssertionError("the dynamo exporter ran although the trace was right")
 
-    monkeypatch.setitem(export._EXPORT, "dynamo", no_dynamo)
+    monkeypatch.setitem(onnx_export._EXPORT, "dynamo", no_dynamo)
     path = tmp_path / "flat.onnx"
-    export.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
+    onnx_export.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
     for n in (1, 5):
         x = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8)
         torch.testing.assert_close(_ort(path, x), _Flat()(x), atol=1e-6, rtol=0)
@@ -264,7 +266,7 @@ def test_write_onnx_falls_back_to_dynamo_when_the_trace_fails(tmp_path, monkeypa
 
     monkeypatch.setattr(torch.onnx, "export", no_torchscript)
     path = tmp_path / "flat.onnx"
-    export.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
+    onnx_export.write_onnx(_Flat(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), path, ("x", "y"), {0: ("n", 1, 64)})
     x = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
     torch.testing.assert_close(_ort(path, x), _Flat()(x), atol=1e-6, rtol=0)
 
@@ -273,7 +275,7 @@ def test_write_onnx_falls_back_to_dynamo_when_the_trace_fails(tmp_path, monkeypa
 def test_write_onnx_caches_no_graph_that_keeps_a_size_it_saw(tmp_path):
     with pytest.raises(BackendError, match=r"TorchScript exporter's: the graph differs from the module by .* at "
                        r"input \(1, 3, 48, 32\); the dynamo exporter's: the graph differs"):
-        export.write_onnx(_Baked(), torch.zeros(1, 3, 32, 32), tmp_path / "baked.onnx", ("x", "y"),
+        onnx_export.write_onnx(_Baked(), torch.zeros(1, 3, 32, 32), tmp_path / "baked.onnx", ("x", "y"),
                             {2: ("h", 16, 256, 16)})
     assert list(tmp_path.iterdir()) == []  # nothing cached, no temporary file left
 
