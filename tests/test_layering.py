@@ -144,3 +144,13 @@ def test_no_source_file_is_over_600_lines():
     long = {f.relative_to(ROOT).as_posix(): n for package in MAY_IMPORT
             for f in (ROOT / package).rglob("*.py") if (n := len(f.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages to install one by one: a new subpackage left out of it imports in the
+    checkout (editable install) and fails in a real one (Docker, a wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(f.parent) for package in MAY_IMPORT for f in (ROOT / package).rglob("__init__.py")}
+    assert found - listed == set()
