@@ -31,14 +31,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from detector.files import atomic_path
 from detector.image import IMAGE_SUFFIXES, list_images, read_image
+from detector.progress import progress
 from eval.annotations import ImageLookup, read_imageset
 from eval.coco import coco_categories, write_coco_results
 from eval.parsing import parse_json
@@ -65,16 +66,6 @@ def path_key(path: str | os.PathLike) -> str:
 
 
 @dataclass
-class Prepared:
-    """An image decoded and proposed, waiting for the networks: ``image`` uint8 ``[H, W, 3]``."""
-
-    path: str
-    image: np.ndarray
-    proposals: object  # proposals.combine.Proposals
-    seconds: dict[str, float]
-
-
-@dataclass
 class Result:
     """``record`` as written to the output; ``image`` uint8 ``[H, W, 3]`` (None for an error record)."""
 
@@ -84,53 +75,26 @@ class Result:
     regions: int = 0  # proposals the networks scored
 
 
-def prepare(detector, path: str | os.PathLike) -> Prepared | dict:
-    """Decode and propose; an unusable file (``ImageError``, ``ProposalError`` and other ``ValueError``, or an
-    ``OSError`` reading it) gives its error record."""
-    try:
-        start = time.perf_counter()
-        image = read_image(path)
-        decoded = time.perf_counter()
-        proposals = detector.propose(image)
-        return Prepared(str(path), image, proposals, {"decode": decoded - start,
-                                                      "proposals": time.perf_counter() - decoded})
-    except (ValueError, OSError) as e:
-        return error_record(path, e)
+def to_result(result) -> Result:
+    """A ``detector.pipeline.detector.ImageResult`` as the record the output holds."""
+    if result.error is not None:
+        return Result(error_record(result.source, result.error), None, result.seconds)
+    dets = result.detections
+    h, w = result.image.shape[:2]
+    record = detection_record(result.source, w, h, dets.boxes, dets.scores, dets.det_ids)
+    return Result(record, result.image, result.seconds, dets.regions)
 
 
-def finish(detector, prepared: Prepared | dict) -> Result:
-    """Score the proposals of a prepared image (networks + NMS) into its record."""
-    if isinstance(prepared, dict):
-        return Result(prepared, None)
-    try:
-        dets = detector.score(prepared.image, prepared.proposals)
-    except ValueError as e:
-        return Result(error_record(prepared.path, e), None, prepared.seconds)
-    seconds = {**prepared.seconds, **dets.seconds}  # + warp, networks, nms
-    h, w = prepared.image.shape[:2]
-    record = detection_record(prepared.path, w, h, dets.boxes, dets.scores, dets.det_ids)
-    return Result(record, prepared.image, seconds, dets.regions)
+def detect_paths(detector, paths: Iterable[str | os.PathLike]) -> Iterator[Result]:
+    """The records of ``paths``, in order: ``Detector.detect_many`` (the next image decoded and proposed while
+    the networks score the current one)."""
+    for result in detector.detect_many(paths):
+        yield to_result(result)
 
 
 def detect_one(detector, path: str | os.PathLike) -> dict:
     """The record of one file: ``{"image", "width", "height", "detections": [...]}`` or ``{"image", "error"}``."""
-    return finish(detector, prepare(detector, path)).record
-
-
-def detect_paths(detector, paths: Iterable[str | os.PathLike]) -> Iterator[Result]:
-    """``detect_one`` over ``paths`` in order, with the next image decoded and proposed in a background thread
-    while the networks score the current one."""
-    paths = list(paths)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ircnn-prepare")
-    try:
-        pending = pool.submit(prepare, detector, paths[0]) if paths else None
-        for i in range(len(paths)):
-            prepared = pending.result()
-            pending = pool.submit(prepare, detector, paths[i + 1]) if i + 1 < len(paths) else None
-            yield finish(detector, prepared)
-    finally:
-        # An interrupted run must not wait for the next image's proposals; the detector's close() does.
-        pool.shutdown(wait=False, cancel_futures=True)
+    return next(detect_paths(detector, [path])).record
 
 
 # ---- the journal -----------------------------------------------------------------------------------------
@@ -226,17 +190,11 @@ def repair_journal(path: str | os.PathLike, drop_errors: bool = False) -> tuple[
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable) -> None:
-    """Write a file through ``write(file)`` into a temporary beside it, then rename it over ``path``."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write a file through ``write(file)`` into a temporary beside it, synced, then renamed over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------
@@ -506,7 +464,7 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
               reads: dict[str, Iterable[str | os.PathLike]] | None = None) -> BatchSummary:
     """``ircnn detect``: every image under ``inputs`` -> one record in ``config.out`` (module docstring).
 
-    ``make_detector()`` returns a ``detector.rcnn.Detector`` (closed at the end); it is called only when there is
+    ``make_detector()`` returns a ``detector.pipeline.detector.Detector`` (closed at the end); it is called only when there is
     an image left to detect. ``engine(todo)``, when given, replaces that in-process loop (``local_engine``): it
     yields the ``Result`` of every path of ``todo`` (the inputs not in the output yet), in any order
     (``service.ray_engine.RayEngine``); ``make_detector`` is then not used. Raises ValueError before any work for
@@ -578,12 +536,9 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
 
 
 def _progress_bar(total: int, skipped: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
+    """A bar on a terminal, a plain line every half minute in a log (``detector.progress``); None when off."""
     desc = f"detect ({skipped} done before)" if skipped else "detect"
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    return progress(total, desc, "img", show=enabled)
 
 
 def _message(text: str, bar) -> None:

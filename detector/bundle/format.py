@@ -1,7 +1,7 @@
 """Model bundles: a directory with ``model.json`` and one safetensors file per ensemble member, as README.md describes.
 
 This module reads and writes ``model.json``, all of it; the MultiBox weights that its ``multibox`` entry names are
-``detector/multibox_bundle.py``'s (``multibox_file``, ``set_multibox``).
+``detector/bundle/multibox.py``'s (``multibox_file``, ``set_multibox``).
 
 Loading never unpickles: member weights are safetensors; only ``import_torchvision`` reads a torchvision
 ``.pth`` checkpoint, with ``torch.load(weights_only=True)``.
@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from detector.config import MAKE_BUNDLE
+from detector.files import write_text_atomic
 from detector.nets.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLiteConfig
 from detector.nets.members import ArchConfig, arch_from_dict, build_member, describe_arch
 from eval.parsing import parse_json
@@ -64,7 +66,7 @@ class Preprocess:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the members are networks in eval mode (``detector.members``: GoogLeNet or
+    """A loaded bundle: the members are networks in eval mode (``detector.nets.members``: GoogLeNet or
     EfficientNet-Lite, mixed freely), each with its ``config``; all members have the same number of classes."""
 
     task: str
@@ -136,21 +138,17 @@ def save_bundle(out: str | os.PathLike, bundle: Bundle) -> Path:
 
 def _write_manifest(path: Path, doc: dict) -> None:
     """``model.json``, replaced atomically."""
-    tmp = path / "model.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path / "model.json")
+    write_text_atomic(path / "model.json", json.dumps(doc, indent=2) + "\n")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     manifest = path / "model.json"
     if not manifest.is_file():
-        create = (f"`ircnn model init --out DIR` or `ircnn model import-torchvision {TORCHVISION_CHECKPOINT} "
-                  "--out DIR`")
         raise BundleError(
             f"{path} does not exist; check the path (a model bundle is a directory with model.json; if you have "
-            f"no model.json yet, create one with {create})" if not path.exists() else
-            f"{path} is not a model bundle (no model.json); create one with {create}")
+            f"none yet, {MAKE_BUNDLE})" if not path.exists() else
+            f"{path} is not a model bundle (no model.json); {MAKE_BUNDLE}")
     try:
         doc = parse_json(manifest.read_text(), str(manifest))  # depth-bounded: no RecursionError
     except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError, or nested too deep

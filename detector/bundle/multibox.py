@@ -4,7 +4,7 @@
 (GoogLeNet up to inception (5b), the paper's and Erhan et al.'s choice) with the bundle's normalisation and keeps
 the weights in the bundle. The file carries its own ``MultiBoxConfig`` and provenance in the safetensors metadata,
 so it describes itself and survives a rewrite of ``model.json``; ``model.json`` only names it (``"multibox"``), and
-that entry is read and written by ``detector/bundle.py`` like the rest of the manifest.
+that entry is read and written by ``detector/bundle/format.py`` like the rest of the manifest.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from detector.bundle.format import (
     read_manifest,
     set_multibox,
 )
+from detector.files import atomic_path
 from detector.nets.googlenet import VARIANTS, GoogLeNet, GoogLeNetConfig
 from detector.nets.transform import Normalize
 from eval.parsing import dataclass_fields
@@ -123,9 +124,8 @@ def save_multibox(bundle_dir: str | os.PathLike, model: GoogLeNetMultiBox, prove
     if provenance is not None:
         meta["provenance"] = json.dumps(provenance)
     file = path / MULTIBOX_FILE
-    tmp = path / (MULTIBOX_FILE + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, file)
+    with atomic_path(file) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     set_multibox(path, MULTIBOX_FILE)
     return file
 

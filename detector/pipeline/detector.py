@@ -3,8 +3,8 @@
 "The approach is similar to R-CNN, augmented with the Inception model as the region classifier" ... "we did not
 employ bounding box regression". One image goes through
 
-    proposals (selective search 2x + MultiBox, ``proposals.combine``)  ->  warp (``detector.warp``)
-    ->  ensemble softmax averaged over members (``detector.ensemble``)  ->  DET scores  ->  per-class NMS
+    proposals (selective search 2x + MultiBox, ``proposals.combine``)  ->  warp (``detector.pipeline.warp``)
+    ->  ensemble softmax averaged over members (``detector.pipeline.ensemble``)  ->  DET scores  ->  per-class NMS
 
 Two kinds of bundle give DET scores (``RegionScorer``):
 
@@ -32,9 +32,11 @@ one of its class. ``bench/transfer_detector.py`` measures each step on real phot
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,13 +46,12 @@ from torchvision.ops import batched_nms
 from detector.bundle.format import Bundle
 from detector.bundle.multibox import load_multibox
 from detector.config import DetectConfig
+from detector.image import read_image
 from detector.pipeline.scoring import RegionScorer, contrast_frames
+from detector.pipeline.shared_trunk import SharedTrunkScorer
 from detector.pipeline.warp import check_boxes, check_image
 from eval.records import detections_json
 from proposals.combine import ProposalGenerator, Proposals
-
-if TYPE_CHECKING:
-    from detector.pipeline.shared_trunk import SharedTrunkScorer
 
 MIN_SIDE = 1.0  # proposals narrower or lower than this (after clipping to the image) are not scored
 
@@ -137,6 +138,20 @@ def nms_per_class(boxes: Tensor, probs: Tensor, det_ids: Tensor, config: DetectC
                       det_ids=det_ids.to(torch.int64)[column[keep]])
 
 
+@dataclass
+class ImageResult:
+    """One image through ``Detector.detect_many``: its ``source`` (the path, None for pixels), its pixels
+    (``image``, None when it could not be read), its ``detections`` or the ``error`` that stopped it, and the
+    seconds of each stage it went through (``decode``, ``selective_search``, ``multibox``, ``warp``, ``networks``,
+    ``nms``)."""
+
+    source: str | None
+    image: np.ndarray | None
+    detections: Detections | None = None
+    error: Exception | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
 class Detector:
     """The whole detector for one image at a time: the function the CLI, the batch runner and the service call.
 
@@ -212,6 +227,50 @@ class Detector:
         dets = self.score(image, proposals)
         dets.seconds = {**seconds, **dets.seconds}
         return dets
+
+    def detect_many(self, images: Iterable[str | os.PathLike | np.ndarray]) -> Iterator[ImageResult]:
+        """One ``ImageResult`` per image (a file path, or uint8 RGB pixels ``[H, W, 3]``), in order: the path
+        every caller takes (``ircnn detect``, the HTTP service, Ray workers). The next image is decoded and
+        proposed in a background thread while the networks score the current one. An image that cannot be used
+        (unreadable, no proposals: ``ValueError`` or ``OSError``) gets its error in its result, and the rest go on.
+        """
+        images = list(images)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ircnn-prepare")
+        try:
+            pending = pool.submit(self._prepare, images[0]) if images else None
+            for i in range(len(images)):
+                result, proposals = pending.result()
+                pending = pool.submit(self._prepare, images[i + 1]) if i + 1 < len(images) else None
+                yield self._finish(result, proposals)
+        finally:
+            # An interrupted run must not wait for the next image's proposals; close() stops the search.
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _prepare(self, item: str | os.PathLike | np.ndarray) -> tuple[ImageResult, Proposals | None]:
+        source = None if isinstance(item, np.ndarray) else str(item)
+        result = ImageResult(source, None)
+        try:
+            start = time.perf_counter()
+            result.image = item if source is None else read_image(item)
+            result.seconds["decode"] = time.perf_counter() - start
+            proposals, seconds = self._propose(result.image)
+            result.seconds.update(seconds)
+            return result, proposals
+        except (ValueError, OSError) as e:
+            result.error = e
+            return result, None
+
+    def _finish(self, result: ImageResult, proposals: Proposals | None) -> ImageResult:
+        if result.error is not None:
+            return result
+        try:
+            dets = self.score(result.image, proposals)
+        except ValueError as e:
+            result.error = e
+            return result
+        dets.seconds = {**result.seconds, **dets.seconds}
+        result.detections, result.seconds = dets, dets.seconds
+        return result
 
     def close(self) -> None:
         self.proposals.close()

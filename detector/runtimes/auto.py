@@ -3,7 +3,7 @@
 The candidates are the runtimes of ``detector.runtimes.RUNTIMES`` that run on the device, fp32, in each layout the
 table lists (today torch in default layout and channels_last, ONNX Runtime and OpenVINO); with ``precision="bf16"`` (reduced precision allowed, not required) also torch bf16
 and OpenVINO bf16, but only where bfloat16 is native: a CPU with AVX512_BF16 or AMX, or a GPU that supports it.
-Elsewhere bf16 is emulated and slower than fp32 (3x on an AVX2-only EPYC), so it is never a candidate there.
+Elsewhere bf16 is emulated and slower than fp32, so it is never a candidate there.
 A runtime that is not installed is skipped; torch is always a candidate. On a GPU only torch runs there, so only
 torch configurations are candidates.
 
@@ -30,8 +30,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -39,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from detector.cpus import cpu_flags, cpu_model, native_bf16
+from detector.files import write_text_atomic
 from detector.runtimes import REFERENCE as REFERENCE_RUNTIME
 from detector.runtimes import RUNTIMES, installed, runtime_class
 from detector.runtimes.base import cache_dir
@@ -46,8 +45,8 @@ from detector.runtimes.export import EXPORT_VERSION
 
 AUTO_VERSION = 1  # bump when candidates or the measurement change, so old cached choices are not reused
 # Images per timed batch: the ensemble's batch size, at most this. The ranking must be measured at the batch the
-# ensemble runs: OpenVINO ran EfficientNet-Lite0 at 175 images/s in batches of 8 and 80 in batches of 32 here,
-# where ONNX Runtime ran 157 and 172, so batches of 8 chose the slower runtime for batch 32.
+# ensemble runs: runtimes rank differently at other batch sizes (OpenVINO and ONNX Runtime swapped places
+# between batches of 8 and 32 for EfficientNet-Lite0 on one CPU).
 MEASURE_BATCH = 32
 MEASURE_SECONDS = 1.5  # timed seconds per candidate, after its first timed batch (which always counts)
 MEASURE_BATCHES = 3  # timed batches at most, after the warm-up, one per round: rounds go over all candidates in
@@ -192,10 +191,7 @@ def _read(path) -> Choice | None:
 
 def _write(path, key: dict, choice: Choice) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key": key, "choice": _to_json(choice)}, f, indent=1)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    write_text_atomic(path, json.dumps({"key": key, "choice": _to_json(choice)}, indent=1))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ back as lists).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from detector.files import atomic_path, write_text_atomic
 from detector.nets.members import ArchConfig, build_member
 
 FORMAT = 2  # 1: the detector's state.json with momentum buffers only (the classifier's was a pickle)
@@ -68,12 +68,9 @@ def save_checkpoint(ckpt_dir: Path, state: dict, tensors: dict[str, Tensor]) -> 
     """Write ``state`` (JSON, with ``member`` and ``step``) and ``tensors``; see the module docstring."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"weights-m{state['member']}-s{state['step']}.safetensors"
-    tmp = ckpt_dir / (name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, ckpt_dir / name)
-    tmp = ckpt_dir / (STATE_NAME + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, **state, "weights": name}) + "\n")
-    os.replace(tmp, ckpt_dir / STATE_NAME)
+    with atomic_path(ckpt_dir / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    write_text_atomic(ckpt_dir / STATE_NAME, json.dumps({"format": FORMAT, **state, "weights": name}) + "\n")
     for old in ckpt_dir.glob("weights-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)

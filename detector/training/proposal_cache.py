@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detector.files import atomic_path
 from detector.image import read_image
 
 
@@ -72,10 +73,9 @@ class ProposalCache:
     def store(self, image: str | os.PathLike, value: CachedProposals) -> None:
         file = self.file_of(image)
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(file.stem + f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, boxes=value.boxes.astype(np.float32).reshape(-1, 4), source=value.source.astype(np.int8),
-                 size=np.array(value.size, dtype=np.int64), image=np.array(self._identity(Path(image))))
-        os.replace(tmp, file)
+        with atomic_path(file, suffix=".tmp.npz") as tmp:
+            np.savez(tmp, boxes=value.boxes.astype(np.float32).reshape(-1, 4), source=value.source.astype(np.int8),
+                     size=np.array(value.size, dtype=np.int64), image=np.array(self._identity(Path(image))))
 
     def get_or_compute(self, image: str | os.PathLike,
                        compute: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> CachedProposals:

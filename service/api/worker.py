@@ -11,9 +11,7 @@ import anyio
 import numpy as np
 import torch
 
-from detector.image import ImageError
 from detector.pipeline.classify import Classifier
-from proposals.selective_search import ProposalError
 from service.api.errors import NON_FINITE, ModelOutputError
 from service.batching import Job, MicroBatcher
 from service.metrics import Metrics
@@ -137,20 +135,20 @@ class Service:
         return out
 
     def _detect_batch(self, jobs: list[Job]) -> list[list[dict] | Exception]:
-        """Detection per image, back to back: ``Detector`` scores one image's regions at a time, and those (hundreds
-        per image) already fill the ensemble's batches, so joining images would not raise throughput."""
+        """The batch's images through ``Detector.detect_many``, the path ``ircnn detect`` and Ray take too (the
+        next image proposed while the networks score this one). An image's own problem (``ImageError``,
+        ``ProposalError``) is its answer alone; any other error is a bug, answered 500."""
         out: list[list[dict] | Exception] = []
-        for job in jobs:
+        for job, result in zip(jobs, self.detector.detect_many([job.payload.image for job in jobs])):
             p: DetectJob = job.payload
-            try:
-                dets = self.detector.detect(p.image)
-            except (ImageError, ProposalError) as e:  # this image's problem, not its neighbours'
-                out.append(e)
+            if result.error is not None:
+                out.append(result.error)
                 continue
+            dets = result.detections
             if not torch.isfinite(dets.scores).all():
                 out.append(ModelOutputError(NON_FINITE))
                 continue
-            for stage, seconds in dets.seconds.items():
+            for stage, seconds in result.seconds.items():
                 self.metrics.stage.labels("detect", stage).observe(seconds)
             keep = (dets.scores >= p.score_threshold).nonzero().flatten()[: p.max_detections]  # best first
             dets = replace(dets, boxes=dets.boxes[keep], scores=dets.scores[keep], det_ids=dets.det_ids[keep])
@@ -160,14 +158,16 @@ class Service:
 
 def _detector_of(bundle, ensemble, settings: Settings):
     """A Detector for det200 / det200-from-cls1000 bundles, else None (that bundle only classifies)."""
-    from detector.config import DetectConfig
+    from detector.config import detect_config
     from detector.pipeline.detector import Detector
-    from proposals.config import ProposalConfig
 
+    s = settings
     try:
-        config = DetectConfig(max_detections=MAX_DETECTIONS, max_regions=settings.max_regions,
-                              whole_objects=settings.whole_objects, ensemble=ensemble,
-                              proposals=ProposalConfig(selective_search=settings.selective_search))
+        config = detect_config(device=s.device, backend=ensemble.backend, precision=ensemble.precision,
+                               batch_size=ensemble.batch_size, scoring=s.scoring,
+                               selective_search=s.selective_search, coarsen=s.coarsen, multibox=s.multibox,
+                               max_detections=MAX_DETECTIONS, nms_iou=s.nms_iou, max_regions=s.max_regions,
+                               cascade_top_k=s.cascade, whole_objects=s.whole_objects)
         return Detector.from_bundle(bundle, config)
     except ValueError as e:
         log.info("detection off: %s", e)

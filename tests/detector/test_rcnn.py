@@ -316,3 +316,36 @@ def test_scorer_on_the_gpu_matches_the_cpu(tiny_bundle, photo):
         m.cuda()
     on_gpu = RegionScorer(bundle)(photo, boxes)
     assert on_gpu.device.type == "cpu" and torch.allclose(on_gpu, on_cpu, atol=5e-3)
+
+
+def test_detect_many_is_detect_per_image_in_order_with_errors_in_place(tiny_bundle, photo, tmp_path):
+    """The one per-image path (CLI, HTTP, Ray): paths and pixels alike, each result what ``detect`` gives, an
+    unreadable file or an image without proposals an error in its own place, and the stages' seconds."""
+    bundle = tiny_bundle(num_classes=4, task="det200")
+    bundle.preprocess = SMALL
+    bundle.provenance["det_ids"] = [1, 2, 3]
+    boxes = np.array([[0, 0, 50, 60], [100, 80, 160, 120], [20, 30, 90, 110]], np.float32)
+
+    def propose(image):
+        if image.shape[0] < 10:  # a tiny image: the proposal stage refuses it
+            raise ValueError("no proposals in a sliver")
+        return boxes
+
+    config = DetectConfig(score_threshold=0.0)
+    detector = Detector(RegionScorer(bundle, config), ProposalGenerator(selective_search=propose), config)
+    cv2.imwrite(str(tmp_path / "p.png"), photo[..., ::-1])
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    sliver = np.zeros((4, 50, 3), np.uint8)
+    items = [tmp_path / "p.png", tmp_path / "broken.jpg", photo, sliver]
+    results = list(detector.detect_many(items))
+    assert [r.source for r in results] == [str(tmp_path / "p.png"), str(tmp_path / "broken.jpg"), None, None]
+    expected = detector.detect(photo)
+    for r in (results[0], results[2]):
+        assert r.error is None and (r.image == photo).all()
+        assert torch.equal(r.detections.boxes, expected.boxes) and torch.equal(r.detections.det_ids, expected.det_ids)
+        assert torch.allclose(r.detections.scores, expected.scores)
+        assert set(r.seconds) == {"decode", "selective_search", "warp", "networks", "nms"}
+    assert results[1].image is None and results[1].detections is None and "decode" not in results[1].seconds
+    assert type(results[1].error).__name__ == "ImageError"
+    assert str(results[3].error) == "no proposals in a sliver" and results[3].detections is None
+    assert list(detector.detect_many([])) == []

@@ -93,10 +93,10 @@ class GatedDetector:
         self.gate = threading.Event()
         self.gate.set()
 
-    def detect(self, image):
+    def detect_many(self, images):
         if not self.gate.wait(WAIT_S):
             raise TimeoutError("the test never opened the gate")
-        return self.inner.detect(image)
+        return self.inner.detect_many(images)
 
     def close(self) -> None:
         self.inner.close()

@@ -107,16 +107,18 @@ def test_detect_directory_jsonl_with_an_error_line_and_exit_code_1(tmp_path, run
 
 def interrupt_after(monkeypatch, n):
     """Make the run stop with Ctrl-C as the networks start on image n + 1."""
-    calls = []
-    real = batch.finish
+    from detector.pipeline.detector import Detector
 
-    def finish(detector, prepared):
+    calls = []
+    real = Detector._finish
+
+    def finish(detector, result, proposals):
         calls.append(1)
         if len(calls) > n:
             raise KeyboardInterrupt
-        return real(detector, prepared)
+        return real(detector, result, proposals)
 
-    monkeypatch.setattr(batch, "finish", finish)
+    monkeypatch.setattr(Detector, "_finish", finish)
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_output(tmp_path, run, model, image_dir, monkeypatch):
