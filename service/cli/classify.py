@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from service.cli.common import BACKEND_CHOICES, BACKEND_HELP, PRECISION_HELP, PRECISIONS, CliError, print_json
+from detector.config import PRECISIONS
+from service.cli.common import PRECISION_HELP, CliError, backend_choices, backend_help, print_json
 
 
 def add_parser(sub) -> None:
@@ -15,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
+    p.add_argument("--backend", choices=backend_choices(), default="auto", help=backend_help())
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--json", action="store_true", help="one JSON object per image, in input order")
     p.set_defaults(func=_cmd_classify)

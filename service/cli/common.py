@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import json
 
-from detector.config import PRECISIONS
 from detector.runtimes import AUTO, REFERENCE, RUNTIMES
 
 VARIANTS = ("paper", "torchvision")
 LITE_VARIANTS = ("lite0", "lite1", "lite2", "lite3", "lite4")
 
-BACKEND_CHOICES = (AUTO,) + tuple(RUNTIMES)
-BACKEND_HELP = (f"auto (default): the fastest of {', '.join(RUNTIMES)} that matches {REFERENCE} fp32 within 1e-4, "
-                "measured once per member architecture on this machine (a few seconds) and cached, see `ircnn model "
-                "info BUNDLE --backends`; or force one: " + ", ".join(
-                    f"{name} ({', '.join(info.precisions)}{'; the reference' if name == REFERENCE else ''})"
-                    for name, info in RUNTIMES.items()))
+def backend_choices() -> tuple[str, ...]:
+    """``--backend``'s choices: auto and every runtime of ``detector.runtimes.RUNTIMES``, read when a parser is
+    built, so that a runtime added to the table is a choice everywhere."""
+    return (AUTO,) + tuple(RUNTIMES)
+
+
+def backend_help() -> str:
+    return (f"auto (default): the fastest of {', '.join(RUNTIMES)} that matches {REFERENCE} fp32 within 1e-4, "
+            "measured once per member architecture on this machine (a few seconds) and cached, see `ircnn model "
+            "info BUNDLE --backends`; or force one: " + ", ".join(
+                f"{name} ({', '.join(info.precisions)}{'; the reference' if name == REFERENCE else ''})"
+                for name, info in RUNTIMES.items()))
+
+
 PRECISION_HELP = ("fp32 (default) or bf16 (bfloat16, probabilities differ by ~1e-2): faster only where bf16 is "
                   "native (AVX512_BF16 or AMX CPUs, GPUs), slower elsewhere; with --backend auto, bf16 allows "
                   "bf16 candidates where native and lets the measurement decide; int8: the bundle's int8 models "
@@ -81,4 +88,16 @@ def print_bundle(bundle, as_json: bool) -> None:
     pre = info["preprocess"]
     print(f"preprocess  {pre['size']}x{pre['size']}, mean {pre['mean']}, std {pre['std']}")
     print(f"multibox    {info['multibox'] or 'none'}")
-    print(f"provenance  {json.dumps(info['provenance'])}")
+    print(f"provenance  {short_provenance(info['provenance'])}")
+
+
+def short_provenance(provenance: dict, width: int = 100) -> str:
+    """The provenance on one line of about ``width`` characters: each key with its value, long values cut
+    (``ircnn model info --json`` and model.json hold it whole)."""
+    parts = []
+    for key, value in provenance.items():
+        text = json.dumps(value)
+        parts.append(f"{key} {text if len(text) <= 40 else text[:37] + '...'}")
+    line = ", ".join(parts) or "none"
+    more = "... (--json: all of it)"
+    return line if len(line) <= width else line[: width - len(more)] + more

@@ -6,20 +6,11 @@ from __future__ import annotations
 import os
 import sys
 
-from service.cli.common import (
-    BACKEND_CHOICES,
-    BACKEND_HELP,
-    PRECISION_HELP,
-    PRECISIONS,
-    CliError,
-    count,
-    flag_error,
-    given,
-    print_json,
-)
+from detector.config import PRECISIONS
+from service.cli.common import PRECISION_HELP, CliError, backend_choices, backend_help, count, flag_error, print_json
 
 # Literals so that building the parser does not import torch; tests/service/cli/test_detect.py checks them against
-# service.batch.FORMATS and detector.rcnn.DetectConfig's defaults.
+# service.batch.FORMATS and detector.config.DetectConfig's defaults.
 DETECT_FORMATS = ("jsonl", "coco", "ilsvrc")
 DETECT_DEFAULTS = {"score_threshold": 0.01, "max_detections": 100, "nms_iou": 0.3, "max_regions": 3000}
 
@@ -68,7 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--multibox", choices=("auto", "off"), default="auto",
                    help="auto: add the bundle's MultiBox boxes when it has a MultiBox network")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
+    p.add_argument("--backend", choices=backend_choices(), default="auto", help=backend_help())
     p.add_argument("--max-regions", type=int, default=DETECT_DEFAULTS["max_regions"], metavar="N",
                    help=f"score the first N proposals per image, in the proposal generator's priority order "
                    f"(default {DETECT_DEFAULTS['max_regions']}, at most {DETECT_DEFAULTS['max_regions']}; the "
@@ -79,8 +70,8 @@ def add_parser(sub) -> None:
                    help="warped (default, the paper's R-CNN): every region warped and scored by the whole networks; "
                    "shared-trunk (SPPnet / Fast R-CNN style, not the paper's method): each member's trunk runs once "
                    "per image at four scales and each region's features are pooled (RoIAlign) and scored by the "
-                   "remaining layers: about 3x faster per image with EfficientNet-Lite0 on 2 cores, 4-7 mAP points "
-                   "lower there; no --cascade")
+                   "remaining layers: several times faster per image, a few mAP points lower "
+                   "(the docs' benchmarks page has the figures); no --cascade")
     p.add_argument("--batch-size", type=int, default=32, help="regions per forward pass (default 32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -116,23 +107,14 @@ def _check_detect_args(args) -> None:
 def detect_config(args):
     """``DetectConfig`` of the flags, made without loading torch; a value out of range is the usage error of its
     flag."""
-    from detector.config import DetectConfig, EnsembleConfig, SharedTrunkConfig
-    from proposals.config import ProposalConfig, SelectiveSearchConfig
-
-    # the shared trunk runs in ONNX Runtime where the warped regions would (several times faster than eager torch
-    # on CPUs), in torch where they are forced to or on a GPU
-    on_ort = args.backend in ("auto", "onnxruntime") and args.device == "cpu" and args.precision == "fp32"
+    from detector.config import detect_config as make
 
     try:
-        return DetectConfig(score_threshold=args.score_threshold, max_detections=args.max_detections,
-                            nms_iou=args.nms_iou, max_regions=args.max_regions, cascade_top_k=args.cascade,
-                            whole_objects=args.whole_objects, scoring=args.scoring,
-                            shared_trunk=SharedTrunkConfig(engine="onnxruntime" if on_ort else "torch"),
-                            ensemble=EnsembleConfig(batch_size=args.batch_size, precision=args.precision,
-                                                    backend=args.backend),
-                            proposals=ProposalConfig(selective_search=args.selective_search == "on",
-                                                     search=SelectiveSearchConfig(**given(coarsen=args.coarsen)),
-                                                     multibox=args.multibox == "auto"))
+        return make(device=args.device, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
+                    scoring=args.scoring, selective_search=args.selective_search == "on", coarsen=args.coarsen,
+                    multibox=args.multibox == "auto", score_threshold=args.score_threshold,
+                    max_detections=args.max_detections, nms_iou=args.nms_iou, max_regions=args.max_regions,
+                    cascade_top_k=args.cascade, whole_objects=args.whole_objects)
     except ValueError as e:
         raise flag_error(e, "score_threshold", "max_detections", "nms_iou", "coarsen", "batch_size",
                          "max_regions") from None
@@ -156,7 +138,7 @@ def _cmd_detect(args) -> int:
     try:
         batch = BatchConfig(out=args.out, format=args.format, resume=args.resume, retry_errors=args.retry_errors,
                             imageset=args.imageset, save_vis=args.save_vis, vis_threshold=args.vis_threshold,
-                            progress=sys.stderr.isatty() and not args.json, report_errors=not args.json)
+                            progress=not (args.json and sys.stderr.isatty()), report_errors=not args.json)
     except ValueError as e:
         raise flag_error(e, "vis_threshold") from None
     reads = {"--model": model_files(args.model)}

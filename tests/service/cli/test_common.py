@@ -5,13 +5,13 @@ def test_parser_is_light_and_agrees_with_the_model(run):
     import subprocess
     import sys
 
-    from detector.config import BACKENDS, PRECISIONS
+    from detector.config import BACKENDS
     from detector.nets.efficientnet_lite import VARIANTS as LITE_VARIANTS
     from detector.nets.googlenet import VARIANTS
     from service.cli import common
 
     assert common.VARIANTS == VARIANTS and common.LITE_VARIANTS == LITE_VARIANTS
-    assert common.BACKEND_CHOICES == ("auto",) + BACKENDS and common.PRECISIONS == PRECISIONS
+    assert common.backend_choices() == ("auto",) + BACKENDS
     code = "import sys, service.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `ircnn data synth` and `ircnn eval` start without loading torch
@@ -24,7 +24,7 @@ def test_help_and_usage_errors_import_nothing_heavy(run):
     import sys
 
     from eval.classes import det200
-    from eval.synth import MAX_IMAGES
+    from eval.synth_config import MAX_IMAGES
     from eval.synth_photos import CLASSES
     from service.cli import data
 
@@ -84,3 +84,12 @@ def test_a_config_error_names_the_flag():
     e = ValueError("max_regions must be in 1..3000, got 0")
     assert str(flag_error(e, "nms_iou", "max_regions")) == "--max-regions must be in 1..3000, got 0"
     assert str(flag_error(e, "nms_iou")) == "max_regions must be in 1..3000, got 0"  # not a flag of this command
+
+
+def test_the_provenance_line_stays_short():
+    from service.cli.common import short_provenance
+
+    long = {"source": "efficientnet-lite0", "det_ids": list(range(1, 201)), "trained": {"steps": 220, "lr": 0.001}}
+    line = short_provenance(long)
+    assert len(line) <= 100 and line.startswith('source "efficientnet-lite0", det_ids [1, 2,') and "--json" in line
+    assert short_provenance({"seed": 0}) == "seed 0" and short_provenance({}) == "none"

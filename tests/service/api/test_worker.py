@@ -1,0 +1,47 @@
+"""The service's detector is configured by the same factory as `ircnn detect` (``detector.config.detect_config``):
+every ``IRCNN_*`` detection setting reaches it."""
+
+from __future__ import annotations
+
+import argparse
+
+from detector.config import EnsembleConfig
+from service.api.worker import MAX_DETECTIONS, _detector_of
+from service.cli.detect import detect_config as cli_config
+from service.settings import Settings
+
+
+def test_every_detection_setting_reaches_the_service_detector(tiny_bundle):
+    bundle = tiny_bundle(width=0.125, task="det200-from-cls1000")
+    settings = Settings(nms_iou=0.45, coarsen=3.0, multibox=False, max_regions=500, whole_objects="off",
+                        cascade=40, precision="fp32", backend="torch", inference_batch_size=16)
+    ensemble = EnsembleConfig(batch_size=settings.inference_batch_size, precision=settings.precision,
+                              backend=settings.backend)
+    detector = _detector_of(bundle, ensemble, settings)
+    try:
+        c = detector.config
+        assert (c.nms_iou, c.max_regions, c.whole_objects, c.cascade_top_k) == (0.45, 500, "off", 40)
+        assert (c.proposals.search.coarsen, c.proposals.multibox, c.scoring) == (3.0, False, "warped")
+        assert c.ensemble == ensemble and c.max_detections == MAX_DETECTIONS
+        assert not detector.whole_objects
+        # the CLI's flags with the same values give the same configuration
+        args = argparse.Namespace(device="cpu", backend="torch", precision="fp32", batch_size=16, scoring="warped",
+                                  selective_search="on", coarsen=3.0, multibox="off", score_threshold=c.score_threshold,
+                                  max_detections=MAX_DETECTIONS, nms_iou=0.45, max_regions=500, cascade=40,
+                                  whole_objects="off")
+        assert cli_config(args) == c
+    finally:
+        detector.close()
+    shared = _detector_of(bundle, ensemble, Settings(scoring="shared-trunk", backend="torch"))
+    try:
+        assert shared.config.scoring == "shared-trunk" and type(shared.scorer).__name__ == "SharedTrunkScorer"
+    finally:
+        shared.close()
+
+
+def test_every_setting_is_in_the_serving_docs():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[3] / "docs" / "serving.md").read_text()
+    missing = [f"IRCNN_{name.upper()}" for name in Settings.model_fields if f"IRCNN_{name.upper()}" not in page]
+    assert missing == []
