@@ -23,6 +23,7 @@ from detector.bundle.format import (
     load_bundle,
     read_state_dict,
 )
+from detector.config import MAKE_BUNDLE
 from detector.nets import efficientnet_lite
 from detector.nets.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLiteConfig
 from detector.nets.googlenet import GoogLeNet, GoogLeNetConfig
@@ -75,7 +76,7 @@ def import_torchvision(file: str | os.PathLike, input_range: str = "auto", task:
 
 def import_efficientnet_lite(variant: str = "lite0", weights: str | os.PathLike | None = None,
                              task: str = "cls1000") -> Bundle:
-    """An EfficientNet-Lite ImageNet checkpoint as a 1-member bundle (``detector/efficientnet_lite.py``).
+    """An EfficientNet-Lite ImageNet checkpoint as a 1-member bundle (``detector/nets/efficientnet_lite.py``).
 
     ``weights``: a ``.pth`` state dict for ``EfficientNet.from_name("efficientnet-<variant>")``, read with
     ``torch.load(weights_only=True)``; ``None`` takes the file inside the installed
@@ -174,12 +175,9 @@ def default_bundle(device: str | torch.device = "cpu") -> Bundle:
             pass
     if not path.is_file():
         raise BundleError(
-            f"no model given and torchvision's ImageNet GoogLeNet is not available offline. Either put "
-            f"{TORCHVISION_CHECKPOINT} (download it on a machine that is online from "
-            f"https://download.pytorch.org/models/{TORCHVISION_CHECKPOINT}) at {path} (torchvision's cache; "
-            f"TORCH_HOME moves it), or pass "
-            f"--model DIR with a bundle made by `ircnn model import-torchvision FILE --out DIR` or "
-            f"`ircnn model init --out DIR`")
+            f"no model given (--model DIR or IRCNN_MODEL), and torchvision's ImageNet GoogLeNet, the default, is not "
+            f"here ({path}; download {TORCHVISION_CHECKPOINT} from https://download.pytorch.org/models/ on a machine "
+            f"that is online and put it there). To get a model bundle instead, {MAKE_BUNDLE}")
     bundle = import_torchvision(path)
     for m in bundle.members:
         m.to(device)

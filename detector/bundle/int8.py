@@ -24,7 +24,7 @@ class Int8Error(BundleError):
 def read_int8_manifest(bundle_dir: str | os.PathLike) -> dict:
     """``int8/int8.json`` of a bundle, checked for shape (not yet against the members: ``load_int8``)."""
     path = Path(bundle_dir) / INT8_DIR / INT8_MANIFEST
-    hint = f"run `ircnn model quantize --model {bundle_dir} --images DIR` to make them"
+    hint = f"run `ircnn model quantize {bundle_dir} --images DIR` to make them"
     if not path.is_file():
         raise Int8Error(f"{bundle_dir} has no int8 models ({INT8_DIR}/{INT8_MANIFEST} is missing); {hint}")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -52,7 +52,7 @@ def load_int8(bundle: Bundle) -> list[Path]:
         raise Int8Error("int8 models live in a bundle's directory; this bundle was not loaded from disk")
     root = Path(bundle.path)
     doc = read_int8_manifest(root)
-    hint = f"run `ircnn model quantize --model {root} --images DIR` again"
+    hint = f"run `ircnn model quantize {root} --images DIR` again"
     pre = bundle.preprocess
     if doc["size"] != pre.size or len(doc["members"]) != len(bundle.members):
         raise Int8Error(f"the int8 models in {root / INT8_DIR} are for {len(doc['members'])} member(s) at "

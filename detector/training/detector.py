@@ -14,7 +14,7 @@ images" (section 7). What is taken from R-CNN (Girshick et al. 2014, section 2.3
 - **Mini-batches**: 128 windows, 32 foreground and 96 background, each drawn over all training images (R-CNN's
   window data layer), not a fixed number of images per batch. An epoch is one pass over the foreground windows in
   a member-specific random order; background windows are drawn uniformly with replacement (there are ~100 times
-  more of them). Each window is warped with ``detector.warp.warp_regions`` (R-CNN's anisotropic warp with
+  more of them). Each window is warped with ``detector.pipeline.warp.warp_regions`` (R-CNN's anisotropic warp with
   ``context`` pixels of context at the network's input scale) and flipped horizontally with probability ``flip``.
 - **Optimiser**: SGD, momentum 0.9, weight decay 5e-4 on weights (R-CNN), learning rate 0.001 from a classifier
   (R-CNN: "1/10th of the initial pre-training rate"), 0.01 from random weights; the paper's schedule (-4% every 8
@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from detector.bundle.format import Bundle, Preprocess, file_sha256, load_bundle, read_manifest, save_bundle
 from detector.bundle.multibox import load_multibox, multibox_provenance, save_multibox
@@ -51,6 +50,7 @@ from detector.cpus import default_workers
 from detector.nets.googlenet import GoogLeNetConfig, googlenet_loss
 from detector.nets.members import ArchConfig, build_member, is_head, with_classes
 from detector.pipeline.scoring import fill_colour
+from detector.progress import track
 from detector.training.checkpoint import Checkpoint, load_members
 from detector.training.engine import (
     EMA,
@@ -208,8 +208,7 @@ def compute_proposals(cfg: DetectorTrainConfig, images: list[DetImage], cache: P
             props, _ = generate(pixels)
             return props.boxes.numpy(), props.source.numpy()
 
-        for im in tqdm(todo, desc="proposals", unit="img", disable=None if (show and d.main) else True,
-                       leave=False):
+        for im in track(todo, len(todo), "proposals", "img", show=show and d.main):
             cache.get_or_compute(im.path, compute)
     stats = {"cached": cache.hits, "computed": cache.misses, "repaired": cache.repaired}
     if d.world > 1:
@@ -263,7 +262,7 @@ def member_job(cfg: DetectorTrainConfig, m: Member, images: list[DetImage], wind
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     model = new_member(m.arch, seed, m.init, m.index, m.keep_head).to(d.device)
-    channels_last = d.device.type == "cpu"  # NHWC convolutions: ~1.2x faster training on this CPU
+    channels_last = d.device.type == "cpu"  # NHWC convolutions: faster training on CPUs
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, momentum=cfg.momentum)

@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from detector.bundle.format import MAX_MEMBERS
 from detector.cpus import default_workers
 from detector.nets.googlenet import VARIANTS
+from detector.progress import progress
 from detector.training.checkpoint import Checkpoint, open_checkpoint, pack, save_checkpoint, save_member, unpack
 
 
@@ -273,8 +273,7 @@ def fit(job: Job, cfg: RunConfig, d: Dist, ckpt_dir: Path, resume: Checkpoint | 
         lr = opt.param_groups[0]["lr"]
         model.train()
         start, seen = time.perf_counter(), 0
-        bar = tqdm(total=spe, initial=step_in_epoch, desc=f"{job.name} epoch {epoch + 1}", unit="step",
-                   disable=None if d.main else True, leave=False)
+        bar = progress(spe, f"{job.name} epoch {epoch + 1}", "step", initial=step_in_epoch, show=d.main)
         try:
             for batch in job.batches(epoch, step_in_epoch, last):
                 torch.manual_seed(mix_seed(job.seed, step, d.rank))  # dropout masks: a function of (seed, step, rank)
@@ -287,24 +286,28 @@ def fit(job: Job, cfg: RunConfig, d: Dist, ckpt_dir: Path, resume: Checkpoint | 
                 sums[:-1] += stats
                 sums[-1] += 1
                 step, step_in_epoch, seen = step + 1, step_in_epoch + 1, seen + items
-                bar.update()
+                if bar is not None:
+                    bar.update()
                 if step % 10 == 0 or step_in_epoch == last:
                     rate = seen * d.world / (time.perf_counter() - start)
-                    bar.set_postfix({"loss": f"{(sums[0] / sums[-1]).item():.4f}", f"{job.unit}_s": f"{rate:.0f}"},
-                                    refresh=False)
+                    if bar is not None:
+                        bar.set_postfix({"loss": f"{(sums[0] / sums[-1]).item():.4f}",
+                                         f"{job.unit}_s": f"{rate:.0f}"}, refresh=False)
                 if cfg.max_minutes and time.perf_counter() - began >= 60 * cfg.max_minutes:
                     out_of_time = True
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step_in_epoch < last:
                     checkpoint()
         except KeyboardInterrupt:
-            bar.close()
+            if bar is not None:
+                bar.close()
             checkpoint()  # the last completed step; a resumed run repeats from the next one
             if d.main:
                 print(f"ircnn: stopped at {job.name} step {step}; the checkpoint in {ckpt_dir} continues it with "
                       "--resume", file=sys.stderr, flush=True)
             raise
-        bar.close()
+        if bar is not None:
+            bar.close()
         seconds = time.perf_counter() - start
         totals = sum_over_processes(sums, d).tolist()
         if not np.isfinite(totals[0]):

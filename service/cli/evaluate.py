@@ -76,10 +76,14 @@ def _run_eval_det(args) -> int:
                      "failed_images": len(predictions.failed), "plots": plots})
         return 0
     in_map = [c for c in result.classes if c.ap is not None]
-    print(f"{'det_id':>6}  {'name':<24} {'AP':>7} {'positives':>9} {'detections':>10}")
-    for c in result.classes:
-        ap = "-" if c.ap is None else f"{100 * c.ap:6.2f}%"
-        print(f"{c.det_id:>6}  {c.name[:24]:<24} {ap:>7} {c.positives:>9} {c.detections:>10}")
+    without = [c for c in result.classes if c.ap is None]
+    # the classes the mAP averages, one row each; those without positives (most, on a small set) as one line
+    print(f"{'det_id':>6}  {'name':<24} {'AP':>6} {'positives':>9} {'detections':>10}")
+    for c in in_map:
+        print(f"{c.det_id:>6}  {c.name[:24]:<24} {c.ap:6.3f} {c.positives:>9} {c.detections:>10}")
+    if without:
+        print(f"({len(without)} classes with detections but no positives are not counted: "
+              f"{sum(c.detections for c in without)} detections between them; --json lists them)")
     print(f"mode         {result.mode}")
     print(f"images       {result.images}")
     print(f"predictions  {predictions.format} file, {len(predictions.detections)} detections")
@@ -91,6 +95,5 @@ def _run_eval_det(args) -> int:
         print(f"errors       {len(predictions.failed)} images with an error line (scored as no detections)")
     for path in plots:
         print(f"plot         {path}")
-    print(f"mAP          {100 * result.map:.2f}%  (mean over {len(in_map)} classes with positives; "
-          "'-' = no positives, not counted)")
+    print(f"mAP          {result.map:.4f}  (mean AP over the {len(in_map)} classes with positives)")
     return 0

@@ -9,8 +9,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="the REST service: /v1/detect, /v1/classify, /v1/models, /metrics, web page",
                        description="Serve the HTTP API with uvicorn: POST /v1/detect and /v1/classify (an image as "
                        "multipart field 'image' or as the raw body), GET /v1/models, /healthz, /readyz and /metrics, "
-                       "the web page at / and interactive API docs at /docs. Every IRCNN_* setting (the table in "
-                       "README's service section) is read from the environment; these flags override them. SIGTERM "
+                       "the web page at / and interactive API docs at /docs. Every IRCNN_* setting (the settings table of "
+                       "the serving docs) is read from the environment; these flags override them. SIGTERM "
                        "or Ctrl-C stops taking connections, finishes the requests in flight, then exits 0.")
     p.add_argument("--host", help="address to listen on (default IRCNN_HOST or 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="default IRCNN_PORT or 8000")
@@ -22,7 +22,15 @@ def add_parser(sub) -> None:
 
 
 def _cmd_serve(args) -> int:
+    import os
     import signal
+
+    from detector.config import MAKE_BUNDLE
+
+    model = args.model if args.model is not None else os.environ.get("IRCNN_MODEL")
+    if model and not os.path.isfile(os.path.join(model, "model.json")):  # before uvicorn, torch and the app load
+        what = "does not exist" if not os.path.exists(model) else "is not a model bundle (no model.json)"
+        raise CliError(f"--model {model} {what}; {MAKE_BUNDLE}")
 
     import uvicorn
 

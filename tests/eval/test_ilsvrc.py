@@ -375,6 +375,8 @@ def test_cli_text_table_blacklist_and_plots(tmp_path, capsys):
     pred = tmp_path / "pred.jsonl"
     lines = tiny_predictions(0.0)
     lines[2] = {"image": "val_003.JPEG", "error": "cannot decode"}
+    extra = dict(lines[0]["detections"][0], det_id=199, wnid="n04591713", name="wine bottle", score=0.5)
+    lines[0]["detections"].append(extra)  # a class without positives: not counted, one summary line
     pred.write_text("".join(json.dumps(r) + "\n" for r in lines))
     blacklist = tmp_path / "blacklist.txt"
     blacklist.write_text("4 n02672831\n")
@@ -382,9 +384,11 @@ def test_cli_text_table_blacklist_and_plots(tmp_path, capsys):
     assert main(["eval", "det", "--annotations", ann_dir, "--imageset", imageset, "--predictions", str(pred),
                  "--blacklist", str(blacklist), "--plots", str(plots)]) == 0
     out = capsys.readouterr().out
-    assert "accordion" in out and "airplane" in out and "100.00%" in out
+    assert "accordion" in out and "airplane" in out and " 1.000 " in out and "%" not in out
+    assert len([line for line in out.splitlines() if line.strip().split(" ")[0].isdigit()]) == 2  # one row each
+    assert "(1 classes with detections but no positives are not counted: 1 detections" in out
     assert "blacklisted  2 detections" in out and "errors       1 images" in out
-    assert "mAP          100.00%  (mean over 2 classes" in out
+    assert "mAP          1.0000  (mean AP over the 2 classes with positives)" in out
     for name in ("pr_curves.png", "ap_per_class.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
