@@ -1,7 +1,7 @@
 """Whole-image classification throughput: images/s for 1, 10 and 144 crops at batch sizes 1 and 32.
 
 Every figure is also given as a fraction of the machine's measured matmul peak (GoogLeNet's exact multiply-adds
-x 2 per crop, from ``detector.summary``) and as a ratio against the plain baseline (default layout, fp32)
+x 2 per crop, from ``detector.nets.summary``) and as a ratio against the plain baseline (default layout, fp32)
 measured in the same run. bfloat16 is reported with its largest probability difference from fp32.
 
     python bench/classify.py                 # full table (a few minutes on 2 cores)

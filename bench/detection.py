@@ -1,4 +1,4 @@
-"""Offline end-to-end detection benchmark (issue 5, item 6): train MultiBox and an ensemble of narrow GoogLeNet
+"""Offline end-to-end detection benchmark: train MultiBox and an ensemble of narrow GoogLeNet
 region classifiers on a synthetic ILSVRC-format set, then measure on its val split what section 8 of the paper
 reports and what the detector costs.
 
@@ -13,7 +13,7 @@ output exists, so the evaluation can be rerun without retraining):
 Evaluation on val, with every image's proposals computed once (selective search 2x and MultiBox separately, cached
 in ``OUT/eval/proposals.npz``) and every member's region probabilities computed once on the union of the boxes that
 any row scores. The rows are then pure functions of those probabilities, fed to the project's per-class NMS
-(``detector.rcnn.nms_per_class``), written as devkit submissions (``OUT/eval/*.txt``) and scored by
+(``detector.pipeline.detector.nms_per_class``), written as devkit submissions (``OUT/eval/*.txt``) and scored by
 ``eval.ilsvrc.evaluate_files`` in devkit mode:
 
 - member 0 alone vs the ensemble of all members (the paper's ensemble effect),
@@ -27,8 +27,8 @@ measured them on every val image; warp, networks and NMS from ``Detections.secon
 first ``--timing-images`` val images (after one warm-up image), for every row. Those runs also cross-check the
 derived rows: their detections must equal what the cached probabilities give (the largest score difference is
 printed). Regions/s per network come from the per-member pass, as a fraction of the matmul peak measured by
-``detector.summary.matmul_peak``, with GoogLeNet's exact multiply-adds at the bundle's width and input size
-counted by ``detector.summary``'s forward hooks (``summarize`` takes only a variant, so its hook counter runs on
+``detector.nets.summary.matmul_peak``, with GoogLeNet's exact multiply-adds at the bundle's width and input size
+counted by ``detector.nets.summary``'s forward hooks (``summarize`` takes only a variant, so its hook counter runs on
 the bundle's own architecture).
 
     python bench/detection.py --out /tmp/bench-det                 # about 35 minutes on 2 quiet cores
@@ -364,7 +364,7 @@ def compare(a: list[Detections], b: list[Detections]) -> dict:
 
 def network_macs(bundle: Bundle) -> int:
     """Exact multiply-adds of one member's inference forward at the bundle's input size (convolutions and linear
-    layers), by ``detector.summary``'s forward hooks on the bundle's architecture without auxiliary heads."""
+    layers), by ``detector.nets.summary``'s forward hooks on the bundle's architecture without auxiliary heads."""
     net = GoogLeNet(dataclasses.replace(bundle.arch, aux_logits=False))
     per_child, _ = _counts(net, bundle.preprocess.size)
     return sum(c["macs"] for c in per_child.values())
@@ -507,7 +507,7 @@ def markdown(doc: dict, command: str) -> str:
                      f"| {s['selective_search']:.3f} | {s['multibox']:.3f} | {s['warp']:.3f} | {s['networks']:.3f} "
                      f"| {s['nms']:.3f} | {s['total']:.3f} |")
     peak = doc["matmul_peak_gflops"]
-    lines += ["", f"Networks: {2 * doc['gmacs_per_region']:.3f} GFLOP per region (exact, detector.summary's hooks); "
+    lines += ["", f"Networks: {2 * doc['gmacs_per_region']:.3f} GFLOP per region (exact, detector.nets.summary's hooks); "
               f"matmul peak {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} GFLOP/s bf16.", "",
               "| network | regions/s | GFLOP/s | of the matmul peak |", "|---|---:|---:|---:|"]
     for m in doc["members"]:

@@ -1,5 +1,5 @@
 """Detection scoring speed at the size of ILSVRC DET val: 20,000 images x 200 classes x 100 detections per image
-(2M detections, about 55,000 objects), generated in memory. The issue's bar: under 60 s on the 2-core dev machine.
+(2M detections, about 55,000 objects), generated in memory. The bar: under 60 s on a 2-core machine.
 
 The objects follow val's statistics loosely (about 2.75 per 500 x 375 image, sides log-uniform 16..400 px, a
 third of them small enough for the devkit's small-object rule). A quarter of the detections cluster around objects

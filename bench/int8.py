@@ -5,7 +5,7 @@ and speed as a fraction of the machine's measured peaks and against plain eager 
     python bench/int8.py --model runs/gnet --speed-only
 
 1. ``--calibration DIR`` (an ILSVRC-format set: its train split; or a directory of images) gives the calibration
-   images; ``--regions`` (300) warped regions of them calibrate ``detector.quantize`` (written into the bundle's
+   images; ``--regions`` (300) warped regions of them calibrate ``detector.runtimes.calibrate`` (written into the bundle's
    ``int8/``, as ``ircnn model quantize`` does). Calibrate on other images than those evaluated below.
 2. Accuracy: the real photos' (``data/real_photos``) proposals, scored by the fp32 and the int8 ensemble
    (ONNX Runtime both): top-1 agreement over all regions and over those fp32 is at least 0.5 sure of, and

@@ -2,12 +2,12 @@
 batch 32, per runtime, and what ``--backend auto`` picks here.
 
 Rows: PyTorch eager (default layout fp32, channels_last fp32, channels_last bf16 autocast), ``torch.compile``
-(inductor with freezing, channels_last bf16), and the exported backends of ``detector/backends.py`` (ONNX Runtime
-fp32, OpenVINO fp32 and bf16) where installed, and ``auto`` (``detector/autobackend.py``: its pick, measured once and
+(inductor with freezing, channels_last bf16), and the exported backends of ``detector/runtimes/export.py`` (ONNX Runtime
+fp32, OpenVINO fp32 and bf16) where installed, and ``auto`` (``detector/runtimes/auto.py``: its pick, measured once and
 cached; its first setup includes that measurement). Every row runs through ``Ensemble`` (uint8 in, normalisation,
 softmax), as region scoring does, except ``torch.compile``, which compiles the same normalise -> net -> softmax
 graph (``PixelGraph``) directly. Each row also gives its fraction of the machine's measured matmul peak
-(GoogLeNet's exact multiply-adds x 2 per image, from ``detector.summary``) and its largest probability
+(GoogLeNet's exact multiply-adds x 2 per image, from ``detector.nets.summary``) and its largest probability
 difference from the fp32 eager reference on the same batch.
 
 On a machine shared with other processes, one timing is noise: every configuration is timed ``--repeats`` times
@@ -121,7 +121,7 @@ def main() -> None:
     bundle = network_bundle(args.model)
     arch = describe_arch(bundle.members[0].config)
     size = bundle.preprocess.size
-    # exact multiply-adds are counted for GoogLeNet (detector.summary); other members get no FLOP columns
+    # exact multiply-adds are counted for GoogLeNet (detector.nets.summary); other members get no FLOP columns
     googlenet = arch.startswith("GoogLeNet") and size == 224
     macs = summarize(bundle.members[0].config.variant)["total"]["macs"] if googlenet else None
     names = list(CONFIGS) + ([] if args.no_compile else [COMPILED])

@@ -1,4 +1,4 @@
-"""Peak memory of a real `ircnn serve` under a burst of uploads that decode to 6000 x 6000 (issue 13's check).
+"""Peak memory of a real `ircnn serve` under a burst of uploads that decode to 6000 x 6000.
 
 Starts the server on 127.0.0.1 with the default settings (only the model and port given), waits until ready,
 then sends ``--uploads`` requests at once, each a small file whose pixels are 6000 x 6000: an all-zero PNG

@@ -1,4 +1,4 @@
-"""Shared-trunk scoring (``detector/shared_trunk.py``) against warped-region scoring: devkit mAP and seconds per
+"""Shared-trunk scoring (``detector/pipeline/shared_trunk.py``) against warped-region scoring: devkit mAP and seconds per
 image on the same proposals, through the same post-processing (``Detector.score`` with its defaults).
 
 For every image of each set, selective search 2x (as ``ircnn detect``, no MultiBox) proposes once; the proposals

@@ -2,7 +2,7 @@
 finds whole objects (devkit mAP per method, and what each costs).
 
 For every image of each set, the detector's own proposals (selective search 2x, as ``ircnn detect``) are scored
-once by the bundle's ensemble, and once more on each box's context frame (``detector.warp.warp_frames``); both are
+once by the bundle's ensemble, and once more on each box's context frame (``detector.pipeline.warp.warp_frames``); both are
 cached in ``--cache`` (npz, keyed by set and image). The rows are then pure functions of those probabilities, through
 the functions ``Detector.score`` calls (``contrast_frames``, ``postprocess``), scored by the devkit rules
 (``eval.ilsvrc``):

@@ -1,4 +1,4 @@
-"""Regions/s of R-CNN's warp (``detector/warp.py``): its two backends against per-box loops, 1000 random boxes on
+"""Regions/s of R-CNN's warp (``detector/pipeline/warp.py``): its two backends against per-box loops, 1000 random boxes on
 a 500x375 photo, best of 3.
 
     python bench/warp.py [--threads N]

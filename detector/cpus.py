@@ -1,7 +1,7 @@
 """What this machine's CPU is: its model name and instruction-set flags, and how many cores this process may use.
 
 The flags decide which kernels the runtimes pick (AVX2, AVX-512, AVX512_BF16, AMX), so speed figures and the
-cached backend choices (``detector/autobackend.py``) are keyed on them; ``detector.summary.machine`` prints them
+cached backend choices (``detector/runtimes/auto.py``) are keyed on them; ``detector.nets.summary.machine`` prints them
 beside every benchmark.
 """
 
@@ -45,8 +45,8 @@ def cpu_flags() -> frozenset[str]:
 
 
 def native_bf16() -> bool:
-    """Whether the CPU computes bfloat16 natively (AVX512_BF16 or AMX). Elsewhere bf16 is emulated and slower than
-    fp32 (measured 3x slower on an AVX2-only EPYC)."""
+    """Whether the CPU computes bfloat16 natively (AVX512_BF16 or AMX). Elsewhere bf16 is emulated, and slower than
+    fp32 (the docs' benchmarks page has the figures)."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 

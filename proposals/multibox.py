@@ -27,7 +27,7 @@ coarsened selective search proposals.
 Boxes leave ``MultiBox.propose`` in the project convention: ``float32 Tensor[K, 4]`` ``x1, y1, x2, y2`` in
 original pixels, clipped to the image.
 
-``detector/multibox_bundle.py`` builds the GoogLeNet trunk and keeps the weights in a model bundle
+``detector/bundle/multibox.py`` builds the GoogLeNet trunk and keeps the weights in a model bundle
 (``multibox.safetensors``); this module imports nothing else of the project.
 """
 

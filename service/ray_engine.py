@@ -1,4 +1,4 @@
-"""``ircnn detect PATH --engine ray``: the batch runner's per-image work on a Ray cluster (issue 6, item 4).
+"""``ircnn detect PATH --engine ray``: the batch runner's per-image work on a Ray cluster.
 
 Everything except *where* the images are detected is the local engine's, in ``service.batch.run_batch``: the input
 list, image ids, which images ``--resume`` skips, the journal and the jsonl / coco / ilsvrc writers, the summary.

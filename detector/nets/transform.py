@@ -7,7 +7,7 @@ wherever it runs:
 - ``Normalize`` computes it as one multiply-add, ``x * scale + shift`` with ``scale = 1 / (255 std)`` and
   ``shift = -mean / std`` in float32;
 - ``fold_into_conv`` is the same map for an exported graph: the scale goes into the first convolution's weights
-  and only ``255 mean`` is subtracted from the pixels (``detector/backends.py`` says why).
+  and only ``255 mean`` is subtracted from the pixels (``detector/runtimes/export.py`` says why).
 """
 
 from __future__ import annotations

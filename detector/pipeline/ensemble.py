@@ -2,8 +2,7 @@
 (section 7, step 3 of the paper).
 
 Input stays ``uint8`` until the last moment: the ensemble normalises ``Tensor[N, 3, S, S]`` uint8 crops itself,
-in chunks of ``batch_size``, in channels-last layout (about 1.7x faster than the default layout on AVX-512
-CPUs) and optionally under bfloat16 autocast. ``EnsembleConfig(backend=...)`` names the runtime of
+in chunks of ``batch_size``, in channels-last layout (faster than the default layout on AVX-512 CPUs) and optionally under bfloat16 autocast. ``EnsembleConfig(backend=...)`` names the runtime of
 ``detector.runtimes.RUNTIMES`` the members run on (the exported ones run ONNX exports, with the same input and
 output); ``backend="auto"`` measures which of those is fastest here, per member architecture, and runs each member
 on its choice (``detector.runtimes.auto``).

@@ -82,7 +82,7 @@ class RegionScorer:
     @torch.inference_mode()
     def score_frames(self, image: np.ndarray, boxes: Tensor, seconds: dict[str, float] | None = None) -> Tensor:
         """``boxes (Tensor[R, 4])`` -> ``Tensor[R, K + 1]``, the DET probabilities of each box's context frame
-        (``detector.warp.warp_frames``, ``config.frame_scale``), averaged over all members."""
+        (``detector.pipeline.warp.warp_frames``, ``config.frame_scale``), averaged over all members."""
         seconds = {"warp": 0.0, "networks": 0.0} if seconds is None else seconds
         return self._run(image, check_boxes(boxes), seconds, frames=True)
 

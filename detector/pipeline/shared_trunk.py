@@ -19,7 +19,7 @@ Where each architecture is split (``split_member``):
   network than GoogLeNet's: its 1152- and 1280-channel layers at 7 x 7).
 
 A box and its ``context`` (R-CNN's 16 px at 224, ``RegionScorer.context``) map to the feature map as the warped
-region would: the dilated box ``detector.warp.dilate_boxes`` in the resized image's pixels, times
+region would: the dilated box ``detector.pipeline.warp.dilate_boxes`` in the resized image's pixels, times
 ``grid / size`` (1/16). On a ``size x size`` image at scale 1, a box whose dilation is the whole image pools the
 whole map, so trunk + rest is the member itself (the tests hold it to that). Boxes are stretched to the square
 grid regardless of aspect ratio, as the warp does; feature-map cells outside the image read as zero.
@@ -38,7 +38,7 @@ warping. ``max_side`` (1000) bounds the largest scale's memory and time.
 
 Context frames (``Detector``'s whole-objects step for ``det200-from-cls1000`` bundles) are pooled from the same
 map (``frames="pool"``): the frame box enlarged ``frame_scale`` times, the cells covering the box set to zero,
-the feature-space counterpart of ``detector.warp.warp_frames``'s blanked box; or warped and scored by the full
+the feature-space counterpart of ``detector.pipeline.warp.warp_frames``'s blanked box; or warped and scored by the full
 networks as ``RegionScorer`` does (``frames="warp"``). The split members run in torch, in
 ``EnsembleConfig.precision``, or exported to ONNX Runtime (``engine="onnxruntime"``, fp32, the CPU);
 ``cascade_top_k`` does not apply (each trunk runs once anyway).

@@ -15,9 +15,9 @@ Two implementations of that one mapping, picked by ``backend``:
 
 - ``"opencv"`` (the CPU default): one ``cv2.warpAffine`` per box, straight into the output array. OpenCV's
   fixed-point SIMD bilinear (1/32 px positions, 15-bit weights) is within 1 grey level of exact float
-  interpolation and measured 4-7x faster on this 2-core CPU than the batched torch version below (1000 boxes on
-  a 500x375 photo, shared machine: 850-4,000 regions/s against 190-660), so the loop over boxes stays. Either
-  way the warp is under 2% of the time the networks take for the same regions.
+  interpolation and several times faster on CPUs than the batched torch version below (``bench/warp.py``
+  measures both), so the loop over boxes stays. Either way the warp is a small part of the time the networks
+  take for the same regions.
   OpenCV stores source positions as 16-bit integers, so images with a side of ``CV2_MAX_SIDE`` or more go to
   the torch path.
 - ``"torch"`` (images on a GPU, and very large images): ``grid_sample`` over the image minus ``fill`` with zero
@@ -25,7 +25,7 @@ Two implementations of that one mapping, picked by ``backend``:
   40 MB.
 
 The result is ``uint8 Tensor[R, 3, size, size]`` in channels-last memory layout (a permuted view of
-``[R, size, size, 3]``), which is the layout ``detector.ensemble.Ensemble`` feeds its networks.
+``[R, size, size, 3]``), which is the layout ``detector.pipeline.ensemble.Ensemble`` feeds its networks.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """int8 members: post-training static quantisation with ONNX Runtime's quantiser, calibrated on the bundle's own
 warped regions.
 
-Each member's graph as the dynamo exporter writes it (``detector.backends.PixelGraph``: uint8 pixels in,
+Each member's graph as the dynamo exporter writes it (``detector.runtimes.export.PixelGraph``: uint8 pixels in,
 probabilities out; ``export_onnx(exporter="dynamo")``) is quantised
 in the QDQ form: every convolution gets int8 weights (one scale per output channel) and uint8 activations (one
 scale per tensor, the min/max seen over the calibration regions). The classifier layer (Gemm) and the softmax stay

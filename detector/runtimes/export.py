@@ -19,9 +19,9 @@ in-memory model it came from. OpenVINO also keeps its compiled kernels there (``
     pip install "inception-rcnn[openvino]"    # OpenVINO, fp32 or bf16 (bf16 needs AVX512_BF16 or AMX)
 
 int8 members are quantised copies of the dynamo exporter's graphs (``onnx/<sha256>.dynamo.onnx``; see
-``detector/quantize.py``), run by either runtime.
+``detector/runtimes/calibrate.py``), run by either runtime.
 
-``detector/autobackend.py`` (``backend="auto"``) measures which of them runs a member fastest on this machine.
+``detector/runtimes/auto.py`` (``backend="auto"``) measures which of them runs a member fastest on this machine.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def export_onnx(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ..
     static shapes compile to faster kernels anyway. Returns the cached file's path, ``<export_key>.onnx``; a second
     call with the same weights, normalisation and size exports nothing. ``exporter="dynamo"``: the dynamo
     exporter's graph only (``<export_key>.dynamo.onnx``), whose optimiser folds EfficientNet's explicit padding into
-    the convolutions; int8 quantisation takes that form (``detector.quantize``).
+    the convolutions; int8 quantisation takes that form (``detector.runtimes.calibrate``).
     """
     if not 32 <= size <= 1024:
         raise ValueError(f"size must be in 32..1024, got {size}")

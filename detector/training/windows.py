@@ -128,7 +128,7 @@ class WindowSampler:
 
 class WindowBatches(Dataset):
     """Item ``b``: batch ``b`` of the current epoch as ``(uint8 Tensor[B, 3, S, S], labels int64 Tensor[B])``:
-    windows warped by ``detector.warp.warp_regions`` with ``context`` and flipped where the draw is < ``flip``."""
+    windows warped by ``detector.pipeline.warp.warp_regions`` with ``context`` and flipped where the draw is < ``flip``."""
 
     def __init__(self, images: list[DetImage], windows: Windows, sampler: WindowSampler, size: int, context: int,
                  flip: float, fill: tuple[int, int, int], rank: int = 0, image_cache_mb: int = 512) -> None:

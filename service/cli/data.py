@@ -8,7 +8,7 @@ from detector.cpus import default_workers
 from service.cli.common import CliError, print_json
 
 # Literals so that the parser imports nothing heavy; tests/service/cli checks them against eval.synth_photos.CLASSES
-# and eval.synth.MAX_IMAGES.
+# and eval.synth_config.MAX_IMAGES.
 SYNTH_CLASSES = ("cat", "person", "cup or mug", "motorcycle", "horse")  # eval.synth_photos.CLASSES, in order
 SYNTH_MAX_IMAGES = 1_000_000
 

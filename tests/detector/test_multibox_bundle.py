@@ -1,4 +1,4 @@
-"""A bundle's MultiBox (detector/multibox_bundle.py): its config, the GoogLeNet trunk, multibox.safetensors and
+"""A bundle's MultiBox (detector/bundle/multibox.py): its config, the GoogLeNet trunk, multibox.safetensors and
 model.json's entry for it."""
 
 from __future__ import annotations

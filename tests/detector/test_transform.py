@@ -1,4 +1,4 @@
-"""The input transform (detector/transform.py): uint8 pixels to normalised network input."""
+"""The input transform (detector/nets/transform.py): uint8 pixels to normalised network input."""
 
 from __future__ import annotations
 
