@@ -176,7 +176,7 @@ def default_bundle(device: str | torch.device = "cpu") -> Bundle:
     if not path.is_file():
         raise BundleError(
             f"no model given (--model DIR or IRCNN_MODEL), and torchvision's ImageNet GoogLeNet, the default, is not "
-            f"here ({path}; download {TORCHVISION_CHECKPOINT} from https://download.pytorch.org/models/ on a machine "
+            f"here ({path}; download https://download.pytorch.org/models/{TORCHVISION_CHECKPOINT} on a machine "
             f"that is online and put it there). To get a model bundle instead, {MAKE_BUNDLE}")
     bundle = import_torchvision(path)
     for m in bundle.members:

@@ -25,9 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
     p.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default 0.01)")
     p.add_argument("--weight-decay", type=float, default=2e-4, help="on weights, not biases (default 2e-4)")
-    p.add_argument("--variant", choices=VARIANTS, help="a new network's variant (default paper)")
-    p.add_argument("--width", type=float, help="a new network's channel multiplier (default 1.0)")
-    p.add_argument("--size", type=int, default=224, help="network input side (default 224)")
+    add_network_flags(p, "network")
     p.add_argument("--members", type=int, default=1, help="ensemble members, member i with seed + i")
     p.add_argument("--init", metavar="BUNDLE", help="start every member from this bundle's weights and arch")
     p.add_argument("--max-steps", type=int, default=0, help="stop each member after N steps (0: no limit)")
@@ -44,10 +42,7 @@ def add_parser(sub) -> None:
                        "weights go to BUNDLE_DIR/multibox.safetensors and model.json's \"multibox\" entry; the "
                        "bundle's members are not touched. Create the bundle first with `ircnn model init` or "
                        "`ircnn model import-torchvision`.")
-    p.add_argument("--data", required=True, metavar="ROOT", help="ILSVRC-format root (e.g. `ircnn data synth`)")
-    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="an existing model bundle")
-    p.add_argument("--imageset", default="ImageSets/DET/train.txt", metavar="FILE",
-                   help="training images, relative to ROOT (default ImageSets/DET/train.txt)")
+    add_det_data_flags(p, "an existing model bundle")
     p.add_argument("--val-imageset", metavar="FILE", help="e.g. ImageSets/DET/val.txt: recall at IoU 0.5 of the "
                    "K boxes, and of the priors alone, after every epoch")
     p.add_argument("--k", type=int, default=200, help="boxes per image (default 200, the paper's)")
@@ -59,9 +54,7 @@ def add_parser(sub) -> None:
     p.add_argument("--match", choices=("priors", "predictions"), default="priors",
                    help="match ground truth to the priors by location (default; Erhan et al.'s training with "
                    "priors) or to the predictions by location and confidence")
-    p.add_argument("--variant", choices=VARIANTS, help="a new trunk's GoogLeNet variant (default paper)")
-    p.add_argument("--width", type=float, help="a new trunk's channel multiplier (default 1.0)")
-    p.add_argument("--size", type=int, default=224, help="network input side (default 224)")
+    add_network_flags(p, "trunk")
     p.add_argument("--grid", type=int, default=1, help="5b features pooled to GRID x GRID before the heads "
                    "(default 1: global average pool)")
     p.add_argument("--init", metavar="BUNDLE", help="classifier bundle whose member 0 starts the trunk (its "
@@ -83,18 +76,12 @@ def add_parser(sub) -> None:
                        "the bundle gets the Polyak-averaged weights. Members differ in seed, context, flips and "
                        "background range (written into the bundle's provenance). Ctrl-C leaves a checkpoint that "
                        "--resume continues. Runs under `torchrun --nproc_per_node=N` too.")
-    p.add_argument("--data", required=True, metavar="ROOT", help="ILSVRC-format root (e.g. `ircnn data synth`)")
-    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write (task det200)")
-    p.add_argument("--imageset", default="ImageSets/DET/train.txt", metavar="FILE",
-                   help="training images, relative to ROOT (default ImageSets/DET/train.txt)")
+    add_det_data_flags(p, "bundle directory to write (task det200)")
     p.add_argument("--from", dest="init", metavar="BUNDLE", help="classifier bundle whose weights start every "
                    "member (trunk copied, new head); default: random weights")
     p.add_argument("--members", type=int, default=6, help="ensemble members (default 6, the paper's)")
-    p.add_argument("--variant", choices=VARIANTS, help="a new network's variant (default paper)")
-    p.add_argument("--width", type=float, help="a new network's channel multiplier (default 1.0)")
+    add_network_flags(p, "network", "; the context (16 px at 224) scales with it")
     p.add_argument("--no-aux-heads", action="store_true", help="a new network without the auxiliary heads")
-    p.add_argument("--size", type=int, default=224, help="network input side (default 224); the context "
-                   "(16 px at 224) scales with it")
     p.add_argument("--epochs", type=int, default=10, help="passes over the foreground windows (default 10)")
     p.add_argument("--iterations", type=int, default=0, metavar="STEPS",
                    help="steps per member, overriding --epochs (default 0: use --epochs)")
@@ -119,6 +106,21 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="JSON lines: the proposal summary, one per epoch, then "
                    "the bundle's description")
     p.set_defaults(func=_cmd_train_detector)
+
+
+def add_network_flags(p, what: str, size_note: str = "") -> None:
+    """A new GoogLeNet's shape: --variant, --width and the input --size."""
+    p.add_argument("--variant", choices=VARIANTS, help=f"a new {what}'s GoogLeNet variant (default paper)")
+    p.add_argument("--width", type=float, help=f"a new {what}'s channel multiplier (default 1.0)")
+    p.add_argument("--size", type=int, default=224, help=f"network input side (default 224){size_note}")
+
+
+def add_det_data_flags(p, out: str) -> None:
+    """ILSVRC-format training data (--data ROOT, --imageset) and the bundle the command writes (--out)."""
+    p.add_argument("--data", required=True, metavar="ROOT", help="ILSVRC-format root (e.g. `ircnn data synth`)")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help=out)
+    p.add_argument("--imageset", default="ImageSets/DET/train.txt", metavar="FILE",
+                   help="training images, relative to ROOT (default ImageSets/DET/train.txt)")
 
 
 def add_run_flags(p, *, checkpoint_dir: str, checkpoint_every: int, max_workers: int, workers: str,

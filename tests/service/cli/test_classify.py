@@ -58,6 +58,9 @@ def test_classify_without_model_offline_says_what_to_do(tmp_path, run, monkeypat
     assert code == 2
     assert "googlenet-1378be20.pth" in err and str(tmp_path / "torch") in err and "--model" in err
     assert "https://download.pytorch.org/models/googlenet-1378be20.pth" in err  # to fetch on another machine
+    # the route that works offline comes first
+    assert err.index("ircnn model import-efficientnet-lite") < err.index("ircnn model import-torchvision")
+    assert "ircnn quickstart" in err
 
 
 def test_classify_rejects_bad_arguments(tmp_path, run, tiny_bundle, image_dir):

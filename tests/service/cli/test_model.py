@@ -46,7 +46,7 @@ def test_model_init_and_info_text(tmp_path, run):
     code, out, _ = run("model", "info", tmp_path / "b")
     assert code == 0 and "member_seeds" in out and "[3, 4]" in out
     code, _, err = run("model", "info", tmp_path / "nothing")
-    assert code == 2 and "no model.json" in err and "ircnn model init" in err
+    assert code == 2 and "a directory with model.json" in err and "ircnn model import-efficientnet-lite" in err
     assert f"{tmp_path / 'nothing'} does not exist; check the path" in err  # a typo, not a missing bundle
     (tmp_path / "empty").mkdir()
     code, _, err = run("model", "info", tmp_path / "empty")
