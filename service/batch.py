@@ -46,6 +46,7 @@ from eval.parsing import parse_json
 from eval.records import detection_record, error_record, record_table, write_record
 from eval.submission import write_submission
 from service import paths
+from service.journal import atomic_write, flatten, journal_offsets, path_key, read_records, repair_journal, short
 from service.paths import check_paths
 
 if TYPE_CHECKING:
@@ -53,16 +54,11 @@ if TYPE_CHECKING:
 
 FORMATS = ("jsonl", "coco", "ilsvrc")
 JOURNAL_SUFFIX = ".partial.jsonl"  # beside a coco / ilsvrc output
+RUN_SUFFIX = ".run.json"  # beside the journal: the arguments that decide its records, for --resume
 IMAGES_SUFFIX = ".images.json"  # beside a coco / ilsvrc output: file_name -> id, width, height
 
 
 # ---- one image -------------------------------------------------------------------------------------------
-
-
-def path_key(path: str | os.PathLike) -> str:
-    """What makes two spellings of an input one image (for ``--resume`` and de-duplication): its absolute path,
-    relative paths taken from the current directory. Records keep the path as given."""
-    return os.path.abspath(path)
 
 
 @dataclass
@@ -98,106 +94,6 @@ def detect_one(detector, path: str | os.PathLike) -> dict:
 
 
 # ---- the journal -----------------------------------------------------------------------------------------
-
-
-def _check_record(doc, where: str) -> str:
-    if not (isinstance(doc, dict) and isinstance(doc.get("image"), str)
-            and ("error" in doc or isinstance(doc.get("detections"), list))):
-        raise ValueError(f"{where}: not an `ircnn detect` record ({{\"image\", \"detections\"}} or "
-                         "{\"image\", \"error\"}); --resume continues only files that `ircnn detect` wrote: pass "
-                         "another --out, or leave out --resume to start over")
-    return doc["image"]
-
-
-def iter_journal(path: str | os.PathLike) -> Iterator[dict]:
-    """The records of a JSON-lines detections file in file order, the first of each image only.
-
-    A last line without its newline (a crash mid-write) is skipped; a complete line that is not a detect record
-    raises ValueError naming the file and line.
-    """
-    return (doc for _, doc in _journal_records(path))
-
-
-def _journal_lines(path: str | os.PathLike, hint: str = "") -> Iterator[tuple[int, int, str, dict]]:
-    """``(start, end, image, record)`` of every complete line of a journal, repeats included; stops at a last
-    line without its newline. A line that is not a detect record raises ValueError naming the file, the line and
-    ``hint``."""
-    offset = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
-                break
-            start, offset = offset, offset + len(line)
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                doc = parse_json(line.decode("utf-8"), where)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{where}: invalid JSON ({e}){hint}") from None
-            yield start, offset, _check_record(doc, where), doc
-
-
-def _journal_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """``iter_journal`` with the byte offset of each record's line."""
-    seen: set[str] = set()
-    for start, _, image, doc in _journal_lines(path):
-        if image not in seen:
-            seen.add(image)
-            yield start, doc
-
-
-def journal_offsets(path: str | os.PathLike) -> dict[str, int]:
-    """Image -> byte offset of its record (``iter_journal``'s) in a journal: one int per image, not the records."""
-    return {doc["image"]: start for start, doc in _journal_records(path)}
-
-
-def read_records(path: str | os.PathLike, offsets: Iterable[int]) -> Iterator[dict]:
-    """The records at ``offsets`` (from ``journal_offsets``) of a journal, in that order."""
-    with open(path, "rb") as f:
-        for start in offsets:
-            f.seek(start)
-            yield json.loads(f.readline())
-
-
-def repair_journal(path: str | os.PathLike, drop_errors: bool = False) -> tuple[set[str], set[str]]:
-    """Make a journal appendable after a crash: cut a partial last line and drop repeated images (first kept);
-    with ``drop_errors`` drop the error records too, so that their images are detected again.
-
-    Returns (images recorded, those of them with an error record), as recorded; with ``drop_errors`` the second
-    set is no longer in the journal. Reads line by line: a journal of millions of images is never held in memory,
-    only the set of its image names.
-    """
-    images: set[str] = set()
-    failed: set[str] = set()
-    complete = 0  # bytes up to the end of the last complete record (a cut line or trailing blank lines go)
-    duplicates = False
-    hint = ("; --resume continues only files that `ircnn detect` wrote: pass another --out, or leave out --resume "
-            "to start over")
-    for _, complete, image, doc in _journal_lines(path, hint):
-        if image in images:
-            duplicates = True
-            continue
-        images.add(image)
-        if "error" in doc:
-            failed.add(image)
-    if duplicates or (drop_errors and failed):  # duplicates: not one run of ours (two runs into one file?)
-        _atomic_write(path, lambda f: [write_record(f, r) for r in iter_journal(path)
-                                       if not (drop_errors and "error" in r)])
-    elif complete < os.path.getsize(path):
-        os.truncate(path, complete)
-    return images, failed
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable) -> None:
-    """Write a file through ``write(file)`` into a temporary beside it, synced, then renamed over ``path``."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# ---- outputs ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -289,11 +185,11 @@ class DetectOutput:
             nonlocal rows
             rows = writer(f, tables())
 
-        _atomic_write(self.out, write)
+        atomic_write(self.out, write)
         images.sort(key=lambda e: e["id"])
         failed.sort(key=lambda e: e["id"])
         # A COCO ground-truth skeleton: read_coco_gt reads it, a user fills in "annotations" or matches by name.
-        _atomic_write(self.out + IMAGES_SUFFIX, lambda f: json.dump(
+        atomic_write(self.out + IMAGES_SUFFIX, lambda f: json.dump(
             {"images": images, "failed": failed, "annotations": [], "categories": coco_categories()}, f))
         return {"rows": rows, "images_file": self.out + IMAGES_SUFFIX, "journal_records_not_in_inputs": skipped}
 
@@ -442,12 +338,50 @@ class BatchSummary:
                 **({"vis": self.vis} if self.vis is not None else {})}
 
 
+def journal_of(config: BatchConfig) -> str | None:
+    """The file the records go to as they come: ``out`` for jsonl, ``OUT.partial.jsonl`` beside coco / ilsvrc."""
+    if config.out is None:
+        return None
+    return str(config.out) if config.format == "jsonl" else str(config.out) + JOURNAL_SUFFIX
+
+
 def output_files(config: BatchConfig) -> list[str]:
-    """The files a run writes: ``config.out`` and, for coco / ilsvrc, its journal and image table beside it."""
+    """The files a run writes: ``config.out``, the run's arguments beside its journal and, for coco / ilsvrc,
+    the journal and the image table."""
     if config.out is None:
         return []
-    out = str(config.out)
-    return [out] if config.format == "jsonl" else [out, out + JOURNAL_SUFFIX, out + IMAGES_SUFFIX]
+    out, journal = str(config.out), journal_of(config)
+    return [out, journal + RUN_SUFFIX] if config.format == "jsonl" else [
+        out, journal, journal + RUN_SUFFIX, out + IMAGES_SUFFIX]
+
+
+def check_resume(config: BatchConfig, run: dict) -> None:
+    """Raise ValueError if ``--resume`` would add records made with other arguments than the journal's: ``run``
+    (what decides the records: the model, the detection settings) against what the run that began it wrote
+    beside it. A journal without that file (written before it existed) is continued as it is."""
+    journal = journal_of(config)
+    if not config.resume or journal is None or not os.path.isfile(journal + RUN_SUFFIX):
+        return
+    try:
+        with open(journal + RUN_SUFFIX, encoding="utf-8") as f:
+            before = parse_json(f.read(1_000_000), journal + RUN_SUFFIX)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot resume {config.out}: {e}; leave out --resume to start over") from None
+    now, was = flatten(json.loads(json.dumps(run))), flatten(before if isinstance(before, dict) else {})
+    changed = [k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: {short(was.get(k))} then, {short(now.get(k))} now" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ValueError(f"--resume would mix records made with other arguments into {config.out}: {shown}{more}. "
+                         "Run with the arguments of the run that began it, or leave out --resume to start over")
+
+
+def write_run(config: BatchConfig, run: dict) -> None:
+    """Record ``run`` beside the journal (not when resuming a journal that has it already)."""
+    journal = journal_of(config)
+    if journal is not None and not (config.resume and os.path.isfile(journal + RUN_SUFFIX)):
+        with atomic_path(journal + RUN_SUFFIX) as tmp:
+            tmp.write_text(json.dumps(run, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def check_outputs(files: list[Path], config: BatchConfig, reads: dict[str, Iterable[str | os.PathLike]]) -> None:
@@ -461,7 +395,7 @@ def check_outputs(files: list[Path], config: BatchConfig, reads: dict[str, Itera
 
 def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], config: BatchConfig,
               engine: Callable[[list[Path]], Generator[Result, None, None]] | None = None,
-              reads: dict[str, Iterable[str | os.PathLike]] | None = None) -> BatchSummary:
+              reads: dict[str, Iterable[str | os.PathLike]] | None = None, run: dict | None = None) -> BatchSummary:
     """``ircnn detect``: every image under ``inputs`` -> one record in ``config.out`` (module docstring).
 
     ``make_detector()`` returns a ``detector.pipeline.detector.Detector`` (closed at the end); it is called only when there is
@@ -469,7 +403,8 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
     yields the ``Result`` of every path of ``todo`` (the inputs not in the output yet), in any order
     (``service.ray_engine.RayEngine``); ``make_detector`` is then not used. Raises ValueError before any work for
     bad inputs (a path that does not exist, no images, an image outside the imageset, a --save-vis copy that would
-    overwrite an input, an output that is an input or a file of ``reads``, an output --resume cannot continue).
+    overwrite an input, an output that is an input or a file of ``reads``, an output --resume cannot continue or
+    would continue with other arguments: ``run``, what decides the records, is kept beside the journal).
     """
     files = input_files(inputs)
     note = ""
@@ -481,6 +416,8 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
         raise ValueError(f"no images found in {' '.join(map(str, inputs))} (looked for "
                          f"{', '.join(IMAGE_SUFFIXES)}{note})")
     check_outputs(files, config, reads or {})
+    if run is not None:
+        check_resume(config, run)
     names = relative_names(inputs, files)
     ids = None
     if config.format != "jsonl":
@@ -493,6 +430,8 @@ def run_batch(make_detector: Callable[[], object] | None, inputs: list[str], con
     stages: dict[str, float] = {}
     regions = 0
     with DetectOutput(config.out, config.format, config.resume, config.retry_errors) as output:
+        if run is not None:
+            write_run(config, run)
         done = {path_key(image) for image in output.done}
         todo = [f for f in files if path_key(f) not in done]
         failed = detections = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ TORCHVISION_CHECKPOINT_SHA256_PREFIX = "1378be20"
 UNIT_RANGE_MEAN = (0.5, 0.5, 0.5)
 UNIT_RANGE_STD = (0.5, 0.5, 0.5)
 MAX_MEMBERS = 64
+MIN_STD = 0.001  # preprocess std: below it the normalised input is out of any network's range
 
 
 class BundleError(ValueError):
@@ -50,17 +52,27 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per RGB channel, for pixels scaled to [0, 1]
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self) -> None:
+        """Every number is in its range: an input side a network can take, a mean of pixel values in [0, 1] and
+        a spread that keeps the normalised input finite (``(x - mean) / std`` with ``std >= 0.001`` stays within
+        +-1000)."""
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 32 <= self.size <= 1024:
+            raise BundleError(f"preprocess size must be a whole number in 32..1024, got {self.size!r}")
+        for name, values, low in (("mean", self.mean, 0.0), ("std", self.std, MIN_STD)):
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and math.isfinite(v) and low <= v <= 1.0 for v in values):
+                raise BundleError(f"preprocess {name} must be 3 numbers in [{low:g}, 1] (per RGB channel, for "
+                                  f"pixels scaled to 0..1), got {list(values)!r}")
+
     def to_dict(self) -> dict:
         return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         try:
-            size, mean, std = int(d["size"]), tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"])
-        except (KeyError, TypeError, ValueError) as e:
+            size, mean, std = d["size"], tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"])
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise BundleError(f"preprocess must have size, mean[3] and std[3]: {e}") from None
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not 32 <= size <= 1024:
-            raise BundleError(f"bad preprocess {d!r}: need 3 means, 3 positive stds and 32 <= size <= 1024")
         return cls(size, mean, std)
 
 
@@ -238,8 +250,10 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     archs = manifest_archs(doc, path / "model.json")
     preprocess = Preprocess.from_dict(doc["preprocess"])
     for name in doc["members"]:
-        if not (path / name).is_file():
+        if not (path / name).exists():
             raise BundleError(f"{path}: member file {name} is missing")
+        if not (path / name).is_file():  # a FIFO would block the read, a device never end
+            raise BundleError(f"{path}: member file {name} is not a regular file; a member is a .safetensors file")
     members = []
     for name, arch in zip(doc["members"], archs):
         file = path / name

@@ -120,6 +120,25 @@ def detect_config(args):
                          "max_regions") from None
 
 
+def run_arguments(model: str | None, config) -> dict:
+    """What decides a run's records, for ``--resume`` to compare: the bundle (its model.json's hash) and the
+    detection settings (less those that change only speed: batch sizes, runtime)."""
+    import dataclasses
+    import hashlib
+
+    manifest = os.path.join(model, "model.json") if model else None
+    if manifest and os.path.isfile(manifest):
+        with open(manifest, "rb") as f:
+            identity = "model.json sha256 " + hashlib.sha256(f.read(10_000_000)).hexdigest()[:16]
+    else:
+        identity = "torchvision googlenet-1378be20.pth" if model is None else f"{model} (no model.json)"
+    detect = dataclasses.asdict(config)
+    detect.pop("warp_chunk", None)
+    detect["ensemble"].pop("batch_size", None)
+    detect["ensemble"].pop("channels_last", None)
+    return {"model": identity, "detect": detect}
+
+
 def model_files(model: str | None) -> list[str]:
     """The files of a bundle directory (none for torchvision's default checkpoint, found later)."""
     if model is None or not os.path.isdir(model):
@@ -133,7 +152,7 @@ def _cmd_detect(args) -> int:
     from service.paths import check_paths
 
     check_paths(args.paths)  # in a second, before torch and the model load
-    from service.batch import BatchConfig, DetectorSpec, check_outputs, input_files, run_batch
+    from service.batch import BatchConfig, DetectorSpec, check_outputs, check_resume, input_files, run_batch
 
     try:
         batch = BatchConfig(out=args.out, format=args.format, resume=args.resume, retry_errors=args.retry_errors,
@@ -142,8 +161,10 @@ def _cmd_detect(args) -> int:
     except ValueError as e:
         raise flag_error(e, "vis_threshold") from None
     reads = {"--model": model_files(args.model)}
-    try:  # before the model loads: no output may be an input or a file the run reads
+    run = run_arguments(args.model, config)
+    try:  # before the model loads: no output may be an input or a file the run reads, nor resume other arguments
         check_outputs(input_files(args.paths), batch, reads)
+        check_resume(batch, run)
     except ValueError as e:
         raise CliError(str(e)) from None
     spec = DetectorSpec(args.model, config)
@@ -164,7 +185,7 @@ def _cmd_detect(args) -> int:
         return spec.build(bundle)
 
     try:
-        summary = run_batch(make_detector, args.paths, batch, engine=engine, reads=reads)
+        summary = run_batch(make_detector, args.paths, batch, engine=engine, reads=reads, run=run)
     except engine_errors as e:
         raise CliError(str(e)) from e
     except KeyboardInterrupt:

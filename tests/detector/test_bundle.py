@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -80,7 +81,13 @@ def test_import_refuses_pickled_objects(tmp_path):
     (lambda d: d["arch"].update(width=0.5), "do not match"),
     (lambda d: d["arch"].update(layers=3), "unknown arch field"),
     (lambda d: d.pop("preprocess"), "missing field"),
-    (lambda d: d["preprocess"].update(std=[0, 1, 1]), "positive"),
+    (lambda d: d["preprocess"].update(std=[0, 1, 1]), r"std must be 3 numbers in \[0.001, 1\]"),
+    (lambda d: d["preprocess"].update(mean=[1e308, 0.5, 0.5]), r"mean must be 3 numbers in \[0, 1\]"),
+    (lambda d: d["preprocess"].update(mean=[1e38, 0.5, 0.5]), r"mean must be 3 numbers in \[0, 1\]"),
+    (lambda d: d["preprocess"].update(std=[1e-300, 0.2, 0.2]), r"std must be 3 numbers in \[0.001, 1\]"),
+    (lambda d: d["preprocess"].update(mean=[-0.1, 0.5, 0.5]), r"mean must be 3 numbers in \[0, 1\]"),
+    (lambda d: d["preprocess"].update(size=True), "size must be a whole number"),
+    (lambda d: d["preprocess"].update(size=2 ** 40), "size must be a whole number in 32..1024"),
 ])
 def test_load_rejects_broken_bundles_with_clear_messages(tmp_path, tiny_bundle, edit, message):
     save_bundle(tmp_path, tiny_bundle())
@@ -88,6 +95,21 @@ def test_load_rejects_broken_bundles_with_clear_messages(tmp_path, tiny_bundle, 
     edit(doc)
     (tmp_path / "model.json").write_text(json.dumps(doc))
     with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path)
+
+
+def test_load_names_a_member_that_is_no_regular_file(tmp_path, tiny_bundle):
+    """A member that is a FIFO or a link to a device is no weights file: said so, not called missing (and never
+    read: reading a FIFO would block, /dev/urandom never ends)."""
+    save_bundle(tmp_path, tiny_bundle())
+    member = tmp_path / "member0.safetensors"
+    member.unlink()
+    os.mkfifo(member)
+    with pytest.raises(BundleError, match="member0.safetensors is not a regular file"):
+        load_bundle(tmp_path)
+    member.unlink()
+    member.symlink_to("/dev/urandom")
+    with pytest.raises(BundleError, match="member0.safetensors is not a regular file"):
         load_bundle(tmp_path)
 
 

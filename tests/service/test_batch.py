@@ -12,7 +12,8 @@ from eval.coco import read_coco_gt, read_coco_results, write_coco_results
 from eval.detections import DetectionTable
 from eval.submission import read_submission, write_submission
 from service import batch
-from service.batch import DetectOutput, imageset_ids, input_files, relative_names, repair_journal
+from service.batch import DetectOutput, imageset_ids, input_files, relative_names
+from service.journal import repair_journal
 from service.vis import VisWriter, draw_detections, vis_name
 
 CAT, PERSON = (59, "n02121808", "domestic cat"), (124, "n00007846", "person")

@@ -16,7 +16,7 @@ from eval.predictions import read_predictions
 from eval.records import read_jsonl_detections
 from eval.submission import read_submission
 from service import batch
-from service.batch import repair_journal
+from service.journal import repair_journal
 
 
 def read_lines(path):
@@ -406,3 +406,31 @@ def test_out_that_is_an_input_is_refused_and_the_input_kept(tmp_path, run, model
                            "--out", tmp_path / "o")
         assert code == 2 and "o.images.json" in err and "is read by this run" in err, err
         assert named.read_text() == imageset.read_text() and not (tmp_path / "o").exists()
+
+
+def test_resume_refuses_arguments_that_change_the_records(tmp_path, run, model, image_dir):
+    """--resume continues a run only with the arguments that made its records: another threshold, another model
+    or another proposal setting is refused before any work, naming what differs; the same ones continue."""
+    out = tmp_path / "o.jsonl"
+    common = ["detect", image_dir / "a.jpg", "--model", model, "--out", out]
+    code, _, err = run(*common, "--max-detections", 5)
+    assert code == 0, err
+    before = out.read_bytes()
+    other = tmp_path / "other-model"
+    shutil.copytree(model, other)
+    doc = json.loads((other / "model.json").read_text())
+    doc["provenance"]["note"] = "another bundle"
+    (other / "model.json").write_text(json.dumps(doc))
+    for flags, named in [(["--max-detections", 5, "--score-threshold", 0.5], "score_threshold"),
+                         (["--max-detections", 7], "max_detections"),
+                         (["--max-detections", 5, "--coarsen", 3], "coarsen"),
+                         (["--max-detections", 5, "--model", other], "model")]:
+        argv = [*common, *flags] if "--model" not in flags else [
+            "detect", image_dir / "a.jpg", "--out", out, *flags]
+        code, _, err = run(*argv, "--resume")
+        assert code == 2 and "--resume" in err and named in err and "leave out --resume" in err, (flags, err)
+        assert out.read_bytes() == before
+    code, _, err = run("detect", image_dir / "a.jpg", image_dir / "b.png", "--model", model, "--out", out,
+                       "--max-detections", 5, "--resume")
+    assert code == 0, err
+    assert [r["image"] for r in read_lines(out)] == [str(image_dir / "a.jpg"), str(image_dir / "b.png")]
