@@ -62,7 +62,7 @@ from detector.nets.efficientnet_lite import EfficientNetLiteConfig
 from detector.pipeline.scoring import RegionScorer
 from detector.pipeline.warp import MAX_REGIONS, check_boxes, check_image, dilate_boxes
 from detector.runtimes.base import cache_dir
-from detector.runtimes.export import export_key, write_onnx
+from detector.runtimes.export import cached, export_key, write_onnx
 from detector.runtimes.sessions import OrtSession
 
 STRIDE = 16  # the trunk's output stride for both architectures
@@ -141,7 +141,7 @@ def onnx_split(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...
             with torch.inference_mode():
                 example = split.trunk(torch.zeros(2, 3, size, size)).clone()
         path = cache_dir() / "onnx" / f"{key}-{name}{STRIDE}.onnx"
-        if not path.is_file():
+        if not cached(path):
             write_onnx(_Part(member, fn), example, path, ("x", "y"), dynamic)
         runners[name] = OrtSession(path, torch.get_num_threads())
 

@@ -181,11 +181,18 @@ def _from_json(doc: dict) -> Choice:
     return Choice(doc["backend"], doc["precision"], doc["channels_last"], doc["reason"], measurements, cached=True)
 
 
-def _read(path) -> Choice | None:
+def _read(path, key: dict) -> Choice | None:
+    """The cached choice for ``key``; None (measure again) when absent, unreadable, written by another version,
+    made for another key (a file copied or edited by hand) or naming a runtime or precision the table does not
+    give."""
     try:
         with open(path) as f:
-            return _from_json(json.load(f)["choice"])
-    except (OSError, ValueError, KeyError, TypeError):  # absent, or written by another version: measure again
+            doc = json.loads(f.read(1_000_000))
+        choice = _from_json(doc["choice"])
+        if doc["key"] != json.loads(json.dumps(key)) or choice.precision not in RUNTIMES[choice.backend].precisions:
+            return None
+        return choice
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -224,11 +231,11 @@ def choose_backend(member: nn.Module, mean: tuple[float, ...], std: tuple[float,
     key = choice_key(member, size, batch, precision, device)
     path = cache_dir() / "autobackend" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
                                           + ".json")
-    cached = _read(path)
+    cached = _read(path, key)
     if cached is not None:
         return cached
     with _exclusive(path.with_suffix(".lock")):
-        cached = _read(path)  # measured by another process while this one waited
+        cached = _read(path, key)  # measured by another process while this one waited
         if cached is not None:
             return cached
         choice = _measure_candidates(member, mean, std, size, precision, batch, device)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detector.files import write_text_atomic
 from detector.nets.members import first_conv
 from detector.nets.transform import fold_into_conv
 from detector.runtimes.base import BackendError, cache_dir
@@ -100,12 +101,40 @@ def export_onnx(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ..
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, or None for the first that works")
     directory = (directory or cache_dir()) / "onnx"
     path = directory / f"{export_key(member, mean, std, size)}{'.dynamo' if exporter == 'dynamo' else ''}.onnx"
-    if path.is_file():
+    if cached(path):
         return path
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     write_onnx(PixelGraph(member, mean, std), example, path, ("pixels", "probs"), {0: ("batch", 1, 4096)},
                (exporter,) if exporter else EXPORTERS)
     return path
+
+
+def cached(path: Path) -> bool:
+    """Whether the cache holds a good graph at ``path``: the file hashes to what ``write_onnx`` recorded beside it
+    (``<name>.sha256``). A graph replaced by another, truncated, emptied, or without its hash (an older cache) is
+    removed, so that the caller exports it again: a bad entry is rebuilt, never used and never fatal."""
+    record = _hash_file(path)
+    try:
+        if path.is_file() and _sha256(path) == record.read_text(encoding="ascii").strip():
+            return True
+    except (OSError, UnicodeDecodeError):
+        pass
+    for stale in (path, record):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    return False
+
+
+def _hash_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_onnx(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str],
@@ -138,6 +167,7 @@ def write_onnx(module: nn.Module, example: Tensor, path: Path, names: tuple[str,
                 except Exception as e:  # gone from this torch, unable to trace the module, onnxscript missing
                     checked = f"{type(e).__name__}: {str(e)[:200]}"
                 if checked is True or (checked == _NO_CHECKER and exporter == "dynamo"):
+                    write_text_atomic(_hash_file(path), _sha256(Path(tmp)) + "\n")  # what the graph must hash to
                     os.replace(tmp, path)
                     return
                 failures.append(f"the {_EXPORTER_NAMES[exporter]} exporter's: {checked}")

@@ -245,3 +245,21 @@ def test_processes_starting_together_measure_once(member, monkeypatch):
         t.join()
     assert len(fakes.measured) == 4  # one set of candidates, not two
     assert sorted(r.cached for r in results) == [False, True] and {r.name for r in results} == {"onnxruntime fp32"}
+
+
+def test_a_cached_choice_for_another_key_or_runtime_is_measured_again(member, cache, monkeypatch):
+    """A choice file copied from another key, or edited to name a runtime or precision the table does not give,
+    is not trusted: the member is measured again."""
+    net, pre = member
+    fakes = Fakes({"onnxruntime fp32": 9.0}).install(monkeypatch)
+    first = choose_backend(net, pre.mean, pre.std, SIZE, batch=8)
+    (file,) = (cache / "autobackend").glob("*.json")
+    doc = json.loads(file.read_text())
+    for spoil in (lambda d: d["key"].update(size=SIZE + 1), lambda d: d["choice"].update(backend="tensorrt"),
+                  lambda d: d["choice"].update(backend="onnxruntime", precision="bf16")):
+        spoiled = json.loads(json.dumps(doc))
+        spoil(spoiled)
+        file.write_text(json.dumps(spoiled))
+        fakes.measured.clear()
+        again = choose_backend(net, pre.mean, pre.std, SIZE, batch=8)
+        assert fakes.measured and not again.cached and again.name == first.name

@@ -252,7 +252,8 @@ def test_write_onnx_takes_the_trace_that_runs_as_the_module(tmp_path, monkeypatc
     for n in (1, 5):
         x = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8)
         torch.testing.assert_close(_ort(path, x), _Flat()(x), atol=1e-6, rtol=0)
-    assert [p.name for p in tmp_path.iterdir()] == ["flat.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.onnx", "flat.onnx.sha256"]  # no temporary left
+    assert onnx_export.cached(path)
 
 
 @needs("onnxruntime")
@@ -294,3 +295,26 @@ def test_dynamo_export_is_its_own_cache_entry(tiny_bundle, cache):
         torch.testing.assert_close(_ort(path, x), expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="exporter must be one of torchscript, dynamo"):
         export_onnx(member, pre.mean, pre.std, SIZE, exporter="jit")
+
+
+@needs("onnxruntime")
+def test_a_bad_cache_entry_is_rebuilt_never_used(tiny_bundle, tmp_path, monkeypatch):
+    """An export cache file replaced by another valid model, truncated or emptied is found out by the content
+    hash written with it, and exported again: the answers are this member's, and no run fails on it."""
+    monkeypatch.setenv("IRCNN_CACHE_DIR", str(tmp_path))
+    bundle = small(tiny_bundle())
+    other = small(tiny_bundle(seed=5))
+    member, pre = bundle.members[0], bundle.preprocess
+    x = pixels(3)
+    expected = Ensemble.from_bundle(bundle, EnsembleConfig())(x)
+    path = export_onnx(member, pre.mean, pre.std, SIZE)
+    foreign = export_onnx(other.members[0], pre.mean, pre.std, SIZE)
+    for spoil in (lambda: path.write_bytes(foreign.read_bytes()),  # another bundle's valid graph
+                  lambda: path.write_bytes(path.read_bytes()[:1000]),  # truncated
+                  lambda: path.write_bytes(b"")):  # emptied
+        spoil()
+        for backend in ("onnxruntime", "auto"):
+            got = Ensemble.from_bundle(bundle, EnsembleConfig(backend=backend))(x)
+            assert (got - expected).abs().max() < 1e-4, backend
+    (tmp_path / "onnx" / (path.name + ".sha256")).unlink()  # an entry without its hash (an older cache)
+    assert export_onnx(member, pre.mean, pre.std, SIZE) == path and (tmp_path / "onnx" / (path.name + ".sha256")).exists()
