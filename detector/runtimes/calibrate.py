@@ -45,9 +45,9 @@ from detector.bundle.format import Bundle, file_sha256
 from detector.bundle.int8 import FORMAT, INT8_DIR, INT8_MANIFEST, Int8Error
 from detector.runtimes.export import export_onnx
 
-MIN_REGIONS, MAX_REGIONS = 16, 5000
 DEFAULT_REGIONS = 300
 CALIBRATION_BATCH = 20  # regions per calibration step; every step sees a full batch (the rest is dropped)
+MIN_REGIONS, MAX_REGIONS = CALIBRATION_BATCH, 5000  # at least one full batch
 KEEP_FLOAT = ("Gemm", "MatMul", "Softmax")  # ops left in float: the classifier and the probabilities
 INSTALL_ORT = 'pip install onnxruntime (part of the plain install of inception-rcnn)'
 

@@ -66,13 +66,18 @@ class Service:
             self.bundle = bundle = resolve_bundle(self.settings.model, device=self.settings.device)
             s = self.settings
             ensemble = EnsembleConfig(batch_size=s.inference_batch_size, precision=s.precision, backend=s.backend)
+            why = {}
             try:
                 self.classifier = Classifier(bundle, ensemble)
             except ValueError as e:  # e.g. a det200 bundle: no 1000-way head
+                why["classify"] = str(e)
                 log.info("classification off: %s", e)
-            self.detector = _detector_of(bundle, ensemble, self.settings)
+            self.detector = _detector_of(bundle, ensemble, self.settings, why)
+            if self.classifier is None and self.detector is None:  # say why, whole, where the user looks
+                raise ValueError("the model bundle can neither classify nor detect: " + "; ".join(
+                    f"{task}: {reason}" for task, reason in why.items()))
         if self.classifier is None and self.detector is None:
-            raise ValueError("the model bundle can neither classify nor detect")
+            raise ValueError("the service has neither a classifier nor a detector")
         if self.bundle is None:  # injected models: the classifier knows its bundle
             self.bundle = getattr(self.classifier, "bundle", None) or getattr(self.detector, "bundle", None)
         info = self.bundle.describe() if self.bundle is not None else {}
@@ -156,8 +161,9 @@ class Service:
         return out
 
 
-def _detector_of(bundle, ensemble, settings: Settings):
-    """A Detector for det200 / det200-from-cls1000 bundles, else None (that bundle only classifies)."""
+def _detector_of(bundle, ensemble, settings: Settings, why: dict | None = None):
+    """A Detector for det200 / det200-from-cls1000 bundles, else None (that bundle only classifies; the reason
+    goes into ``why["detect"]``)."""
     from detector.config import detect_config
     from detector.pipeline.detector import Detector
 
@@ -171,4 +177,6 @@ def _detector_of(bundle, ensemble, settings: Settings):
         return Detector.from_bundle(bundle, config)
     except ValueError as e:
         log.info("detection off: %s", e)
+        if why is not None:
+            why["detect"] = str(e)
         return None

@@ -6,6 +6,10 @@ import json
 
 from service.cli.common import LITE_VARIANTS, VARIANTS, CliError, print_bundle, print_json
 
+# detector.runtimes.calibrate's MIN_REGIONS and MAX_REGIONS (a literal: the parser imports nothing heavy;
+# tests/service/cli/test_model.py checks them)
+QUANTIZE_REGIONS = (20, 5000)
+
 
 def add_parser(sub) -> None:
     model = sub.add_parser("model", help="create, import and inspect model bundles")
@@ -87,7 +91,7 @@ def add_parser(sub) -> None:
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="calibration images, or directories of them (searched recursively)")
     p.add_argument("--regions", type=int, default=300, help="calibration regions, spread evenly over the images, "
-                   "each image's best proposals first (16..5000, default 300)")
+                   f"each image's best proposals first ({QUANTIZE_REGIONS[0]}..{QUANTIZE_REGIONS[1]}, default 300)")
     p.add_argument("--max-images", type=int, default=100, help="use at most this many of the images (default 100)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_model_quantize)
@@ -200,6 +204,9 @@ def _cmd_model_quantize(args) -> int:
 
     if not 1 <= args.max_images <= 10_000:
         raise CliError(f"--max-images must be in 1..10000, got {args.max_images}")
+    if not QUANTIZE_REGIONS[0] <= args.regions <= QUANTIZE_REGIONS[1]:  # before the calibration run, not after
+        raise CliError(f"--regions must be in {QUANTIZE_REGIONS[0]}..{QUANTIZE_REGIONS[1]} (calibration runs in "
+                       f"batches of {QUANTIZE_REGIONS[0]}), got {args.regions}")
     try:
         check_paths([args.dir, *args.images])
     except ValueError as e:

@@ -31,6 +31,10 @@ def _cmd_serve(args) -> int:
     if model and not os.path.isfile(os.path.join(model, "model.json")):  # before uvicorn, torch and the app load
         what = "does not exist" if not os.path.exists(model) else "is not a model bundle (no model.json)"
         raise CliError(f"--model {model} {what}; {MAKE_BUNDLE}")
+    if model and os.environ.get("IRCNN_PRECISION") == "int8" and not os.path.isdir(os.path.join(model, "int8")):
+        raise CliError(f"IRCNN_PRECISION=int8 needs the bundle's int8 models, and {model} has none: make them with "
+                       f"`ircnn model quantize {model} --images DIR` (a few dozen of your own photos), or serve "
+                       "fp32 (unset IRCNN_PRECISION)")
 
     import uvicorn
 

@@ -45,3 +45,22 @@ def test_every_setting_is_in_the_serving_docs():
     page = (Path(__file__).resolve().parents[3] / "docs" / "serving.md").read_text()
     missing = [f"IRCNN_{name.upper()}" for name in Settings.model_fields if f"IRCNN_{name.upper()}" not in page]
     assert missing == []
+
+
+def test_int8_without_int8_models_says_why_and_what_to_run(tiny_bundle, tmp_path, monkeypatch):
+    """IRCNN_PRECISION=int8 on a bundle that has no int8/: the real reason, not only 'can neither classify nor
+    detect' (the reasons were logged at INFO); `ircnn serve` says it before anything loads."""
+    import pytest
+
+    from detector.bundle.format import save_bundle
+    from service.api.worker import Service
+    from service.cli import main
+
+    model = tmp_path / "m"
+    save_bundle(model, tiny_bundle(width=0.125, task="det200-from-cls1000"))
+    service = Service(Settings(model=str(model), precision="int8", backend="auto"))
+    with pytest.raises(ValueError, match=r"neither classify nor detect: classify: .*int8.*detect: .*int8") as e:
+        service.load()
+    assert f"ircnn model quantize {model} --images DIR" in str(e.value)
+    monkeypatch.setenv("IRCNN_PRECISION", "int8")
+    assert main(["serve", "--model", str(model)]) == 2

@@ -77,3 +77,15 @@ def test_model_info_backends_says_what_auto_chose_and_why(tmp_path, run, tiny_bu
     assert code == 0, err
     (doc,) = json.loads(out)["backends"]
     assert doc["backend"] == "onnxruntime" and doc["cached"] and len(doc["measurements"]) == 4
+
+
+def test_quantize_refuses_a_region_count_it_cannot_calibrate_on_at_once(tmp_path, run):
+    from detector.runtimes.calibrate import CALIBRATION_BATCH, MAX_REGIONS, MIN_REGIONS
+    from service.cli.model import QUANTIZE_REGIONS
+
+    assert QUANTIZE_REGIONS == (MIN_REGIONS, MAX_REGIONS) and MIN_REGIONS >= CALIBRATION_BATCH
+    (tmp_path / "img").mkdir()
+    for regions in (16, 19, 5001):
+        code, _, err = run("model", "quantize", tmp_path / "no-bundle-needed", "--images", tmp_path / "img",
+                           "--regions", regions)
+        assert code == 2 and f"--regions must be in 20..5000 (calibration runs in batches of 20), got {regions}" in err
