@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.ircnn = main  # a command made of other commands (quickstart) runs them through this, in this process
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a reader that went away can be answered quietly
+        return code
+    except BrokenPipeError:  # `ircnn model info | head`: the reader has what it wanted
+        _stdout_to_devnull()
+        return 1
     except (CliError, ValueError, OSError) as e:
         # Domain errors (bad bundle, bad image, malformed file) are ValueError/OSError subclasses whose
         # messages say what to do; IRCNN_DEBUG=1 shows the traceback instead.
@@ -46,3 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not fail again on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind stdout (a test's capture)
+        pass

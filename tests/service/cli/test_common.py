@@ -93,3 +93,19 @@ def test_the_provenance_line_stays_short():
     line = short_provenance(long)
     assert len(line) <= 100 and line.startswith('source "efficientnet-lite0", det_ids [1, 2,') and "--json" in line
     assert short_provenance({"seed": 0}) == "seed 0" and short_provenance({}) == "none"
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path, tiny_bundle):
+    """`ircnn model info M | head -1`: no 'Broken pipe' error and no traceback when the reader stops reading."""
+    import subprocess
+    import sys
+
+    from detector.bundle.format import save_bundle
+
+    save_bundle(tmp_path / "m", tiny_bundle(width=0.125))
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "model", "info", str(tmp_path / "m")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
