@@ -123,3 +123,36 @@ def test_the_checks_catch_what_they_look_for():
         assert WORK_ITEM.search(bad), bad
     for fine in ("an issue with 6 images", "each item", "200 items", "the issues"):
         assert not WORK_ITEM.search(fine), fine
+
+
+def _ircnn_commands(text: str) -> list[str]:
+    """The `ircnn ...` command lines of the fenced code blocks (backslash continuations joined, comments cut),
+    less synopses that show optional parts in brackets."""
+    commands = []
+    for block in re.findall(r"```[^\n]*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"^\$\s+", "", line.strip())
+            if line.startswith("ircnn ") and "[" not in line.split("#")[0]:
+                commands.append(line)
+    return commands
+
+
+def test_every_command_in_readme_and_docs_parses():
+    """Each `ircnn` line a user copies from README or the docs is accepted by the CLI's parser (a renamed or
+    removed flag fails here, not on a user's machine); nothing is run."""
+    import shlex
+
+    from service.cli import build_parser
+
+    parser = build_parser()
+    checked, wrong = 0, []
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        for line in _ircnn_commands(page.read_text()):
+            argv = shlex.split(line, comments=True)
+            argv = argv[1:argv.index("|")] if "|" in argv else argv[1:]
+            try:
+                parser.parse_args(argv)
+                checked += 1
+            except SystemExit:
+                wrong.append(f"{page.name}: {line}")
+    assert wrong == [] and checked >= 20, wrong
