@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
-from fastapi.responses import FileResponse, JSONResponse, Response
+import fastapi_offline
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from detector.pipeline.classify import Classifier
@@ -43,6 +45,10 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
+# Swagger UI and ReDoc, as the fastapi-offline package ships them (swagger-ui-bundle.js, swagger-ui.css,
+# redoc.standalone.js, favicon.png): /docs and /redoc load nothing from another host.
+DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
+DOCS_ASSETS_URL = "/docs-assets"
 
 
 class MetricsMiddleware:
@@ -98,7 +104,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         finally:
             await anyio.to_thread.run_sync(service.close)  # uvicorn has finished the in-flight requests
 
-    app = FastAPI(title="inception-rcnn", version="1", lifespan=lifespan,
+    app = FastAPI(title="inception-rcnn", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="GoogLeNet classification and R-CNN detection ('Going deeper with convolutions'). "
                   "Errors are {\"error\": {\"code\", \"message\"}}.")
     app.state.service = service
@@ -136,4 +142,37 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
 
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    add_offline_docs(app)
     return app
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` with their scripts, styles and icon served by this app, so that the
+    API docs work without a network (FastAPI's pages load them from a CDN). FastAPI's documented way: the app is
+    made with ``docs_url=None, redoc_url=None`` and these routes give its page builders local URLs."""
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
+    oauth2_redirect = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    def local(request: Request, path: str) -> str:
+        return request.scope.get("root_path", "") + path
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=local(request, app.openapi_url), title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=local(request, oauth2_redirect),
+            swagger_js_url=local(request, f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js"),
+            swagger_css_url=local(request, f"{DOCS_ASSETS_URL}/swagger-ui.css"),
+            swagger_favicon_url=local(request, f"{DOCS_ASSETS_URL}/favicon.png"),
+            swagger_ui_parameters={"validatorUrl": None})  # no badge fetched from the online validator
+
+    @app.get(oauth2_redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=local(request, app.openapi_url), title=f"{app.title} - ReDoc",
+            redoc_js_url=local(request, f"{DOCS_ASSETS_URL}/redoc.standalone.js"),
+            redoc_favicon_url=local(request, f"{DOCS_ASSETS_URL}/favicon.png"), with_google_fonts=False)

@@ -30,8 +30,10 @@ from service.api.worker import MAX_DETECTIONS, ClassifyJob, DetectJob, Service
 from service.batching import QueueFull
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "empty, truncated or corrupt image, malformed multipart, more "
-          "`image` fields than IRCNN_MAX_IMAGES"},
+    400: {"model": ErrorResponse, "description": "empty, truncated or corrupt image; malformed multipart anywhere "
+          "(a body cut short, without its closing boundary, included: the request is refused whole), more `image` "
+          "fields than IRCNN_MAX_IMAGES (bad_multipart); no file field `image` (missing_image); a file field of "
+          "another name (unexpected_file_field)"},
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token (when IRCNN_API_TOKEN is set)"},
     404: {"model": ErrorResponse, "description": "the loaded bundle does not serve this task"},
     408: {"model": ErrorResponse, "description": "the body took longer than IRCNN_UPLOAD_TIMEOUT_S to arrive"},
@@ -48,7 +50,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
-                  "description": "JPEG, PNG, WebP, BMP or TIFF. One field: the single-image answer. Several "
+                  "description": "JPEG, PNG, WebP, BMP or TIFF, each a file part (filename= or filename*=). "
+                  "One field: the single-image answer. Several "
                   "(repeat the field, up to IRCNN_MAX_IMAGES): {\"results\": [...]}, one per field in order, each "
                   "the single-image answer or {\"image\", \"status\", \"error\"}"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}}}}}

@@ -3,16 +3,26 @@ and each image decoded off the event loop with its pixels counted against the in
 
 from __future__ import annotations
 
+import codecs
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import anyio
 import numpy as np
 from fastapi import Request
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+
+try:
+    from python_multipart import MultipartParser
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import parse_options_header
+except ImportError:  # pragma: no cover (python-multipart < 0.0.13 names its module multipart)
+    from multipart import MultipartParser
+    from multipart.exceptions import FormParserError
+    from multipart.multipart import parse_options_header
 
 from detector.image import ImageError, decode_image, image_size
 from detector.pipeline.classify import check_aspect
@@ -21,6 +31,10 @@ from service.api.worker import Service
 from service.settings import Settings
 
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file, beyond max_upload_bytes
+MAX_TEXT_FIELDS = 16  # text (non-file) parts in one multipart body, ignored; more is refused
+IMAGE_FIELD = "image"
+RESEND = ("the request is refused whole: send it again as multipart/form-data, complete, with each image a file "
+          "field named 'image' (curl -F image=@photo.jpg)")
 
 
 async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
@@ -70,20 +84,174 @@ async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
 
 
 async def _read_multipart(request: Request, limit: int, max_images: int) -> list[Upload]:
-    parser = MultiPartParser(request.headers, limited_stream(request, limit), max_files=max_images, max_fields=16)
+    """The ``image`` file parts of a multipart body, in order. The whole body is read and must be well formed up to
+    its closing boundary: a body that is malformed anywhere, or cut short (even by the final ``--``), is refused
+    whole (400 ``bad_multipart``) rather than answered for the images that came before the fault. A file part
+    under another name is refused by name (400), never silently dropped."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary", b"")
+    if not boundary:
+        raise _malformed("the content type has no boundary parameter")
+    reader = _MultipartReader(boundary, max_images)
+    async for chunk in limited_stream(request, limit):
+        reader.write(chunk)
+    return reader.finish()
+
+
+def _malformed(problem: str) -> ApiError:
+    return ApiError(400, "bad_multipart", f"malformed multipart body: {problem}; {RESEND}")
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def _disposition_params(value: bytes) -> dict[str, str]:
+    """The parameters of a Content-Disposition value (names lower-cased, quoted strings unescaped), the header's
+    bytes read as UTF-8 (what browsers send), else Latin-1."""
     try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        raise ApiError(400, "bad_multipart", f"malformed multipart body: {e}") from None
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = value.decode("latin-1")
+    out: dict[str, str] = {}
+    for key, raw in _PARAM.findall(text):
+        raw = raw.strip()
+        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        out.setdefault(key.lower(), raw)
+    return out
+
+
+def _extended_value(value: str) -> str:
+    """An RFC 5987 / 8187 extended parameter value (``filename*=UTF-8''caf%C3%A9.jpg``) decoded."""
+    charset, quote1, rest = value.partition("'")
+    _language, quote2, encoded = rest.partition("'")
+    if not (quote1 and quote2):  # not charset'language'value: take it as percent-encoded UTF-8
+        charset, encoded = "utf-8", value
     try:
-        images = form.getlist("image")
-        if not images or not all(isinstance(image, UploadFile) for image in images):
-            names = ", ".join(sorted(set(form.keys()))) or "none"
-            raise ApiError(400, "missing_image", f"the multipart body needs one or more file fields named 'image' "
-                           f"(fields sent: {names})")
-        return [Upload(image.filename, await image.read()) for image in images]
-    finally:
-        await form.close()
+        encoding = codecs.lookup(charset or "utf-8").name
+    except LookupError:
+        encoding = "utf-8"
+    return unquote(encoded, encoding=encoding, errors="replace")
+
+
+def _filename(params: dict[str, str]) -> str | None:
+    """A part's file name, from ``filename*`` (preferred, as RFC 6266 says) or ``filename``; None for a text
+    part. A Windows path (old browsers sent one) is cut to its last component."""
+    if "filename*" in params:
+        return _extended_value(params["filename*"])
+    name = params.get("filename")
+    if name is not None and (name[1:3] == ":\\" or name[:2] == "\\\\"):
+        name = name.rsplit("\\", 1)[-1]
+    return name
+
+
+class _MultipartReader:
+    """python-multipart's streaming parser with callbacks that keep the data of the ``image`` file parts only,
+    note every other part by name, and record whether the closing boundary came."""
+
+    def __init__(self, boundary: bytes, max_images: int) -> None:
+        self.max_images = max_images
+        self.images: list[Upload] = []
+        self.other_files: list[str] = []  # file parts under another name (each name once)
+        self.text_fields: list[str] = []
+        self.ended = False  # the closing boundary was parsed
+        self._field, self._value = bytearray(), bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._filename: str | None = None
+        self._chunks: list[bytes] | None = None  # the current part's data, when it is an image
+        self.boundary = boundary.decode("latin-1")
+        try:
+            self.parser = MultipartParser(boundary, {
+                "on_part_begin": self._part_begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+                "on_part_end": self._part_end, "on_end": self._end})
+        except (FormParserError, ValueError) as e:
+            raise _malformed(f"unusable boundary ({e})") from None
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            written = self.parser.write(chunk)
+        except FormParserError as e:
+            raise _malformed(str(e)) from None
+        if written != len(chunk):  # older python-multipart stops early instead of raising
+            raise _malformed("the parser stopped before the end of the body")
+
+    def finish(self) -> list[Upload]:
+        if not self.ended:
+            shown = self.boundary if len(self.boundary) <= 80 else self.boundary[:80] + "..."
+            raise _malformed(f"the body ends before its closing boundary '--{shown}--' (it was cut short, "
+                             f"{len(self.images)} complete 'image' part(s) before the end)")
+        hint = f"every file must be sent in a field called '{IMAGE_FIELD}'"
+        if self.other_files and self.images:
+            raise ApiError(400, "unexpected_file_field", f"the multipart body has file field(s) "
+                           f"{_names(self.other_files)} that this API does not read: {hint} (repeat the field for "
+                           f"several images), or leave the others out; the request is refused whole")
+        if not self.images or IMAGE_FIELD in self.text_fields:
+            why = []
+            if self.other_files:
+                why.append(f"the file field(s) {_names(self.other_files)} must be called '{IMAGE_FIELD}'")
+            if IMAGE_FIELD in self.text_fields:
+                why.append(f"'{IMAGE_FIELD}' was sent as a text field, not as a file (a part with a filename)")
+            sent = sorted(set(self.other_files) | set(self.text_fields)) + (
+                [IMAGE_FIELD] if self.images else [])
+            raise ApiError(400, "missing_image", "the multipart body needs one or more file fields named "
+                           f"'{IMAGE_FIELD}' (curl -F image=@photo.jpg); " + ("; ".join(why) or
+                           f"fields sent: {', '.join(sent) or 'none'}"))
+        return self.images
+
+    # python-multipart's callbacks, in the order it calls them for each part
+
+    def _part_begin(self) -> None:
+        self._headers, self._filename, self._chunks = {}, None, None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._field).strip().lower()] = bytes(self._value).strip()
+        self._field, self._value = bytearray(), bytearray()
+
+    def _headers_finished(self) -> None:
+        disposition = self._headers.get(b"content-disposition")
+        if disposition is None:
+            raise _malformed("a part has no Content-Disposition header")
+        params = _disposition_params(disposition)
+        name = params.get("name")
+        if name is None:
+            raise _malformed("a part's Content-Disposition has no name parameter")
+        filename = _filename(params)
+        if filename is None:
+            self.text_fields.append(name)
+            if len(self.text_fields) > MAX_TEXT_FIELDS:
+                raise _malformed(f"more than {MAX_TEXT_FIELDS} text fields")
+        elif name == IMAGE_FIELD:
+            if len(self.images) >= self.max_images:
+                raise ApiError(400, "bad_multipart", f"more than {self.max_images} '{IMAGE_FIELD}' fields, the "
+                               f"most in one request (IRCNN_MAX_IMAGES); send the others in further requests")
+            self._filename, self._chunks = filename, []
+        elif name not in self.other_files:
+            self.other_files.append(name)  # refused once the body has been read (see finish)
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._chunks is not None:
+            self._chunks.append(data[start:end])
+
+    def _part_end(self) -> None:
+        if self._chunks is not None:
+            self.images.append(Upload(self._filename, b"".join(self._chunks)))
+            self._chunks = None
+
+    def _end(self) -> None:
+        self.ended = True
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import struct
 import threading
 import time
@@ -140,7 +141,9 @@ def test_bad_uploads_get_4xx_json(serve, photo):
     assert_error(client.post("/v1/classify", files={"picture": ("x.png", png, "image/png")}), 400, "missing_image")
     assert_error(client.post("/v1/classify", data={"image": "not a file"}, files={"x": ("x", b"1")}), 400,
                  "missing_image")
-    assert_error(raw(b"--xx\r\nnonsense", "multipart/form-data; boundary=xx"), 400, "missing_image")
+    # a body without its closing boundary is malformed (refused whole); a complete one without parts has no image
+    assert_error(raw(b"--xx\r\nnonsense", "multipart/form-data; boundary=xx"), 400, "bad_multipart")
+    assert_error(raw(b"--xx--\r\n", "multipart/form-data; boundary=xx"), 400, "missing_image")
     assert_error(raw(png, "multipart/form-data"), 400, "bad_multipart")  # no boundary
     for q in ("?crops=7", "?crops=abc", "?top_k=0", "?top_k=1001", "?top_k=1e9", "?top_k=-1"):
         assert_error(raw(png, q=q), 422, "invalid_query")
@@ -667,3 +670,80 @@ def test_several_images_that_do_not_fit_the_queue_get_503_and_leave_nothing_queu
         assert_error(client.post("/v1/classify", files=two), 503, "queue_full")
     wait_until(lambda: service.batcher.dropped == 1, what="the first image's job dropped, never run")
     assert service.batcher.depth == 0 and service.pixels_in_flight == 0
+
+
+# ---- multipart bodies refused whole; file fields named 'image' only; offline API docs ------------------------
+
+
+def multipart_body(parts: list[tuple[str, str, bytes]], boundary: str = "cut-here-7") -> tuple[bytes, dict]:
+    """A multipart/form-data body of ``(field, Content-Disposition filename parameters, data)`` parts."""
+    out = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"{params}\r\nContent-Type: "
+                   f"image/png\r\n\r\n".encode() + data + b"\r\n" for field, params, data in parts)
+    return out + f"--{boundary}--\r\n".encode(), {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_a_multipart_body_cut_short_is_refused_whole_not_answered_with_fewer_images(serve, both, photo):
+    classifier, detector = both
+    client = serve(classifier=classifier, detector=detector)
+    images = [encode(photo), encode(np.ascontiguousarray(photo[:80])), encode(np.ascontiguousarray(photo[:70]))]
+    full, headers = multipart_body([("image", f'; filename="{n}.png"', d) for n, d in zip("abc", images)])
+    third, second = full.rindex(images[2][:50]), full.index(images[1][:50])
+    cuts = {"in the third image": third + len(images[2]) // 2, "the closing '--' missing": len(full) - 4,
+            "before the closing boundary": full.rindex(b"\r\n--cut-here-7--"), "in the third part's headers":
+            third - 20, "in the second image": second + 100}
+    for route in ("/v1/detect?max_detections=3", "/v1/classify"):
+        r = client.post(route, content=full, headers=headers)
+        assert r.status_code == 200 and [x["image"] for x in r.json()["results"]] == ["a.png", "b.png", "c.png"]
+        for where, cut in cuts.items():
+            err = assert_error(client.post(route, content=full[:cut], headers=headers), 400, "bad_multipart")
+            assert "closing boundary" in err["message"] and "send it again" in err["message"], (where, err)
+    assert client.app.state.service.pixels_in_flight == 0
+
+
+def test_file_fields_of_another_name_are_refused_by_name(serve, photo):
+    png = encode(photo)
+    client = serve(Settings(max_images=2))
+    files = [("image", ("a.png", png, "image/png")), ("thumbnail", ("t.png", png, "image/png"))]
+    err = assert_error(client.post("/v1/classify", files=files), 400, "unexpected_file_field")
+    assert "'thumbnail'" in err["message"] and "called 'image'" in err["message"]
+    # not counted as images: two images and another file is about the other file, not IRCNN_MAX_IMAGES
+    err = assert_error(client.post("/v1/classify", files=[files[0], files[0], files[1]]), 400,
+                       "unexpected_file_field")
+    assert "'thumbnail'" in err["message"]
+    err = assert_error(client.post("/v1/classify", files=[files[1]]), 400, "missing_image")
+    assert "'thumbnail' must be called 'image'" in err["message"]
+    r = client.post("/v1/classify", files=[files[0], files[0]], data={"note": "text fields are ignored"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def test_an_extended_filename_parameter_is_a_file_part(serve, photo):
+    client = serve()
+    png = encode(photo)
+    body, headers = multipart_body([("image", "; filename*=UTF-8''caf%C3%A9.png", png)])
+    r = client.post("/v1/classify", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["image"] == "café.png"
+    body, headers = multipart_body([("image", "; filename*=UTF-8''caf%C3%A9.png", png),
+                                    ("image", '; filename="b.png"', png)])
+    assert [x["image"] for x in client.post("/v1/classify", content=body, headers=headers).json()["results"]] == [
+        "café.png", "b.png"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_nothing_from_another_host(serve, page):
+    client = serve()
+    r = client.get(page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert not re.search(r"(https?:)?//[a-z0-9]", r.text, re.IGNORECASE), r.text  # no address on another host
+    assets = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert any(a.endswith(".js") for a in assets) and (page == "/redoc" or any(a.endswith(".css") for a in assets))
+    for asset in assets:
+        assert asset.startswith("/"), asset
+        got = client.get(asset)
+        assert got.status_code == 200 and len(got.content) > 100, asset
+        kind = {"js": "javascript", "css": "text/css", "png": "image/png"}[asset.rsplit(".", 1)[-1]]
+        assert kind in got.headers["content-type"], (asset, got.headers["content-type"])
+    assert "/openapi.json" in r.text and client.get("/openapi.json").status_code == 200
+    if page == "/docs":
+        redirect = client.get("/docs/oauth2-redirect")
+        assert redirect.status_code == 200 and not re.search(r"https?://", redirect.text)
