@@ -6,7 +6,8 @@ any file it reads or writes has one owner here, one function per format and dire
 
 - ``boxes``: the box conventions of the files (ours, the devkit's inclusive ``+1`` integers, COCO ``xywh``) and
   the conversions between them.
-- ``parsing``: what every reader shares: numbered lines, JSON with a nesting limit, range checks of values.
+- ``parsing``: what every reader shares: lines and whole files read within bounds (its ``MAX_*`` constants),
+  JSON with a nesting limit, range checks of values, short excerpts of bad input for messages.
 - ``detections``: ``DetectionTable``, the detections of many images as flat arrays, as readers return them and
   writers take them.
 - ``records``: our detection JSON lines (``ircnn detect`` records, the CLI and HTTP ``detect`` document): built

@@ -16,9 +16,7 @@ import numpy as np
 
 from eval.boxes import MAX_COORD, check_box, from_devkit, to_devkit_ints
 from eval.classes import det200
-from eval.parsing import fields, located, parse_index, whole_number
-
-MAX_XML_BYTES = 10 << 20  # an annotation file larger than this is refused unread
+from eval.parsing import MAX_XML_BYTES, excerpt, fields, located, parse_index, read_bounded, whole_number
 
 _WNID = re.compile(r"n\d{8}")
 
@@ -39,12 +37,12 @@ def _det_id_of(token: str) -> int:
     vocab = det200()
     if _WNID.fullmatch(token):
         if token not in vocab.row_of_wnid:
-            raise ValueError(f"WNID {token!r} is not one of the 200 ILSVRC DET classes")
+            raise ValueError(f"WNID {excerpt(token)} is not one of the 200 ILSVRC DET classes")
         return vocab.ids[vocab.row_of_wnid[token]]
     try:
         det_id = int(token)
     except ValueError:
-        raise ValueError(f"{token!r} is neither a DET WNID nor a DET id 1..200") from None
+        raise ValueError(f"{excerpt(token)} is neither a DET WNID nor a DET id 1..200") from None
     if det_id not in vocab.row_of_id:
         raise ValueError(f"DET id {det_id} out of range 1..200")
     return det_id
@@ -114,11 +112,11 @@ def read_imageset(path: str) -> dict[str, int]:
     """
     names: dict[str, int] = {}
     where_of_index: dict[int, str] = {}
-    for where, (name, index_text) in fields(path, 2, "'<image name> <index>'"):
+    for where, (name, index_text) in fields(path, 2, "'<image name> <index>'", "an imageset"):
         with located(where):
             index = parse_index(index_text)
         if name in names:
-            raise ValueError(f"{where}: image {name!r} listed twice")
+            raise ValueError(f"{where}: image {excerpt(name)} listed twice")
         if index in where_of_index:
             raise ValueError(f"{where}: image index {index} already used at {where_of_index[index]}")
         names[name] = index
@@ -134,10 +132,7 @@ def read_annotation(path: str) -> ImageAnnotation:
     Raises ValueError naming the file (and the object number) for unparsable XML, a missing field, a WNID that is
     not a DET class, or a box with ``xmax < xmin``.
     """
-    with open(path, "rb") as f:
-        data = f.read(MAX_XML_BYTES + 1)
-    if len(data) > MAX_XML_BYTES:
-        raise ValueError(f"{path}: over {MAX_XML_BYTES >> 20} MB; an ILSVRC annotation is a few KB")
+    data = read_bounded(path, MAX_XML_BYTES, "an annotation", "an ILSVRC annotation is a few KB", text=False)
     # ILSVRC annotations are plain ASCII XML without a DTD. Refusing DTDs outright (rather than relying on the
     # system expat's entity-amplification limit) closes entity bombs and external entities whatever expat is
     # installed; refusing NUL bytes closes the same declarations spelt in UTF-16.
@@ -149,7 +144,8 @@ def read_annotation(path: str) -> ImageAnnotation:
     except ET.ParseError as e:
         raise ValueError(f"{path}: not well-formed XML ({e})") from None
     if root.tag != "annotation":
-        raise ValueError(f"{path}: root element is <{root.tag}>, expected <annotation>")
+        tag = f"<{root.tag}>" if len(root.tag) <= 80 else excerpt(root.tag)
+        raise ValueError(f"{path}: root element is {tag}, expected <annotation>")
     name = os.path.splitext((root.findtext("filename") or "").strip() or os.path.basename(path))[0]
     width = _int_field(root, "size/width", path, "")
     height = _int_field(root, "size/height", path, "")
@@ -182,9 +178,9 @@ def read_annotations(ann_dir: str, imageset: dict[str, int]) -> dict[int, ImageA
     for name, index in imageset.items():
         path = os.path.join(ann_dir, name + ".xml")
         if not os.path.isfile(path):
-            raise ValueError(f"{path}: missing annotation of image {name!r} (index {index}); --annotations must be "
-                             "the folder the imageset's names are relative to (Annotations/DET/val for the devkit's "
-                             "val.txt of bare names, Annotations/DET for names like 'val/...')")
+            raise ValueError(f"{path}: missing annotation of image {excerpt(name)} (index {index}); --annotations "
+                             "must be the folder the imageset's names are relative to (Annotations/DET/val for the "
+                             "devkit's val.txt of bare names, Annotations/DET for names like 'val/...')")
         annotation = read_annotation(path)
         annotation.name = name
         annotations[index] = annotation
@@ -215,7 +211,7 @@ def read_blacklist(path: str) -> set[tuple[int, int]]:
     The 2014 devkit's ``ILSVRC2014_det_validation_blacklist.txt`` names classes by WNID; DET ids are accepted too.
     """
     pairs = set()
-    for where, (index, cls) in fields(path, 2, "'<image index> <wnid or DET id>'"):
+    for where, (index, cls) in fields(path, 2, "'<image index> <wnid or DET id>'", "a blacklist"):
         with located(where):
             pairs.add((parse_index(index), _det_id_of(cls)))
     return pairs
@@ -258,7 +254,7 @@ class ImageLookup:
             return self._index[image]
         index = self._by_key.get(image_key(image), -1)
         if index == 0:
-            raise ValueError(f"image {image!r} matches several imageset entries by file name; use the exact "
+            raise ValueError(f"image {excerpt(image)} matches several imageset entries by file name; use the exact "
                              "imageset name")
         return index
 

@@ -15,9 +15,9 @@ w = x2 - x1`` (no rounding, no ``+1``).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from eval.parsing import excerpt
 
 # Coordinates beyond this many pixels are refused as corrupt input (the largest ILSVRC images are ~5000 px).
 MAX_COORD = 1e6
@@ -57,5 +57,5 @@ def from_xywh(xywh: np.ndarray) -> np.ndarray:
 def check_box(values, what: str) -> None:
     """Refuse NaN, infinite and absurd coordinates: ValueError ``"<what> coordinate <v> is not ..."``."""
     for v in values:
-        if not math.isfinite(v) or abs(v) > MAX_COORD:
-            raise ValueError(f"{what} coordinate {v!r} is not a finite number within +-{MAX_COORD:g} pixels")
+        if not abs(v) <= MAX_COORD:  # also NaN and inf; a JSON integer of any size compares without overflow
+            raise ValueError(f"{what} coordinate {excerpt(v)} is not a finite number within +-{MAX_COORD:g} pixels")

@@ -28,7 +28,7 @@ import numpy as np
 
 from eval.annotations import image_key
 from eval.classes import cls1000, cls1000_devkit_ids
-from eval.parsing import located, numbered_lines, parse_json
+from eval.parsing import excerpt, json_lines, located, numbered_lines, parse_json, text_lines
 
 LABEL_FORMATS = ("imagefolder", "pairs", "ilsvrc2012")
 
@@ -36,6 +36,7 @@ LABEL_FORMATS = ("imagefolder", "pairs", "ilsvrc2012")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 _WNID = re.compile(r"n\d{8}")
+_LABELS = "a labels file"
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,12 @@ def parse_class(token: str) -> int:
     vocab = cls1000()
     if _WNID.fullmatch(token):
         if token not in vocab.row_of_wnid:
-            raise ValueError(f"unknown WNID {token!r} (not one of the 1000 ILSVRC classes)")
+            raise ValueError(f"unknown WNID {excerpt(token)} (not one of the 1000 ILSVRC classes)")
         return vocab.row_of_wnid[token]
     try:
         index = int(token)
     except ValueError:
-        raise ValueError(f"{token!r} is neither a WNID nor a class index 0..999") from None
+        raise ValueError(f"{excerpt(token)} is neither a WNID nor a class index 0..999") from None
     if not 0 <= index < len(vocab):
         raise ValueError(f"class index {index} out of range 0..{len(vocab) - 1}")
     return index
@@ -98,15 +99,16 @@ def parse_class(token: str) -> int:
 
 
 def detect_labels_format(path: str) -> str:
-    """``imagefolder`` for a directory, ``ilsvrc2012`` if every non-empty line is one integer, else ``pairs``."""
+    """``imagefolder`` for a directory, ``ilsvrc2012`` if every non-empty line is one integer, else ``pairs``
+    (decided at the first line that is not an integer; lines of at most ``MAX_TEXT_LINE_CHARS``)."""
     if os.path.isdir(path):
         return "imagefolder"
-    with open(path, encoding="utf-8") as f:
-        lines = [line.split() for line in f]
-    lines = [tokens for tokens in lines if tokens]
-    if lines and all(len(tokens) == 1 and re.fullmatch(r"[+-]?\d+", tokens[0]) for tokens in lines):
-        return "ilsvrc2012"
-    return "pairs"
+    any_line = False
+    for _, line in numbered_lines(path, _LABELS):
+        if not re.fullmatch(r"[+-]?\d+", line):
+            return "pairs"
+        any_line = True
+    return "ilsvrc2012" if any_line else "pairs"
 
 
 def read_labels(path: str, labels_format: str | None = None) -> dict[str, int]:
@@ -127,9 +129,9 @@ def read_labels(path: str, labels_format: str | None = None) -> dict[str, int]:
     seen: dict[str, str] = {}  # key -> where its label came from, to name both sides of a clash
     for image, index, where in entries:
         key = image_key(image)
-        source = image if where == image else f"{image!r} at {where}"
+        source = excerpt(image) if where == image else f"{excerpt(image)} at {where}"
         if key in labels:
-            raise ValueError(f"two labelled images have the same name {key!r}: {seen[key]} and {source}; "
+            raise ValueError(f"two labelled images have the same name {excerpt(key)}: {seen[key]} and {source}; "
                              "images are matched by file name without directories and extension")
         labels[key] = index
         seen[key] = source
@@ -157,11 +159,11 @@ def _imagefolder_entries(root: str) -> Iterator[tuple[str, int, str]]:
 
 
 def _pairs_entries(path: str) -> Iterator[tuple[str, int, str]]:
-    for number, line in numbered_lines(path):
+    for number, line in numbered_lines(path, _LABELS):
         where = f"{path}:{number}"
         tokens = line.rsplit(None, 1)  # the image name may contain spaces; the label is the last word
         if len(tokens) != 2:
-            raise ValueError(f"{where}: expected '<image> <wnid or class index>', got {line!r}")
+            raise ValueError(f"{where}: expected '<image> <wnid or class index>', got {excerpt(line)}")
         with located(where):
             yield tokens[0], parse_class(tokens[1]), where
 
@@ -169,19 +171,21 @@ def _pairs_entries(path: str) -> Iterator[tuple[str, int, str]]:
 def _ilsvrc2012_entries(path: str) -> Iterator[tuple[str, int, str]]:
     row_of_wnid = cls1000().row_of_wnid
     wnid_of_devkit_id = cls1000_devkit_ids()
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f]
-    while lines and not lines[-1]:
-        lines.pop()
-    for number, line in enumerate(lines, 1):
-        where = f"{path}:{number}"
+    first_empty = None  # the first of the empty lines since the last label; fine if only empty lines follow
+    for number, line in text_lines(path, _LABELS):
+        line = line.strip()
         if not line:
+            first_empty = first_empty or number
+            continue
+        if first_empty:
             # Line i is image i, so a gap would silently shift every label after it.
-            raise ValueError(f"{where}: empty line in an ILSVRC2012 ground-truth file (line i labels image i)")
+            raise ValueError(f"{path}:{first_empty}: empty line in an ILSVRC2012 ground-truth file (line i labels "
+                             "image i)")
+        where = f"{path}:{number}"
         try:
             devkit_id = int(line)
         except ValueError:
-            raise ValueError(f"{where}: expected one devkit class id 1..1000, got {line!r}") from None
+            raise ValueError(f"{where}: expected one devkit class id 1..1000, got {excerpt(line)}") from None
         if devkit_id not in wnid_of_devkit_id:
             raise ValueError(f"{where}: devkit class id {devkit_id} out of range 1..1000")
         yield f"ILSVRC2012_val_{number:08d}.JPEG", row_of_wnid[wnid_of_devkit_id[devkit_id]], where
@@ -192,7 +196,7 @@ def read_predictions(path: str) -> Iterator[Prediction]:
 
     Raises ValueError naming the file and line for a malformed line.
     """
-    for number, line in numbered_lines(path):
+    for number, line in json_lines(path, "a predictions file"):
         where = f"{path}:{number}"
         with located(where):
             yield _parse_json_prediction(line, where) if line.startswith("{") else _parse_text_prediction(line, where)
@@ -201,7 +205,7 @@ def read_predictions(path: str) -> Iterator[Prediction]:
 def _parse_text_prediction(line: str, where: str) -> Prediction:
     image, *tokens = line.split()
     if not tokens:
-        raise ValueError(f"expected '<image> <label1> .. <label5>', got {line!r}")
+        raise ValueError(f"expected '<image> <label1> .. <label5>', got {excerpt(line)}")
     return Prediction(image, tuple(parse_class(t) for t in tokens), where=where)
 
 
@@ -223,16 +227,16 @@ def _parse_json_prediction(line: str, where: str) -> Prediction:
 
 def _json_class(entry, rank: int) -> int:
     if not isinstance(entry, dict) or not ("index" in entry or "wnid" in entry):
-        raise ValueError(f"top_k entry {rank} needs an 'index' or a 'wnid', got {entry!r}")
+        raise ValueError(f"top_k entry {rank} needs an 'index' or a 'wnid', got {excerpt(entry)}")
     index = entry.get("index")
     if index is not None:
         if isinstance(index, bool) or not isinstance(index, int):
-            raise ValueError(f"top_k entry {rank}: 'index' must be an integer, got {index!r}")
+            raise ValueError(f"top_k entry {rank}: 'index' must be an integer, got {excerpt(index)}")
         index = parse_class(str(index))
     wnid = entry.get("wnid")
     if wnid is not None:
         if not (isinstance(wnid, str) and _WNID.fullmatch(wnid)):
-            raise ValueError(f"top_k entry {rank}: 'wnid' must be a WNID like 'n02123045', got {wnid!r}")
+            raise ValueError(f"top_k entry {rank}: 'wnid' must be a WNID like 'n02123045', got {excerpt(wnid)}")
         by_wnid = parse_class(wnid)
         if index is not None and by_wnid != index:
             raise ValueError(f"top_k entry {rank}: index {index} is {cls1000().wnids[index]}, not {wnid}")
@@ -269,7 +273,8 @@ class ClassificationEvaluator:
                 self._unmatched += 1
                 continue
             if key in self._ranked:
-                raise ValueError(f"{p.where}: second prediction for image {key!r} (first at {self._where[key]})")
+                raise ValueError(f"{p.where}: second prediction for image {excerpt(key)} (first at "
+                                 f"{self._where[key]})")
             self._ranked[key] = p.ranked
             self._where[key] = p.where
             self._errors += p.error is not None

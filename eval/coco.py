@@ -15,7 +15,7 @@ from eval.annotations import ImageAnnotation, ImageLookup
 from eval.boxes import MAX_COORD, check_box, from_xywh, to_xywh
 from eval.classes import det200
 from eval.detections import DetectionTable, as_tables, text_output
-from eval.parsing import json_det_id, json_index, json_int, json_score, load_json, located
+from eval.parsing import excerpt, json_det_id, json_index, json_int, json_score, load_json, located
 
 
 def coco_categories() -> list[dict]:
@@ -43,7 +43,7 @@ def read_coco_gt(path: str) -> tuple[dict[str, int], dict[int, ImageAnnotation]]
     Image ids are the imageset indices; category ids must be DET ids 1..200; crowd annotations are refused
     (ILSVRC has none).
     """
-    doc = load_json(path)
+    doc = load_json(path, "a COCO ground-truth file")
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) \
             or not isinstance(doc.get("annotations"), list):
         raise ValueError(f"{path}: a COCO ground-truth file is an object with lists 'images' and 'annotations'")
@@ -52,13 +52,13 @@ def read_coco_gt(path: str) -> tuple[dict[str, int], dict[int, ImageAnnotation]]
     for k, image in enumerate(doc["images"]):
         where = f"{path}: images[{k}]"
         if not isinstance(image, dict):
-            raise ValueError(f"{where}: expected an object, got {image!r}")
+            raise ValueError(f"{where}: expected an object, got {excerpt(image)}")
         index = json_index(image.get("id"), "id", where)
         if index in sizes:
             raise ValueError(f"{where}: id {index} is not a new positive integer")
         name = image.get("file_name", str(index))
         if not isinstance(name, str) or name in imageset:
-            raise ValueError(f"{where}: file_name {name!r} is not a new string")
+            raise ValueError(f"{where}: file_name {excerpt(name)} is not a new string")
         imageset[name] = index
         width, height = (json_int(image.get(k, 0), k, where) for k in ("width", "height"))
         if not (0 <= width <= MAX_COORD and 0 <= height <= MAX_COORD):
@@ -69,7 +69,7 @@ def read_coco_gt(path: str) -> tuple[dict[str, int], dict[int, ImageAnnotation]]
     for k, ann in enumerate(doc["annotations"]):
         where = f"{path}: annotations[{k}]"
         if not isinstance(ann, dict):
-            raise ValueError(f"{where}: expected an object, got {ann!r}")
+            raise ValueError(f"{where}: expected an object, got {excerpt(ann)}")
         index = json_index(ann.get("image_id"), "image_id", where)
         if index not in sizes:
             raise ValueError(f"{where}: image_id {index} is not in 'images'")
@@ -114,7 +114,8 @@ def read_coco_results(path: str, lookup: ImageLookup) -> DetectionTable:
     ``image_id`` is an imageset index when it is an integer (as ``write_coco_gt``/``write_coco_results`` number
     images), or an image name or path looked up by ``lookup`` when it is a string (-1 if not in the imageset).
     """
-    doc = load_json(path)
+    doc = load_json(path, "a COCO results file", "write the detections as JSON lines (`ircnn detect --format "
+                    "jsonl`) or devkit submission lines instead, which are read line by line")
     if not isinstance(doc, list):
         raise ValueError(f"{path}: a COCO results file is a JSON list of "
                          "{'image_id', 'category_id', 'bbox', 'score'} objects")
@@ -122,7 +123,7 @@ def read_coco_results(path: str, lookup: ImageLookup) -> DetectionTable:
     for k, r in enumerate(doc):
         where = f"{path}: entry {k}"
         if not isinstance(r, dict):
-            raise ValueError(f"{where}: expected an object, got {r!r}")
+            raise ValueError(f"{where}: expected an object, got {excerpt(r)}")
         image_id = r.get("image_id")
         if isinstance(image_id, str):
             with located(where):
@@ -139,7 +140,7 @@ def read_coco_results(path: str, lookup: ImageLookup) -> DetectionTable:
 def _json_xywh(value, where: str, allow_negative: bool = False) -> list[float]:
     if not (isinstance(value, list) and len(value) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise ValueError(f"{where}: 'bbox' must be a list [x, y, w, h] of 4 numbers, got {value!r}")
+        raise ValueError(f"{where}: 'bbox' must be a list [x, y, w, h] of 4 numbers, got {excerpt(value)}")
     check_box(value, f"{where}: bbox box")
     if not allow_negative and (value[2] < 0 or value[3] < 0):
         raise ValueError(f"{where}: bbox {value} has a negative width or height")

@@ -1,9 +1,14 @@
-"""What every reader of eval's files shares: numbered text lines, JSON parsed with a nesting limit, and the checks
-of the values those files hold.
+"""What every reader of eval's files shares: numbered text lines and whole files read within bounds, JSON parsed
+with a nesting limit, and the checks of the values those files hold.
 
 Every reader raises ValueError naming the file, the line (or the JSON entry) and what is wrong: numbers are
 checked for range (image indices 1..``MAX_IMAGE_INDEX``, DET ids 1..200, coordinates finite within
 ``eval.boxes.MAX_COORD``, scores finite), and JSON for its nesting depth before it is parsed (``parse_json``).
+
+Every file is read within bounds (the ``MAX_*`` constants below): a line-by-line reader (``text_lines``) refuses a
+line longer than its format's bound without reading the rest of it, and any file larger than its format's total
+bound; a whole-file reader (``read_bounded``) refuses a regular file by its size before reading it and anything
+else (a pipe, ``/dev/zero``) once the bound is passed. A message quotes at most ``excerpt`` of the input.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
+import os
 import re
+import stat
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,27 +32,169 @@ MAX_IMAGE_INDEX = 2**31 - 1
 # level, and a few thousand levels end in RecursionError instead of a message.
 MAX_JSON_DEPTH = 32
 
+# ---- bounds on what a reader takes in (one place for every reader of eval) ----
+# Longest line (in characters, line end excluded) of the whitespace-separated text formats: devkit submissions
+# (under 100 characters a line), imagesets, blacklists, classification labels and text predictions (an image name
+# or path and a few words).
+MAX_TEXT_LINE_CHARS = 64 << 10
+# Longest line of the JSON-lines formats: one `ircnn detect` record holds up to 10,000 detections (--max-detections'
+# ceiling) of about 160 characters each; an `ircnn classify --json` line at most 1000 ranked classes.
+MAX_JSON_LINE_CHARS = 4 << 20
+# Largest file read line by line (whose rows are kept): a devkit submission of ILSVRC DET val, 20,000 images with
+# a few hundred detections each, is a few hundred MB; as detect records about twice that.
+MAX_LINES_FILE_BYTES = 4 << 30
+# Largest whole-file JSON document (COCO ground truth and results lists, parsed in memory at several times their
+# size): COCO results for ILSVRC DET val are a few hundred MB.
+MAX_JSON_FILE_BYTES = 2 << 30
+# Largest annotation XML: an ILSVRC annotation is a few KB.
+MAX_XML_BYTES = 10 << 20
+# How much of an offending value a message quotes.
+EXCERPT_CHARS = 80
 
-def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, stripped line) for each non-empty line of a text file."""
+_READ_CHUNK = 16 << 20  # bytes per read of a whole-file reader
+
+
+def excerpt(value) -> str:
+    """What a message quotes of an input value: ``repr(value)``, or when longer than ``EXCERPT_CHARS`` its first
+    ``EXCERPT_CHARS`` characters and ``... (N characters)``, N the length of the string (of the repr otherwise)."""
+    if isinstance(value, str):
+        quoted, length = repr(value[:EXCERPT_CHARS + 1]), len(value)  # never the repr of a long string
+        if length <= EXCERPT_CHARS and len(quoted) <= EXCERPT_CHARS + 2:
+            return quoted
+    else:
+        quoted = repr(value)
+        length = len(quoted)
+        if length <= EXCERPT_CHARS + 2:
+            return quoted
+    return f"{quoted[:EXCERPT_CHARS]}... ({length:,} characters)"
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in words: ``10 MB``, ``2 GB``, ``65,536 bytes``."""
+    for shift, unit in ((30, "GB"), (20, "MB"), (10, "KB")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n:,} bytes"
+
+
+def _regular_size(f) -> int | None:
+    """The size of an open regular file; None for anything else (a pipe, a device such as ``/dev/zero``)."""
+    st = os.fstat(f.fileno())
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _too_big(path: str, max_bytes: int, kind: str, advice: str) -> str:
+    return f"{path}: over {_size(max_bytes)}, the most {kind} may be; {advice}"
+
+
+def text_lines(path: str, kind: str = "a text file", max_line: int | None = None, max_bytes: int | None = None
+               ) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line with its line end) for every line of a UTF-8 text file, empty ones included.
+
+    A line longer than ``max_line`` characters (default ``MAX_TEXT_LINE_CHARS``) raises ValueError ``path:line:
+    line longer than ...`` once its first ``max_line + 1`` characters are read (the rest never is: ``/dev/zero`` is
+    refused at once), and a file of more than ``max_bytes`` (default ``MAX_LINES_FILE_BYTES``; a regular file by
+    its size, before reading, anything else once that many characters have been read) ``path: over ...``. ``kind``
+    names the format in the messages (``a devkit submission``).
+    """
+    max_line = MAX_TEXT_LINE_CHARS if max_line is None else max_line
+    max_bytes = MAX_LINES_FILE_BYTES if max_bytes is None else max_bytes
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if line:
-                yield number, line
+        size = _regular_size(f)
+        if size is not None and size > max_bytes:
+            raise ValueError(_too_big(path, max_bytes, kind, "is this the right file?"))
+        readline, limit, total, number = f.readline, max_line + 1, 0, 0
+        while True:
+            try:
+                line = readline(limit)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e.reason} near line {number + 1}); is it {kind}?") from None
+            if not line:
+                return
+            number += 1
+            if len(line) == limit and not line.endswith("\n"):
+                raise ValueError(f"{path}:{number}: line longer than {max_line:,} characters, the most a line of "
+                                 f"{kind} may have (it starts {repr(line[:EXCERPT_CHARS])[:EXCERPT_CHARS]}...); is "
+                                 "this the right file?")
+            total += len(line)
+            if total > max_bytes:
+                raise ValueError(_too_big(path, max_bytes, kind, "is this the right file?"))
+            yield number, line
 
 
-def fields(path: str, count: int, expected: str) -> Iterator[tuple[str, list[str]]]:
-    """(``path:line``, the line's whitespace-separated fields) for each non-empty line of a text file.
+def numbered_lines(path: str, kind: str = "a text file", max_line: int | None = None
+                   ) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped line) for each non-empty line of a text file, within bounds (``text_lines``)."""
+    for number, line in text_lines(path, kind, max_line):
+        line = line.strip()
+        if line:
+            yield number, line
+
+
+def json_lines(path: str, kind: str) -> Iterator[tuple[int, str]]:
+    """``numbered_lines`` of a JSON-lines file: lines of up to ``MAX_JSON_LINE_CHARS``."""
+    return numbered_lines(path, kind, MAX_JSON_LINE_CHARS)
+
+
+def line_batches(path: str, kind: str = "a text file", max_chars: int = 8 << 20
+                 ) -> Iterator[tuple[int, list[str]]]:
+    """``text_lines`` in batches of consecutive lines of about ``max_chars`` characters together (at most
+    ``max_chars + MAX_TEXT_LINE_CHARS``): (number of the batch's first line, its lines, line ends kept). For
+    readers that parse many lines in one call (``np.loadtxt``) without holding the whole file as text."""
+    batch: list[str] = []
+    first = chars = 0
+    for number, line in text_lines(path, kind):
+        if not batch:
+            first = number
+        batch.append(line)
+        chars += len(line)
+        if chars >= max_chars:
+            yield first, batch
+            batch, chars = [], 0
+    if batch:
+        yield first, batch
+
+
+def read_bounded(path: str, max_bytes: int, kind: str, advice: str = "is this the right file?", *,
+                 text: bool = True) -> bytearray:
+    """The bytes of a whole file of at most ``max_bytes``, or ValueError ``path: over <bound>, the most <kind> may
+    be; <advice>``: a regular file is refused by its size before it is read, anything else (a pipe, a device) once
+    ``max_bytes`` have come. ``text``: a NUL byte, which no JSON or UTF-8 text file holds, is refused as soon as it
+    is read (so ``/dev/zero`` is refused at once, not after ``max_bytes``)."""
+    with open(path, "rb") as f:
+        size = _regular_size(f)
+        if size is not None and size > max_bytes:
+            raise ValueError(_too_big(path, max_bytes, kind, advice))
+        data = bytearray()
+        while len(data) <= max_bytes:
+            chunk = f.read(min(_READ_CHUNK, max_bytes + 1 - len(data)))
+            if not chunk:
+                return data
+            if text and b"\x00" in chunk:
+                raise ValueError(f"{path}: holds a NUL byte (byte {len(data) + chunk.index(0):,}), so it is not "
+                                 f"{kind} (a text file); is this the right file?")
+            data += chunk
+    raise ValueError(_too_big(path, max_bytes, kind, advice))
+
+
+def fields(path: str, count: int, expected: str, kind: str = "a text file") -> Iterator[tuple[str, list[str]]]:
+    """(``path:line``, the line's whitespace-separated fields) for each non-empty line of a text file (lines of at
+    most ``MAX_TEXT_LINE_CHARS``; ``kind`` names the format in messages).
 
     A line without exactly ``count`` fields raises ValueError ``path:line: expected <expected>, got '<line>'``.
     """
-    for number, line in numbered_lines(path):
+    for number, line in numbered_lines(path, kind):
         where = f"{path}:{number}"
-        tokens = line.split()
-        if len(tokens) != count:
-            raise ValueError(f"{where}: expected {expected}, got {line!r}")
-        yield where, tokens
+        yield where, split_fields(line, count, expected, where)
+
+
+def split_fields(line: str, count: int, expected: str, where: str) -> list[str]:
+    """The whitespace-separated fields of a line, or ValueError ``where: expected <expected>, got '<line>'``
+    (an ``excerpt``) if there are not ``count`` of them."""
+    tokens = line.split()
+    if len(tokens) != count:
+        raise ValueError(f"{where}: expected {expected}, got {excerpt(line.strip())}")
+    return tokens
 
 
 @contextlib.contextmanager
@@ -66,9 +214,9 @@ def whole_number(text: str, name: str) -> int:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{name} is {text!r}, not a number") from None
+        raise ValueError(f"{name} is {excerpt(text)}, not a number") from None
     if not value.is_integer():  # also inf and nan
-        raise ValueError(f"{name} is {text!r}, not a whole number")
+        raise ValueError(f"{name} is {excerpt(text)}, not a whole number")
     return int(value)
 
 
@@ -85,7 +233,7 @@ def parse_index(token: str) -> int:
     try:
         index = int(token)
     except ValueError:
-        raise ValueError(f"image index {token!r} is not an integer") from None
+        raise ValueError(f"image index {excerpt(token)} is not an integer") from None
     check_index(index)
     return index
 
@@ -93,10 +241,16 @@ def parse_index(token: str) -> int:
 # ---- JSON ------------------------------------------------------------------------------------------------
 
 
-def load_json(path: str):
-    """The JSON document in a file (``parse_json``); invalid JSON raises ValueError naming the file and line."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+def load_json(path: str, kind: str = "a JSON file", advice: str = "is this the right file?"):
+    """The JSON document in a file of at most ``MAX_JSON_FILE_BYTES`` (``read_bounded``, ``parse_json``); invalid
+    JSON raises ValueError naming the file and line, a larger file ``path: over <bound>, the most <kind> may be;
+    <advice>``."""
+    data = read_bounded(path, MAX_JSON_FILE_BYTES, kind, advice)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start:,}); is it {kind}?") from None
+    del data
     try:
         return parse_json(text, path)
     except json.JSONDecodeError as e:
@@ -131,7 +285,7 @@ def parse_json(text: str, where: str = "", max_depth: int = MAX_JSON_DEPTH):
 def json_int(value, name: str, where: str) -> int:
     """A JSON integer field ``name`` (not a bool, not a float), or ValueError naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}: {name!r} must be an integer, got {value!r}")
+        raise ValueError(f"{where}: {name!r} must be an integer, got {excerpt(value)}")
     return value
 
 
@@ -153,9 +307,12 @@ def json_det_id(value, where: str) -> int:
 
 def json_score(value, where: str) -> float:
     """A finite JSON number ``score``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: 'score' must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _MAX_FLOAT:  # NaN too
+        raise ValueError(f"{where}: 'score' must be a finite number, got {excerpt(value)}")
     return float(value)
+
+
+_MAX_FLOAT = 1.7976931348623157e308  # sys.float_info.max: a JSON integer beyond it is not a float either
 
 
 def dataclass_fields(cls, d, what: str, fields: str) -> dict:

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from eval.annotations import ImageLookup
 from eval.coco import read_coco_results
 from eval.detections import DetectionTable
+from eval.parsing import MAX_TEXT_LINE_CHARS
 from eval.records import read_jsonl_detections
 from eval.submission import read_submission
 
 PREDICTION_FORMATS = ("ilsvrc", "jsonl", "coco")
+
+_SNIFF_BYTES = 4096
 
 
 @dataclass
@@ -22,12 +25,19 @@ class Predictions:
 
 
 def detect_predictions_format(path: str) -> str:
-    """``coco`` if the file starts with ``[``, ``jsonl`` if with ``{``, else ``ilsvrc`` (devkit submission lines)."""
-    with open(path, encoding="utf-8") as f:
-        for chunk in iter(lambda: f.read(4096), ""):
+    """``coco`` if the file starts with ``[``, ``jsonl`` if with ``{``, else ``ilsvrc`` (devkit submission lines).
+
+    Whitespace before the first character is skipped for at most ``MAX_TEXT_LINE_CHARS`` bytes; a file blank that
+    far is taken for a submission (whose reader bounds the rest).
+    """
+    with open(path, "rb") as f:
+        for _ in range(MAX_TEXT_LINE_CHARS // _SNIFF_BYTES + 1):
+            chunk = f.read(_SNIFF_BYTES)
             stripped = chunk.lstrip()
             if stripped:
-                return {"[": "coco", "{": "jsonl"}.get(stripped[0], "ilsvrc")
+                return {b"[": "coco", b"{": "jsonl"}.get(stripped[:1], "ilsvrc")
+            if not chunk:
+                break
     return "ilsvrc"
 
 

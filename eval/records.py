@@ -19,7 +19,7 @@ from eval.annotations import ImageLookup
 from eval.boxes import check_box
 from eval.classes import det200
 from eval.detections import DetectionTable
-from eval.parsing import json_det_id, json_score, located, numbered_lines, parse_json
+from eval.parsing import excerpt, json_det_id, json_lines, json_score, located, parse_json
 
 
 def detections_json(boxes, scores, det_ids) -> list[dict]:
@@ -81,7 +81,7 @@ def read_jsonl_detections(path: str, lookup: ImageLookup) -> tuple[DetectionTabl
     """
     image, det_id, score, boxes = [], [], [], []
     failed = []
-    for number, line in numbered_lines(path):
+    for number, line in json_lines(path, "a detections JSON-lines file"):
         where = f"{path}:{number}"
         try:
             doc = parse_json(line, where)
@@ -112,11 +112,11 @@ def _record_rows(record: dict, where: str) -> tuple[list[int], list[float], list
     for k, d in enumerate(record["detections"]):
         what = f"{where}: detection {k}"
         if not isinstance(d, dict):
-            raise ValueError(f"{what}: expected an object, got {d!r}")
+            raise ValueError(f"{what}: expected an object, got {excerpt(d)}")
         box = d.get("box")
         if not (isinstance(box, list) and len(box) == 4
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-            raise ValueError(f"{what}: 'box' must be a list [x1, y1, x2, y2] of 4 numbers, got {box!r}")
+            raise ValueError(f"{what}: 'box' must be a list [x1, y1, x2, y2] of 4 numbers, got {excerpt(box)}")
         check_box(box, f"{what}: box")
         det_id.append(_record_class(d, vocab, what))
         score.append(json_score(d.get("score"), what))
@@ -132,7 +132,7 @@ def _record_class(d: dict, vocab, what: str) -> int:
         det_id = json_det_id(det_id, what)
     if wnid is not None:
         if not isinstance(wnid, str) or wnid not in vocab.row_of_wnid:
-            raise ValueError(f"{what}: 'wnid' {wnid!r} is not one of the 200 ILSVRC DET classes")
+            raise ValueError(f"{what}: 'wnid' {excerpt(wnid)} is not one of the 200 ILSVRC DET classes")
         by_wnid = vocab.ids[vocab.row_of_wnid[wnid]]
         if det_id is not None and det_id != by_wnid:
             raise ValueError(f"{what}: det_id {det_id} is {vocab.wnids[vocab.row_of_id[det_id]]}, not {wnid}")

@@ -13,9 +13,10 @@ import numpy as np
 
 from eval.boxes import MAX_COORD, check_box, from_devkit, to_devkit_ints
 from eval.detections import DetectionTable, as_tables, text_output
-from eval.parsing import MAX_IMAGE_INDEX, check_index, fields, located, whole_number
+from eval.parsing import MAX_IMAGE_INDEX, check_index, excerpt, line_batches, located, split_fields, whole_number
 
 _SUBMISSION_LINE = "'<image_index> <det_id> <confidence> <xmin> <ymin> <xmax> <ymax>'"
+_BATCH_CHARS = 8 << 20  # characters of lines parsed by one np.loadtxt call
 
 
 def write_submission(out: str | os.PathLike | TextIO,
@@ -40,19 +41,30 @@ def write_submission(out: str | os.PathLike | TextIO,
 def read_submission(path: str) -> DetectionTable:
     """Devkit submission lines -> ``DetectionTable`` (boxes ``x1 = xmin, x2 = xmax + 1``; float coordinates allowed,
     as the devkit reads them with ``%f``). Raises ValueError naming the file and line of a malformed line.
+
+    The file is read in batches of lines (``line_batches``: lines of at most ``MAX_TEXT_LINE_CHARS``, files of at
+    most ``MAX_LINES_FILE_BYTES``), each parsed by numpy's C parser, or line by line where that fails.
     """
+    parts = [_parse_lines(path, first, lines)
+             for first, lines in line_batches(path, "a devkit submission", _BATCH_CHARS)]
+    table = np.concatenate(parts) if parts else np.zeros((0, 7))
+    return DetectionTable(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2].copy(),
+                          from_devkit(table[:, 3:]))
+
+
+def _parse_lines(path: str, first: int, lines: list[str]) -> np.ndarray:
+    """Lines ``first``, ``first + 1``, .. of a submission -> float64 array[N, 7]."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": an empty file is fine
-            table = np.loadtxt(path, dtype=np.float64, ndmin=2, comments=None)  # fast path, C parser
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": blank lines are fine
+            table = np.loadtxt(lines, dtype=np.float64, ndmin=2, comments=None)  # fast path, C parser
     except ValueError:
         table = None
     if table is not None and table.size == 0:
-        return DetectionTable.empty()
+        return np.zeros((0, 7))
     if table is None or table.shape[1] != 7 or not _submission_ok(table):
-        return _read_submission_slowly(path)  # finds the bad line and raises, naming it
-    return DetectionTable(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2].copy(),
-                          from_devkit(table[:, 3:]))
+        return _parse_lines_slowly(path, first, lines)  # finds the bad line and raises, naming it
+    return table
 
 
 def _submission_ok(table: np.ndarray) -> bool:
@@ -63,9 +75,13 @@ def _submission_ok(table: np.ndarray) -> bool:
                 and (np.abs(coords) <= MAX_COORD).all())  # NaN fails every comparison
 
 
-def _read_submission_slowly(path: str) -> DetectionTable:
+def _parse_lines_slowly(path: str, first: int, lines: list[str]) -> np.ndarray:
     rows = []
-    for where, tokens in fields(path, 7, f"7 fields {_SUBMISSION_LINE}"):
+    for number, line in enumerate(lines, first):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        tokens = split_fields(line, 7, f"7 fields {_SUBMISSION_LINE}", where)
         with located(where):
             index, det_id = (whole_number(t, name) for t, name in zip(tokens[:2], ("image index", "DET id")))
             check_index(index)
@@ -75,16 +91,14 @@ def _read_submission_slowly(path: str) -> DetectionTable:
             _check_score(values[0])
             check_box(values[1:], "box")
         rows.append([index, det_id, *values])
-    table = np.array(rows, dtype=np.float64).reshape(-1, 7)
-    return DetectionTable(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2].copy(),
-                          from_devkit(table[:, 3:]))
+    return np.array(rows, dtype=np.float64).reshape(-1, 7)
 
 
 def _float(token: str) -> float:
     try:
         return float(token)
     except ValueError:
-        raise ValueError(f"{token!r} is not a number") from None
+        raise ValueError(f"{excerpt(token)} is not a number") from None
 
 
 def _check_score(v: float) -> None:
