@@ -150,6 +150,9 @@ class DetectConfig:
             raise ValueError(f"frame_scale must be in (1, 4], got {self.frame_scale}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.scoring == "shared-trunk" and self.ensemble.precision == "int8":
+            raise ValueError("shared-trunk scoring has no int8 models (int8 is made for warped regions): use "
+                             "precision fp32 or bf16 with it, or warped scoring for int8")
         if self.scoring == "shared-trunk" and self.cascade_top_k is not None:
             raise ValueError("the cascade does not apply to shared-trunk scoring (each member's trunk runs once "
                              "per image): leave it out")

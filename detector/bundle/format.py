@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from detector.config import MAKE_BUNDLE
+from detector.devices import check_device
 from detector.files import write_text_atomic
 from detector.nets.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLiteConfig
 from detector.nets.members import ArchConfig, arch_from_dict, build_member, describe_arch
@@ -245,6 +246,7 @@ def check_finite(model: nn.Module, where: str) -> None:
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle directory; every member must match its architecture exactly (``strict=True``), with finite
     weights. Everything ``model.json`` says is checked before the first network is built."""
+    device = check_device(device)
     path = Path(path)
     doc = read_manifest(path)
     archs = manifest_archs(doc, path / "model.json")

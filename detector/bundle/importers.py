@@ -24,6 +24,7 @@ from detector.bundle.format import (
     read_state_dict,
 )
 from detector.config import MAKE_BUNDLE
+from detector.devices import check_device
 from detector.nets import efficientnet_lite
 from detector.nets.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLiteConfig
 from detector.nets.googlenet import GoogLeNet, GoogLeNetConfig
@@ -165,6 +166,7 @@ def default_bundle(device: str | torch.device = "cpu") -> Bundle:
 
     Set ``IRCNN_OFFLINE=1`` to never try the download (tests do).
     """
+    device = check_device(device)
     path = torchvision_checkpoint_path()
     if not path.is_file() and os.environ.get("IRCNN_OFFLINE", "") not in ("1", "true", "yes"):
         try:

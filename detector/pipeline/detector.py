@@ -232,7 +232,8 @@ class Detector:
         """One ``ImageResult`` per image (a file path, or uint8 RGB pixels ``[H, W, 3]``), in order: the path
         every caller takes (``ircnn detect``, the HTTP service, Ray workers). The next image is decoded and
         proposed in a background thread while the networks score the current one. An image that cannot be used
-        (unreadable, no proposals: ``ValueError`` or ``OSError``) gets its error in its result, and the rest go on.
+        (unreadable, no proposals: ``ValueError`` or ``OSError``; too large for the GPU's memory) gets its error in
+        its result, and the rest go on.
         """
         images = list(images)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ircnn-prepare")
@@ -265,7 +266,7 @@ class Detector:
             return result
         try:
             dets = self.score(result.image, proposals)
-        except ValueError as e:
+        except (ValueError, torch.cuda.OutOfMemoryError) as e:  # this image's problem: the next may fit
             result.error = e
             return result
         dets.seconds = {**result.seconds, **dets.seconds}

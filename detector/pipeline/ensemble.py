@@ -20,8 +20,9 @@ from detector.bundle.format import Bundle
 from detector.bundle.int8 import load_int8
 from detector.config import AUTO, EnsembleConfig
 from detector.nets.transform import Normalize
-from detector.runtimes import runtime_class
+from detector.runtimes import RUNTIMES, runtime_class
 from detector.runtimes.auto import Choice, choose_backend
+from detector.runtimes.base import BackendError
 
 
 class Ensemble(nn.Module):
@@ -48,6 +49,13 @@ class Ensemble(nn.Module):
                 int8_models is not None and len(int8_models) != len(members)):
             raise ValueError("precision int8 needs one int8 model per member (int8_models), and only it does")
         self.choices = member_choices(members, mean, std, config, size)  # [Choice] per member
+        device = next(members[0].parameters()).device
+        for choice in self.choices:  # a runtime elsewhere than the members would move every batch, unannounced
+            if device.type not in RUNTIMES[choice.backend].devices:
+                raise BackendError(f"backend {choice.backend} ({choice.precision}) runs on "
+                                   f"{' or '.join(RUNTIMES[choice.backend].devices)}, and the members are on "
+                                   f"{device}: use --device cpu for it, or on the GPU --backend torch with precision "
+                                   "fp32 or bf16")
         int8_models = list(int8_models) if int8_models is not None else [None] * len(members)
         self.runners = [runtime_class(c.backend)(m, mean, std, precision=c.precision, size=size,
                                                  channels_last=c.channels_last, int8_model=q)

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detector.bundle.format import MAX_MEMBERS
 from detector.cpus import default_workers
+from detector.devices import check_device
 from detector.nets.googlenet import VARIANTS
 from detector.progress import progress
 from detector.training.checkpoint import Checkpoint, open_checkpoint, pack, save_checkpoint, save_member, unpack
@@ -111,10 +112,7 @@ class Dist:
 
 def resolve_device(device: str | None) -> str:
     """"cpu" or "cuda": the flag's, or cuda when available."""
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
-    return kind
+    return check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
 
 
 @contextmanager

@@ -67,3 +67,36 @@ def test_unknown_runtimes_are_refused_everywhere():
         Settings(backend="tensorrt")
     with pytest.raises(ValueError, match="got 'tensorrt'"):
         runtime_class("tensorrt")
+
+
+def test_a_runtime_never_runs_silently_on_another_device_than_the_members(tiny_bundle, monkeypatch):
+    """Members on one device and a runtime that runs on another (ONNX Runtime's CPU build with members on a GPU)
+    would move every batch there and back unannounced: refused, saying what to use. Shown here the other way
+    round, with a runtime that the table says runs on cuda only and members on the CPU."""
+    from detector.runtimes.base import BackendError
+
+    info = RUNTIMES["onnxruntime"]
+    monkeypatch.setitem(RUNTIMES, "onnxruntime", RuntimeInfo(info.module, info.cls, info.precisions, info.packages,
+                                                              info.install, devices=("cuda",)))
+    bundle = tiny_bundle()
+    pre = bundle.preprocess
+    with pytest.raises(BackendError, match="backend onnxruntime \\(fp32\\) runs on cuda, and the members are on cpu"):
+        Ensemble(bundle.members, pre.mean, pre.std, EnsembleConfig(backend="onnxruntime"), size=SIZE)
+
+
+def test_a_gpu_this_machine_lacks_is_a_clear_error(tmp_path, tiny_bundle, monkeypatch):
+    from detector.bundle.format import load_bundle, save_bundle
+    from detector.config import DetectConfig
+    from service.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    save_bundle(tmp_path / "m", tiny_bundle(width=0.125, task="det200-from-cls1000"))
+    with pytest.raises(ValueError, match="device cuda asked for, but this machine has no usable CUDA GPU"):
+        load_bundle(tmp_path / "m", device="cuda")
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        load_bundle(tmp_path / "m", device="tpu")
+    (tmp_path / "a.jpg").write_bytes(b"")
+    assert main(["detect", str(tmp_path / "a.jpg"), "--model", str(tmp_path / "m"), "--device", "cuda"]) == 2
+    assert main(["classify", str(tmp_path / "a.jpg"), "--model", str(tmp_path / "m"), "--device", "cuda"]) == 2
+    with pytest.raises(ValueError, match="shared-trunk scoring has no int8 models"):
+        DetectConfig(scoring="shared-trunk", ensemble=EnsembleConfig(precision="int8", backend="onnxruntime"))
