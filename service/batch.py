@@ -125,6 +125,8 @@ class DetectOutput:
             return
         if os.path.isdir(self.out):
             raise ValueError(f"--out {self.out} is a directory; give a file name")
+        if os.path.exists(self.out) and not os.path.isfile(self.out):  # /dev/zero, a FIFO: never read or written
+            raise ValueError(f"--out {self.out} is not a regular file; give a file name")
         parent = os.path.dirname(os.path.abspath(self.out))
         if not os.path.isdir(parent):
             raise ValueError(f"--out {self.out}: folder {parent} does not exist")

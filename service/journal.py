@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from detector.files import atomic_path
-from eval.parsing import parse_json
+from eval.parsing import EXCERPT_CHARS, MAX_JSON_LINE_CHARS, excerpt, parse_json
 from eval.records import write_record
 
 
@@ -42,9 +42,10 @@ def _journal_lines(path: str | os.PathLike, hint: str = "") -> Iterator[tuple[in
     """``(start, end, image, record)`` of every complete line of a journal, repeats included; stops at a last
     line without its newline. A line that is not a detect record raises ValueError naming the file, the line and
     ``hint``."""
-    offset = 0
+    offset, number = 0, 0
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
+        while line := _bounded_line(f, path, number + 1):
+            number += 1
             if not line.endswith(b"\n"):
                 break
             start, offset = offset, offset + len(line)
@@ -77,7 +78,19 @@ def read_records(path: str | os.PathLike, offsets: Iterable[int]) -> Iterator[di
     with open(path, "rb") as f:
         for start in offsets:
             f.seek(start)
-            yield json.loads(f.readline())
+            yield json.loads(_bounded_line(f, path, None))
+
+
+def _bounded_line(f, path, number: int | None) -> bytes:
+    """The next line of a journal opened in binary, at most ``MAX_JSON_LINE_CHARS`` bytes (the largest record
+    of 10,000 detections is about 1.6 MB): a longer one is no record of ours, and is not read on."""
+    line = f.readline(MAX_JSON_LINE_CHARS + 1)
+    if len(line) > MAX_JSON_LINE_CHARS:
+        where = f"{path}:{number}" if number is not None else str(path)
+        raise ValueError(f"{where}: line longer than {MAX_JSON_LINE_CHARS:,} bytes (it starts "
+                         f"{excerpt(line[:EXCERPT_CHARS].decode('utf-8', 'replace'))}); not a journal of `ircnn "
+                         "detect`: pass another --out, or leave out --resume to start over")
+    return line
 
 
 def repair_journal(path: str | os.PathLike, drop_errors: bool = False) -> tuple[set[str], set[str]]:

@@ -40,6 +40,7 @@ TORCHVISION_CHECKPOINT_SHA256_PREFIX = "1378be20"
 UNIT_RANGE_MEAN = (0.5, 0.5, 0.5)
 UNIT_RANGE_STD = (0.5, 0.5, 0.5)
 MAX_MEMBERS = 64
+MAX_MANIFEST_BYTES = 10_000_000  # model.json: a few kB, det_ids and provenance included
 MIN_STD = 0.001  # preprocess std: below it the normalised input is out of any network's range
 
 
@@ -162,6 +163,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"{path} does not exist; check the path (a model bundle is a directory with model.json; if you have "
             f"none yet, {MAKE_BUNDLE})" if not path.exists() else
             f"{path} is not a model bundle (no model.json); {MAKE_BUNDLE}")
+    if manifest.stat().st_size > MAX_MANIFEST_BYTES:  # is_file above: a regular file, its size is what it holds
+        raise BundleError(f"{manifest} is larger than {MAX_MANIFEST_BYTES:,} bytes, far more than a bundle's "
+                          "model.json; is this the right directory?")
     try:
         doc = parse_json(manifest.read_text(), str(manifest))  # depth-bounded: no RecursionError
     except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError, or nested too deep

@@ -143,3 +143,12 @@ def test_default_bundle_uses_torchvision_cache(tmp_path, monkeypatch):
     bundle = default_bundle()
     assert bundle.provenance["file"] == "googlenet-1378be20.pth"
     assert bundle.task == "cls1000" and len(bundle.members) == 1 and not bundle.arch.aux_logits
+
+
+def test_a_huge_model_json_is_refused_before_it_is_read(tmp_path, tiny_bundle, monkeypatch):
+    from detector.bundle import format as bundle_format
+
+    save_bundle(tmp_path, tiny_bundle())
+    monkeypatch.setattr(bundle_format, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(BundleError, match="model.json is larger than 100 bytes"):
+        load_bundle(tmp_path)

@@ -434,3 +434,12 @@ def test_resume_refuses_arguments_that_change_the_records(tmp_path, run, model, 
                        "--max-detections", 5, "--resume")
     assert code == 0, err
     assert [r["image"] for r in read_lines(out)] == [str(image_dir / "a.jpg"), str(image_dir / "b.png")]
+
+
+def test_resume_reads_no_unbounded_line_and_out_is_a_regular_file(tmp_path, run, model, image_dir):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"image": "' + "x" * (5 << 20) + '"}\n')
+    code, _, err = run("detect", image_dir / "a.jpg", "--model", model, "--out", out, "--resume")
+    assert code == 2 and len(err) < 1000 and f"{out}:1: line longer than" in err and "--resume" in err
+    code, _, err = run("detect", image_dir / "a.jpg", "--model", model, "--out", "/dev/zero", "--resume")
+    assert code == 2 and "--out /dev/zero is not a regular file" in err
