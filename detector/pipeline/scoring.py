@@ -66,9 +66,7 @@ class RegionScorer:
         if len(boxes) > self.config.max_regions:
             raise ValueError(f"{len(boxes)} regions; at most max_regions = {self.config.max_regions} per image")
         seconds = {"warp": 0.0, "networks": 0.0}
-        source = image
-        if self.ensemble.device.type != "cpu":  # warp where the networks run: one upload of the image
-            source = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.ensemble.device)
+        source = self._source(image)
         n = len(self.ensemble.members)
         if self.config.cascade_top_k is None or n == 1:
             return self._run(source, boxes, seconds), seconds
@@ -84,7 +82,15 @@ class RegionScorer:
         """``boxes (Tensor[R, 4])`` -> ``Tensor[R, K + 1]``, the DET probabilities of each box's context frame
         (``detector.pipeline.warp.warp_frames``, ``config.frame_scale``), averaged over all members."""
         seconds = {"warp": 0.0, "networks": 0.0} if seconds is None else seconds
-        return self._run(image, check_boxes(boxes), seconds, frames=True)
+        check_image(image)
+        return self._run(self._source(image), check_boxes(boxes), seconds, frames=True)
+
+    def _source(self, image: np.ndarray):
+        """What the warp reads: the image itself on the CPU, else uploaded once to the networks' device (the
+        warp runs where the networks do)."""
+        if self.ensemble.device.type == "cpu":
+            return image
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.ensemble.device)
 
     def _run(self, source, boxes: Tensor, seconds: dict[str, float], members: list[int] | None = None,
              frames: bool = False) -> Tensor:
@@ -94,8 +100,10 @@ class RegionScorer:
             chunk = boxes[start:start + self.config.warp_chunk]
             regions = (warp_frames(source, chunk, self.size, self.config.frame_scale, self.fill) if frames else
                        warp_regions(source, chunk, self.size, self.context, self.fill))  # [n, 3, size, size] uint8
+            if regions.device.type == "cuda":  # the warp runs asynchronously: wait, or its time counts as networks'
+                torch.cuda.synchronize(regions.device)
             t1 = time.perf_counter()
-            out.append(self.to_det(self.ensemble(regions, members)).float().cpu())
+            out.append(self.to_det(self.ensemble(regions, members)).float().cpu())  # .cpu() waits for the GPU
             seconds["warp"] += t1 - t0
             seconds["networks"] += time.perf_counter() - t1
         if not out:

@@ -100,8 +100,9 @@ class Choice:
 
 def bf16_native(device: torch.device) -> bool:
     """Whether bfloat16 runs natively on ``device``: AVX512_BF16 or AMX on a CPU, bf16 support on a GPU."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # this GPU, not the current one; emulated bf16 (T4, V100) is slower than fp32
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     return native_bf16()
 
 
@@ -245,6 +246,24 @@ def choose_backend(member: nn.Module, mean: tuple[float, ...], std: tuple[float,
 
 def _measure_candidates(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int,
                         precision: str, batch: int, device: torch.device) -> Choice:
+    with _no_tf32():
+        return _measure(member, mean, std, size, precision, batch, device)
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 as fp32 on GPUs while the candidates are compared: cuDNN's TF32 convolutions (on by default on Ampere
+    and newer) differ from fp32 by about 1e-3, which would fail the 1e-4 agreement for reasons of the reference."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _measure(member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int, precision: str,
+             batch: int, device: torch.device) -> Choice:
     pixels = measurement_pixels(batch, size)
     found: dict[Candidate, Measurement] = {}
     runs, seconds = {}, {}  # the correct candidates' runners, and their best and total timed seconds

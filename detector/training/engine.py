@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,9 @@ def resolve_device(device: str | None) -> str:
     return check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
 
 
+COLLECTIVE_TIMEOUT = timedelta(hours=6)  # longest wait of one rank for the others at a collective
+
+
 @contextmanager
 def processes(device: str | None) -> Iterator[Dist]:
     """One process, or one of ``torchrun``'s (WORLD_SIZE, RANK, LOCAL_RANK): gloo on CPU, nccl on CUDA; the
@@ -130,7 +134,9 @@ def processes(device: str | None) -> Iterator[Dist]:
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between the processes on this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        # the first collective comes after each rank's share of the proposals (minutes to hours on big sets, and
+        # uneven between ranks): the default 10-minute timeout would end the run there
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     try:
         yield Dist(dist.get_rank(), dist.get_world_size(),
                    torch.device(kind, local) if kind == "cuda" else torch.device("cpu"))

@@ -53,8 +53,8 @@ from detector.training.engine import (
     check_positive,
     fit,
     param_groups,
+    processes,
     recipe,
-    resolve_device,
 )
 from eval.annotations import read_det_split
 from proposals.multibox import ALPHA, kmeans_priors, multibox_loss, resize_image
@@ -235,16 +235,21 @@ def train_multibox(cfg: MultiBoxTrainConfig, on_epoch: Callable[[dict], None] = 
     train_samples = read_normalised_split(cfg.data, cfg.imageset)
     val_samples = read_normalised_split(cfg.data, cfg.val_imageset) if cfg.val_imageset else None
     init = load_bundle(cfg.init) if cfg.init else None
-    d = Dist(0, 1, torch.device(resolve_device(cfg.run.device)))  # one process: torchrun is not supported here
-    steps_per_epoch = len(train_samples) // cfg.batch_size
+    with processes(cfg.run.device) as d:  # one process, or each of torchrun's (--batch-size is per process)
+        return _train(cfg, out, train_samples, val_samples, init, d, on_epoch)
+
+
+def _train(cfg: MultiBoxTrainConfig, out: Path, train_samples: list, val_samples: list | None, init: Bundle | None,
+           d: Dist, on_epoch: Callable[[dict], None]) -> GoogLeNetMultiBox:
+    steps_per_epoch = len(train_samples) // (cfg.batch_size * d.world)
     if steps_per_epoch == 0:
-        raise ValueError(f"the imageset has {len(train_samples)} images, fewer than one batch of {cfg.batch_size}; "
-                         "lower --batch-size")
+        raise ValueError(f"the imageset has {len(train_samples)} images, fewer than one batch of {cfg.batch_size} "
+                         f"per process ({d.world} processes); lower --batch-size")
     ckpt_dir = Path(cfg.run.checkpoint_dir or out / ".multibox-checkpoint")
     config = multibox_config(cfg, init)
     run = {"arch": config.to_dict(), "batch_size": cfg.batch_size, "seed": cfg.run.seed,
-           "size": cfg.size}
-    resume = open_checkpoint(ckpt_dir, "multibox", run, cfg.run.resume)
+           "size": cfg.size, "world_size": d.world}
+    resume = open_checkpoint(ckpt_dir, "multibox", run, cfg.run.resume, d.main)
     if resume is None:  # k-means of the training boxes, or the priors of the run that continues
         priors = kmeans_priors(np.concatenate([s.boxes for s in train_samples]), cfg.k, seed=cfg.run.seed)
     else:
@@ -257,15 +262,18 @@ def train_multibox(cfg: MultiBoxTrainConfig, on_epoch: Callable[[dict], None] = 
 
     def batches(epoch: int, first: int, end: int) -> DataLoader:
         data.epoch = epoch
-        indices = _order(cfg.run.seed, epoch, len(data))[first * cfg.batch_size: end * cfg.batch_size]
+        # each step takes batch_size x world images in the epoch's order; this process the rank-th share of them
+        span = _order(cfg.run.seed, epoch, len(data))[first * cfg.batch_size * d.world: end * cfg.batch_size * d.world]
+        indices = [i for k, i in enumerate(span) if (k // cfg.batch_size) % d.world == d.rank]
         return DataLoader(data, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.run.workers,
                           collate_fn=collate, pin_memory=d.device.type == "cuda")
 
     def step(net: nn.Module, batch: tuple[Tensor, list[Tensor]]) -> tuple[Tensor, Tensor, int]:
         x, gt = batch
-        boxes, logits = net(net.normalize(x))
+        inner = getattr(net, "module", net)  # under torchrun, net is the DistributedDataParallel wrapper
+        boxes, logits = net(inner.normalize(x))
         loss, stats = multibox_loss(boxes, logits, [g.to(d.device) for g in gt], cfg.alpha,
-                                    priors=net.priors if cfg.match == "priors" else None)
+                                    priors=inner.priors if cfg.match == "priors" else None)
         values = [stats["loss"], stats["location"], stats["confidence"], stats["matched"]]
         return loss, torch.tensor(values, dtype=torch.float64, device=d.device), len(x)
 
@@ -275,18 +283,20 @@ def train_multibox(cfg: MultiBoxTrainConfig, on_epoch: Callable[[dict], None] = 
                 "lr": e.lr, "images_per_s": e.rate, "seconds": e.seconds, "val_recall": None,
                 "val_priors_recall": priors_val}
 
-    priors_val = recall(model, val_samples)["priors_recall"] if val_samples else None
-    evaluate = (lambda averaged: {"val_recall": recall(averaged, val_samples)["recall"]}) if val_samples else None
+    val = val_samples if d.main else None  # the first process evaluates and reports
+    priors_val = recall(model, val)["priors_recall"] if val else None
+    evaluate = (lambda averaged: {"val_recall": recall(averaged, val)["recall"]}) if val else None
     job = Job(kind="multibox", name="multibox", member=0, seed=cfg.run.seed, run=run, model=model, optimizer=opt,
               scheduler=sched, steps_per_epoch=steps_per_epoch, total_steps=total, batches=batches, step=step,
               stats=4, record=record, evaluate=evaluate)
-    ema, history = fit(job, cfg.run, d, ckpt_dir, resume, on_epoch)
-
+    ema, history = fit(job, cfg.run, d, ckpt_dir, resume, on_epoch if d.main else lambda record: None)
     averaged = ema.model.cpu().eval()
+    if not d.main:  # the first process writes the bundle
+        return averaged
     provenance = {"source": "train-multibox", "data": str(cfg.data), "imageset": cfg.imageset,
                   "train_images": len(train_samples), "train_boxes": int(sum(len(s.boxes) for s in train_samples)),
                   "priors": f"k-means of the training boxes, seed {cfg.run.seed}", "init": cfg.init,
-                  "recipe": recipe(cfg), "history": history,
+                  "recipe": recipe(cfg), "history": history, "world_size": d.world,
                   "weights": "Polyak average (EMA) of the training weights"}
     save_multibox(out, averaged, provenance)
     return averaged

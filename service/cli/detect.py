@@ -109,8 +109,10 @@ def detect_config(args):
     flag."""
     from detector.config import detect_config as make
 
+    # Ray workers with a GPU run their networks there whatever --device says (the driver loads on the CPU)
+    device = "cuda" if args.engine == "ray" and args.ray_gpus_per_worker else args.device
     try:
-        return make(device=args.device, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
+        return make(device=device, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
                     scoring=args.scoring, selective_search=args.selective_search == "on", coarsen=args.coarsen,
                     multibox=args.multibox == "auto", score_threshold=args.score_threshold,
                     max_detections=args.max_detections, nms_iou=args.nms_iou, max_regions=args.max_regions,

@@ -263,3 +263,30 @@ def test_a_cached_choice_for_another_key_or_runtime_is_measured_again(member, ca
         fakes.measured.clear()
         again = choose_backend(net, pre.mean, pre.std, SIZE, batch=8)
         assert fakes.measured and not again.cached and again.name == first.name
+
+
+def test_bf16_counts_as_native_only_without_emulation_on_the_gpu_in_use(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on GPUs that only emulate bf16 (T4, V100), where it is slower than
+    fp32, and it asks about the current device: auto asks about the device in use, emulation excluded."""
+    import contextlib
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: asked.append(str(d)) or contextlib.nullcontext())
+    # a GPU that emulates bf16: supported with emulation counted, not without
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autobackend.bf16_native(torch.device("cuda:1")) is False and asked == ["cuda:1"]
+
+
+def test_candidates_are_compared_in_true_fp32(monkeypatch):
+    """cuDNN's TF32 (on by default on Ampere and newer) would make the fp32 reference miss the 1e-4 agreement:
+    off while auto measures, as it was afterwards."""
+    seen = []
+    monkeypatch.setattr(autobackend, "_measure", lambda *a: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or "choice")
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        assert autobackend._measure_candidates(None, (0.5,) * 3, (0.5,) * 3, SIZE, "fp32", 8, None) == "choice"
+        assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

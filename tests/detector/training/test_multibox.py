@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from detector.bundle.format import init_bundle, load_bundle, save_bundle
@@ -97,3 +98,31 @@ def test_cli_trains_resumes_and_refuses_a_missing_bundle(multibox_synth, tmp_pat
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
     assert load_bundle(resumed).multibox == MULTIBOX_FILE
+
+
+def test_torchrun_two_processes_train_one_multibox(multibox_synth, tmp_path):
+    """Under torchrun each process takes its share of every step's images (two processes: half each), the first
+    one reports and writes the bundle; the others write nothing."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    save_bundle(out, init_bundle(GoogLeNetConfig(width=0.125)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IRCNN_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "service.cli", "train", "multibox", "--data", str(multibox_synth), "--out", str(out), "--k", "8",
+           "--width", "0.0625", "--size", "48", "--batch-size", "3", "--workers", "0", "--epochs", "1",
+           "--max-steps", "3", "--device", "cpu", "--json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{") and "train_loss" in line]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 3)]  # one report, from the first process
+    assert load_bundle(out).multibox == MULTIBOX_FILE
+    meta = safe_open(str(out / MULTIBOX_FILE), "pt").metadata()
+    assert json.loads(meta["provenance"])["world_size"] == 2
+
