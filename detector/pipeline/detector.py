@@ -273,6 +273,11 @@ class Detector:
         result.detections, result.seconds = dets, dets.seconds
         return result
 
+    def runtimes(self) -> list[str]:
+        """What each member's network runs on, as it runs (the runtime, precision and layout auto or the
+        configuration chose), one string per member."""
+        return self.scorer.runtimes()
+
     def close(self) -> None:
         self.proposals.close()
 

@@ -46,6 +46,10 @@ class RegionScorer:
         self.cls_to_det = None if cls_to_det is None else cls_to_det.to(device)  # [1000, K]
         self.cls_mapped = None if cls_to_det is None else (cls_to_det.sum(1) > 0).to(device)  # [1000]
 
+    def runtimes(self) -> list[str]:
+        """What each member runs on, as it runs: ``"onnxruntime fp32"``, ``"torch bf16 channels_last"``."""
+        return [c.name for c in self.ensemble.choices]
+
     def to_det(self, probs: Tensor) -> Tensor:
         """Head probabilities ``Tensor[N, C]`` -> DET probabilities ``Tensor[N, K + 1]``, column 0 background."""
         if self.cls_to_det is None:

@@ -198,6 +198,11 @@ class SharedTrunkScorer:
         with torch.inference_mode():  # the grid the rest sees at the native input size: 14 at 224
             self.grid = self.splits[0].trunk(torch.zeros(1, 3, self.size, self.size, device=self.device)).shape[-1]
 
+    def runtimes(self) -> list[str]:
+        """What each member runs on: its trunk and rest on the shared trunk's engine, in the precision asked."""
+        layout = " channels_last" if self.trunk_config.engine == "torch" and self.channels_last else ""
+        return [f"shared trunk, {self.trunk_config.engine} {self.precision}{layout}"] * len(self.splits)
+
     def __call__(self, image: np.ndarray, boxes: Tensor) -> Tensor:
         return self.score_regions(image, boxes)[0]
 

@@ -183,8 +183,11 @@ def _cmd_detect(args) -> int:
         raise CliError("nothing to propose with: --selective-search off and no MultiBox network (the bundle has "
                        "none, or --multibox off)")
 
+    built = []
+
     def make_detector():
-        return spec.build(bundle)
+        built.append(spec.build(bundle))
+        return built[-1]
 
     try:
         summary = run_batch(make_detector, args.paths, batch, engine=engine, reads=reads, run=run)
@@ -202,9 +205,10 @@ def _cmd_detect(args) -> int:
         print(f"ircnn: warning: no box drawn in {summary.vis['dir']}: no detection scored >= "
               f"{args.vis_threshold:g} (the best: {'none' if best is None else f'{best:.3g}'}); lower "
               "--vis-threshold to draw weaker ones", file=sys.stderr)
+    networks = built[0].runtimes() if built else None
     if args.json:
         if args.out:
-            print_json(summary.to_json())
+            print_json({**summary.to_json(), "networks": networks})
         return 1 if failed else 0
     doc = summary.to_json()
     to = sys.stdout if args.out else sys.stderr
@@ -219,6 +223,8 @@ def _cmd_detect(args) -> int:
     if doc["seconds_per_image_by_stage"]:
         print("seconds per image: " + ", ".join(f"{k} {v:.3f}" for k, v in doc["seconds_per_image_by_stage"].items())
               + " (decode and proposals overlap the networks)", file=to)
+    if networks:  # what ran, per member (auto's choice, or what was asked); Ray workers choose on their own nodes
+        print("networks: " + ", ".join(f"member {i} {name}" for i, name in enumerate(networks)), file=to)
     if doc["regions_per_s_networks"]:
         print(f"regions: {doc['regions_per_image']:g} per image, {doc['regions_per_s_networks']:g}/s through the "
               "networks", file=to)

@@ -443,3 +443,12 @@ def test_resume_reads_no_unbounded_line_and_out_is_a_regular_file(tmp_path, run,
     assert code == 2 and len(err) < 1000 and f"{out}:1: line longer than" in err and "--resume" in err
     code, _, err = run("detect", image_dir / "a.jpg", "--model", model, "--out", "/dev/zero", "--resume")
     assert code == 2 and "--out /dev/zero is not a regular file" in err
+
+
+def test_the_summary_says_what_ran_per_member(tmp_path, run, model, image_dir):
+    out = tmp_path / "o.jsonl"
+    code, stdout, err = run("detect", image_dir / "a.jpg", "--model", model, "--out", out, "--backend", "torch")
+    assert code == 0 and "networks: member 0 torch fp32 channels_last" in stdout, stdout + err
+    code, stdout, err = run("detect", image_dir / "a.jpg", "--model", model, "--out", tmp_path / "t.jsonl",
+                            "--backend", "torch", "--scoring", "shared-trunk", "--json")
+    assert code == 0 and json.loads(stdout)["networks"] == ["shared trunk, torch fp32 channels_last"], stdout + err
