@@ -173,6 +173,7 @@ def test_declared_content_length_over_the_limit_is_refused_before_reading(serve)
 
     r = client.post("/v1/classify", content=body(), headers={"content-type": "image/png", "content-length": "100000"})
     assert_error(r, 413, "too_large")
+    assert len(received) <= 1  # refused from the header: the body (100 chunks) was not read
 
 
 def test_bearer_token_guards_every_v1_route(serve, photo):
