@@ -171,5 +171,18 @@ def test_cli_quantizes_then_detects_and_classifies_in_int8(tiny, tmp_path, capsy
                  "--max-regions", "50", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.splitlines()[0])
     assert record["width"] == 451 and isinstance(record["detections"], list)
+    # int8 really ran: the same command in fp32 gives other (close) scores, detecting and classifying alike
+    assert main(["detect", str(REAL / "chelsea.JPEG"), "--model", str(bundle), "--backend", "onnxruntime",
+                 "--max-regions", "50", "--json"]) == 0
+    fp32 = json.loads(capsys.readouterr().out.splitlines()[0])
+    int8_scores = [d["score"] for d in record["detections"]]
+    assert int8_scores and int8_scores != [d["score"] for d in fp32["detections"]]
+    probs = {}
+    for flags in (["--precision", "int8"], ["--backend", "onnxruntime"]):
+        assert main(["classify", str(REAL / "chelsea.JPEG"), "--model", str(bundle), "--top-k", "1000", "--json",
+                     *flags]) == 0
+        probs[flags[1]] = {t["index"]: t["prob"] for t in json.loads(capsys.readouterr().out)["top_k"]}
+    diff = max(abs(probs["int8"][i] - probs["onnxruntime"][i]) for i in probs["onnxruntime"])
+    assert 0 < diff < 0.05, diff
     assert main(["model", "quantize", str(bundle), "--images", str(tmp_path / "nowhere")]) == 2
     assert "no such file" in capsys.readouterr().err
