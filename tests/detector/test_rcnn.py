@@ -18,7 +18,7 @@ from detector.bundle.format import Bundle, Preprocess, load_bundle
 from detector.bundle.multibox import GoogLeNetMultiBox, MultiBoxConfig, save_multibox
 from detector.config import DetectConfig
 from detector.pipeline.detector import Detections, Detector, nms_per_class
-from detector.pipeline.scoring import RegionScorer, fill_colour
+from detector.pipeline.scoring import RegionScorer, contrast_frames, fill_colour
 from detector.pipeline.warp import warp_regions
 from eval.classes import det200
 from eval.records import detection_record
@@ -349,3 +349,57 @@ def test_detect_many_is_detect_per_image_in_order_with_errors_in_place(tiny_bund
     assert type(results[1].error).__name__ == "ImageError"
     assert str(results[3].error) == "no proposals in a sliver" and results[3].detections is None
     assert list(detector.detect_many([])) == []
+
+
+class FixedScorer:
+    """A scorer whose region and frame probabilities are given: the whole-objects steps checked by hand."""
+
+    def __init__(self, probs, frame_probs):
+        self.probs, self.frame_probs = torch.tensor(probs), torch.tensor(frame_probs)
+        self.det_ids = torch.tensor([1, 2])
+        self.cls_to_det = torch.ones(1)  # a classifier mapped to DET classes: whole objects on under "auto"
+
+    def score_regions(self, image, boxes):
+        return self.probs[: len(boxes)].clone(), {"warp": 0.0, "networks": 0.0}
+
+    def score_frames(self, image, boxes, seconds=None):
+        rows = [int(torch.nonzero((REGIONS_T == b).all(1))[0]) for b in boxes]
+        return self.frame_probs[rows]
+
+    def runtimes(self):
+        return ["fixed"]
+
+
+REGIONS = np.array([[0, 0, 100, 100], [10, 10, 40, 40], [60, 60, 90, 90]], np.float32)  # whole, its part, other
+REGIONS_T = torch.from_numpy(REGIONS)
+
+
+@pytest.mark.parametrize("context_frames, expected", [
+    # p(box) * (1 - p(frame)): whole 0.6 * 0.9 = 0.54, part 0.7 * 0.5 = 0.35 (dropped: inside the whole, which
+    # scores at least 0.8 x as high), other 0.5 * 1.0 = 0.5
+    (3, [((0, 0, 100, 100), 1, 0.54), ((60, 60, 90, 90), 2, 0.5)]),
+    # only the 2 least likely background regions (part 0.3, whole 0.4; other 0.5) are framed and may be detections
+    (2, [((0, 0, 100, 100), 1, 0.54)]),
+])
+def test_whole_objects_by_hand(context_frames, expected):
+    probs = [[0.4, 0.6, 0.0], [0.3, 0.7, 0.0], [0.5, 0.0, 0.5]]  # columns: background, DET 1, DET 2
+    frames = [[0.9, 0.1, 0.0], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]
+    config = DetectConfig(score_threshold=0.01, context_frames=context_frames)
+    detector = Detector(FixedScorer(probs, frames), ProposalGenerator(selective_search=lambda im: REGIONS), config)
+    assert detector.whole_objects
+    dets = detector.detect(np.zeros((120, 120, 3), np.uint8))
+    got = [(tuple(b), int(c), round(float(s), 4)) for b, c, s in zip(dets.boxes.tolist(), dets.det_ids, dets.scores)]
+    assert got == expected
+
+
+def test_the_whole_objects_defaults_are_pinned():
+    """Chosen on data/real_photos (README's real-photo set); a change must be a decision, not an accident."""
+    c = DetectConfig()
+    assert (c.whole_objects, c.context_frames, c.frame_scale, c.part_overlap, c.part_ratio) == ("auto", 300, 1.8,
+                                                                                               0.8, 0.8)
+
+
+def test_contrast_frames_by_hand():
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.9, 0.1, 0.0]])
+    frames = torch.tensor([[0.0, 0.5, 0.25], [0.0, 1.2, 0.0]])  # a frame probability above 1 clamps to 0
+    assert torch.allclose(contrast_frames(probs, frames), torch.tensor([[0.2, 0.25, 0.225], [0.9, 0.0, 0.0]]))
