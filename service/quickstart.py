@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+VAL_FRACTION = 0.2  # `ircnn data synth`'s default: the last 20% of the images are the held-out split
+
+
 @dataclass(frozen=True)
 class QuickstartConfig:
     images: int = 200  # synthetic images in all; the last 20% are the held-out val split
@@ -64,6 +67,7 @@ def steps(out: Path, c: QuickstartConfig) -> list[tuple[str, list[str]]]:
         ("train MultiBox (200 boxes) into the same bundle",
          ["train", "multibox", "--data", str(data), "--out", str(model), "--variant", "torchvision",
           "--width", "0.25", "--size", "128", "--epochs", str(c.multibox_epochs), "--seed", str(c.seed),
+          "--batch-size", str(min(32, c.images - round(c.images * VAL_FRACTION))),
           "--val-imageset", "ImageSets/DET/val.txt"]),
         ("detect on the held-out val images (selective search 2x + MultiBox, ensemble, per-class NMS)",
          ["detect", str(data / "Data" / "DET" / "val"), "--model", str(model), "--format", "ilsvrc",

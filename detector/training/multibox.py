@@ -243,8 +243,9 @@ def _train(cfg: MultiBoxTrainConfig, out: Path, train_samples: list, val_samples
            d: Dist, on_epoch: Callable[[dict], None]) -> GoogLeNetMultiBox:
     steps_per_epoch = len(train_samples) // (cfg.batch_size * d.world)
     if steps_per_epoch == 0:
-        raise ValueError(f"the imageset has {len(train_samples)} images, fewer than one batch of {cfg.batch_size} "
-                         f"per process ({d.world} processes); lower --batch-size")
+        per = f" per process ({d.world} processes)" if d.world > 1 else ""
+        raise ValueError(f"the imageset has {len(train_samples)} images, fewer than one batch of {cfg.batch_size}"
+                         f"{per}; lower --batch-size")
     ckpt_dir = Path(cfg.run.checkpoint_dir or out / ".multibox-checkpoint")
     config = multibox_config(cfg, init)
     run = {"arch": config.to_dict(), "batch_size": cfg.batch_size, "seed": cfg.run.seed,

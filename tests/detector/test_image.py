@@ -51,11 +51,24 @@ def test_16_bit_png_is_scaled():
     assert out.shape == (3, 5, 3) and (out == 255).all()
 
 
-def test_exif_orientation_is_applied(rgb):
+@pytest.mark.parametrize("orientation, corner", [
+    (1, "top_left"), (3, "bottom_right"),  # as stored; rotated 180 degrees
+    (6, "top_right"), (8, "bottom_left"),  # rotated 90 degrees clockwise; counter-clockwise
+])
+def test_exif_orientation_is_applied(orientation, corner):
+    """A red block in the stored image's top-left corner lands where the orientation tag says it is displayed
+    (a wrong rotation moves it to another corner, with the same shape)."""
+    stored = np.full((30, 40, 3), 40, np.uint8)  # 40 wide, 30 high
+    stored[:10, :10] = (230, 20, 20)
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    out = decode_image(encode(rgb, "JPEG", exif=exif.tobytes()))
-    assert out.shape == (40, 30, 3)
+    exif[0x0112] = orientation
+    out = decode_image(encode(Image.fromarray(stored), "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.shape == ((30, 40, 3) if orientation in (1, 3) else (40, 30, 3))
+    h, w = out.shape[:2]
+    corners = {"top_left": out[:8, :8], "top_right": out[:8, w - 8:], "bottom_left": out[h - 8:, :8],
+               "bottom_right": out[h - 8:, w - 8:]}
+    red = {name: bool((block[..., 0] > 150).all() and (block[..., 1] < 100).all()) for name, block in corners.items()}
+    assert red == {name: name == corner for name in corners}
 
 
 @pytest.mark.parametrize("data, code", [

@@ -1,4 +1,5 @@
-"""`ircnn quickstart`'s plan and report (the full run takes minutes and is not part of the suite)."""
+"""`ircnn quickstart`: its plan, its report, and one whole run as small as it goes (the full-size run takes minutes
+and is not part of the suite)."""
 
 from service.cli import build_parser
 from service.quickstart import QuickstartConfig, report, steps
@@ -43,3 +44,27 @@ def test_a_model_that_has_not_learnt_is_named(tmp_path):
     assert not_learnt({"map": 0.6}, dets, 0.3) == []
     dets.write_text("")
     assert "detected nothing" in not_learnt({"map": 0.0}, dets, 0.3)[-1]
+
+
+def test_a_tiny_quickstart_runs_every_step_from_real_weights_and_says_it_has_not_learnt(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The whole quickstart, as small as it goes (20 images, 2 fine-tuning steps, about 45 s on 2 cores): every
+    step runs as the ircnn command it prints, the detector is fine-tuned from the EfficientNet-Lite0 ImageNet
+    weights for exactly the steps asked, long steps print plain progress lines where output is no terminal, and a
+    model that has not learnt ends with exit code 1 saying so."""
+    from detector import progress
+    from detector.bundle.format import load_bundle
+    from service.cli import main
+
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)  # a line at every update: the log's 30 s, compressed
+    out = tmp_path / "q"
+    code = main(["quickstart", "--out", str(out), "--images", "20", "--classes", "1", "--size", "32", "--steps", "2",
+                 "--multibox-epochs", "1"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 1 and "THE MODEL HAS NOT LEARNT" in stderr
+    assert all(f"[{i}/6]" in stdout for i in range(1, 7))
+    assert "proposals: 16/16 img" in stderr and "member 0 epoch 1: 2/" in stderr  # plain progress lines
+    provenance = load_bundle(out / "model").provenance
+    assert provenance["init"] == str(out / "imagenet-lite0") and "step 2/2" in stdout
+    assert load_bundle(out / "imagenet-lite0").provenance["source"] == "import-efficientnet-lite"
+    assert (out / "detections.txt").exists() and (out / "eval.json").exists()
