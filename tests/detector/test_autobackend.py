@@ -195,6 +195,10 @@ def test_auto_ensemble_runs_each_member_on_its_measured_choice(tiny_bundle, monk
     assert built[0] == "torch fp32" and len(built) == len(set(built))  # one measurement per candidate, not per member
     assert (auto(x) - reference).abs().max() < 1e-4
     assert (reference - reference.mean(0)).abs().max() > 1e-2  # rows differ: agreement means something
+    # each member runs on what was chosen for it, not on whatever agrees with torch
+    assert [(r.name, r.precision) for r in auto.runners] == [(c.backend, c.precision) for c in auto.choices]
+    forced = Ensemble.from_bundle(bundle, EnsembleConfig(batch_size=8, backend="onnxruntime"))
+    assert [r.name for r in forced.runners] == ["onnxruntime", "onnxruntime"]
     built.clear()
     again = Ensemble.from_bundle(bundle, EnsembleConfig(batch_size=8, backend="auto"))
     assert built == [] and all(c.cached for c in again.choices)
