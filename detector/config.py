@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from detector.cpus import native_bf16
 from detector.runtimes import AUTO, RUNTIMES, runtime_info
 from proposals.config import MergeConfig, ProposalConfig, SelectiveSearchConfig
 
@@ -167,6 +168,11 @@ def detect_config(*, device: str = "cpu", backend: str = "torch", precision: str
     Raises ValueError naming the knob that is out of range."""
     # the shared trunk runs in ONNX Runtime where the warped regions would (several times faster than eager torch
     # on CPUs), in torch where they are forced to or on a GPU
+    if scoring == "shared-trunk" and backend not in (AUTO, "torch", "onnxruntime"):
+        raise ValueError(f"shared-trunk scoring runs its trunks in torch or onnxruntime, not {backend}: use --backend "
+                         "torch, onnxruntime or auto with it, or warped scoring for the other runtimes")
+    if scoring == "shared-trunk" and backend == AUTO and precision == "bf16" and device == "cpu" and not native_bf16():
+        precision = "fp32"  # auto allows bf16 where it is native, never requires it (emulated, it is slower)
     on_ort = backend in (AUTO, "onnxruntime") and device == "cpu" and precision == "fp32"
     search = SelectiveSearchConfig(**({} if coarsen is None else {"coarsen": coarsen}))
     return DetectConfig(scoring=scoring, shared_trunk=SharedTrunkConfig(engine="onnxruntime" if on_ort else "torch"),
