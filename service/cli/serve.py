@@ -31,6 +31,14 @@ def _cmd_serve(args) -> int:
     if model and not os.path.isfile(os.path.join(model, "model.json")):  # before uvicorn, torch and the app load
         what = "does not exist" if not os.path.exists(model) else "is not a model bundle (no model.json)"
         raise CliError(f"--model {model} {what}; {MAKE_BUNDLE}")
+    device = os.environ.get("IRCNN_DEVICE", "cpu")
+    if device != "cpu":  # a GPU this machine lacks: said before uvicorn starts, not as a start-up traceback
+        from detector.devices import check_device
+
+        try:
+            check_device(device)
+        except ValueError as e:
+            raise CliError(f"IRCNN_DEVICE={device}: {e}") from None
     if model and os.environ.get("IRCNN_PRECISION") == "int8" and not os.path.isdir(os.path.join(model, "int8")):
         raise CliError(f"IRCNN_PRECISION=int8 needs the bundle's int8 models, and {model} has none: make them with "
                        f"`ircnn model quantize {model} --images DIR` (a few dozen of your own photos), or serve "

@@ -64,3 +64,14 @@ def test_int8_without_int8_models_says_why_and_what_to_run(tiny_bundle, tmp_path
     assert f"ircnn model quantize {model} --images DIR" in str(e.value)
     monkeypatch.setenv("IRCNN_PRECISION", "int8")
     assert main(["serve", "--model", str(model)]) == 2
+
+
+def test_serve_refuses_a_gpu_this_machine_lacks_before_starting(monkeypatch, capsys):
+    import torch
+
+    from service.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("IRCNN_DEVICE", "cuda")
+    assert main(["serve"]) == 2
+    assert "IRCNN_DEVICE=cuda: device cuda asked for, but this machine has no usable CUDA GPU" in capsys.readouterr().err
