@@ -25,7 +25,7 @@ def test_every_detection_setting_reaches_the_service_detector(tiny_bundle):
         assert c.ensemble == ensemble and c.max_detections == MAX_DETECTIONS
         assert not detector.whole_objects
         # the CLI's flags with the same values give the same configuration
-        args = argparse.Namespace(device="cpu", backend="torch", precision="fp32", batch_size=16, scoring="warped",
+        args = argparse.Namespace(engine="local", ray_gpus_per_worker=0.0, device="cpu", backend="torch", precision="fp32", batch_size=16, scoring="warped",
                                   selective_search="on", coarsen=3.0, multibox="off", score_threshold=c.score_threshold,
                                   max_detections=MAX_DETECTIONS, nms_iou=0.45, max_regions=500, cascade=40,
                                   whole_objects="off")
