@@ -7,8 +7,11 @@ mid-epoch and end-of-epoch checkpoints (``detector.training.checkpoint``), a che
 
 Randomness is a pure function of the seed and the position in training: a trainer's data depend on (seed, epoch,
 index) and the dropout masks of a step on (seed, step, rank), set here before every step. So a resumed run,
-mid-epoch included, repeats the uninterrupted one for any number of loading processes; the RNG states are
-checkpointed all the same, for anything else that draws from them.
+mid-epoch included, repeats the uninterrupted one for any number of loading processes on the CPU; the RNG states
+are checkpointed all the same, for anything else that draws from them. On a GPU the same draws are made, but cuDNN
+and cuBLAS pick kernels whose sums are not bit-reproducible unless deterministic algorithms are asked for
+(``torch.use_deterministic_algorithms(True)`` with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, slower), so a resumed run
+there matches the uninterrupted one within float rounding, not bit for bit.
 """
 
 from __future__ import annotations
