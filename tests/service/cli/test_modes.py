@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,19 +30,51 @@ def setup(tmp_path_factory, module_cache):
     return root
 
 
+RUNNER = """
+import contextlib, io, itertools, json, sys
+from service.cli import main
+root, out = sys.argv[1], sys.argv[2]
+results = {}
+for scoring, precision, backend, device in itertools.product(*json.loads(sys.argv[3])):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    path = f"{out}/{scoring}-{precision}-{backend}-{device}.jsonl"
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["detect", f"{root}/a.png", "--model", f"{root}/model", "--out", path, "--json",
+                     "--scoring", scoring, "--precision", precision, "--backend", backend, "--device", device,
+                     "--max-regions", "20"])
+    results["-".join((scoring, precision, backend, device))] = [code, stdout.getvalue(), stderr.getvalue(), path]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def outcomes(setup, tmp_path_factory):
+    """Every combination through `ircnn detect`, in one process of its own (as a user's command runs: no state
+    left by other tests), run once for the module."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("outs")
+    env = {**os.environ, "IRCNN_CACHE_DIR": os.environ["IRCNN_CACHE_DIR"]}
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(setup), str(out),
+                           json.dumps([SCORINGS, PRECISIONS, BACKENDS, ["cpu", "cuda"]])],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("scoring", SCORINGS)
-def test_a_mode_runs_as_asked_or_is_refused(setup, run, tmp_path, scoring, precision, backend, device):
+def test_a_mode_runs_as_asked_or_is_refused(outcomes, scoring, precision, backend, device):
     import torch
 
     from detector.cpus import native_bf16
 
-    out = tmp_path / "o.jsonl"
-    code, stdout, stderr = run("detect", setup / "a.png", "--model", setup / "model", "--out", out, "--json",
-                               "--scoring", scoring, "--precision", precision, "--backend", backend,
-                               "--device", device, "--max-regions", 20)
+    code, stdout, stderr, out = outcomes["-".join((scoring, precision, backend, device))]
+    out = Path(out)
     if code != 0:  # refused, before any work, saying why
         assert code == 2 and stderr.startswith("ircnn: error: ") and "Traceback" not in stderr, stderr
         assert not out.exists() or out.read_text() == ""
