@@ -1,9 +1,10 @@
-"""Writing files so that a reader never sees half of one: every file the package writes for later runs (bundles,
-checkpoints, caches, detection outputs) goes through ``atomic_path``."""
+"""Files the package writes for later runs (bundles, checkpoints, caches, detection outputs) and checks when it
+reads them back: ``atomic_path`` so that a reader never sees half of one, ``file_sha256`` to know it is the same."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -28,3 +29,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

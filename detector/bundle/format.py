@@ -9,7 +9,6 @@ Loading never unpickles: member weights are safetensors; only ``import_torchvisi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -318,15 +317,6 @@ def init_bundle(arch: ArchConfig, members: int = 1, seed: int = 0, task: str = "
         preprocess = (Preprocess(arch.input_size, LITE_MEAN, LITE_STD) if isinstance(arch, EfficientNetLiteConfig)
                       else Preprocess())
     return Bundle(task=task, members=models, preprocess=preprocess, provenance=provenance)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_state_dict(file: Path) -> dict:

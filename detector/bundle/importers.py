@@ -19,12 +19,12 @@ from detector.bundle.format import (
     BundleError,
     Preprocess,
     check_finite,
-    file_sha256,
     load_bundle,
     read_state_dict,
 )
 from detector.config import MAKE_BUNDLE
 from detector.devices import check_device
+from detector.files import file_sha256
 from detector.nets import efficientnet_lite
 from detector.nets.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLiteConfig
 from detector.nets.googlenet import GoogLeNet, GoogLeNetConfig

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from detector.bundle.format import Bundle, BundleError, file_sha256
+from detector.bundle.format import Bundle, BundleError
+from detector.files import file_sha256
 from detector.runtimes.export import export_key
 from eval.parsing import parse_json
 

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.bundle.format import Bundle, file_sha256
+from detector.bundle.format import Bundle
+from detector.files import file_sha256
 from detector.bundle.int8 import FORMAT, INT8_DIR, INT8_MANIFEST, Int8Error
 from detector.runtimes.export import export_onnx
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detector.files import write_text_atomic
+from detector.files import file_sha256, write_text_atomic
 from detector.nets.members import first_conv
 from detector.nets.transform import fold_into_conv
 from detector.runtimes.base import BackendError, cache_dir
@@ -115,7 +115,7 @@ def cached(path: Path) -> bool:
     removed, so that the caller exports it again: a bad entry is rebuilt, never used and never fatal."""
     record = _hash_file(path)
     try:
-        if path.is_file() and _sha256(path) == record.read_text(encoding="ascii").strip():
+        if path.is_file() and file_sha256(path) == record.read_text(encoding="ascii").strip():
             return True
     except (OSError, UnicodeDecodeError):
         pass
@@ -127,14 +127,6 @@ def cached(path: Path) -> bool:
 
 def _hash_file(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_onnx(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str],
@@ -167,7 +159,7 @@ def write_onnx(module: nn.Module, example: Tensor, path: Path, names: tuple[str,
                 except Exception as e:  # gone from this torch, unable to trace the module, onnxscript missing
                     checked = f"{type(e).__name__}: {str(e)[:200]}"
                 if checked is True or (checked == _NO_CHECKER and exporter == "dynamo"):
-                    write_text_atomic(_hash_file(path), _sha256(Path(tmp)) + "\n")  # what the graph must hash to
+                    write_text_atomic(_hash_file(path), file_sha256(Path(tmp)) + "\n")  # what the graph must hash to
                     os.replace(tmp, path)
                     return
                 failures.append(f"the {_EXPORTER_NAMES[exporter]} exporter's: {checked}")

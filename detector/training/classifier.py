@@ -43,22 +43,8 @@ from detector.image import IMAGE_SUFFIXES, read_image
 from detector.nets.googlenet import GoogLeNetConfig, googlenet_loss
 from detector.nets.members import ArchConfig, build_member
 from detector.training.checkpoint import Checkpoint, load_members
-from detector.training.engine import (
-    EMA,
-    Dist,
-    EpochEnd,
-    Job,
-    RunConfig,
-    check_network,
-    check_non_negative,
-    check_positive,
-    fit,
-    mix_seed,
-    param_groups,
-    processes,
-    recipe,
-    train_members,
-)
+from detector.training.engine import (EMA, Dist, EpochEnd, Job, RunConfig, check_network, check_non_negative,
+                                      check_positive, fit, mix_seed, param_groups, processes, recipe, train_members)
 from eval.classes import cls1000
 
 # AlexNet's PCA of ImageNet RGB pixels in [0, 1] (Krizhevsky et al. 2012; the values fb.resnet.torch publishes).

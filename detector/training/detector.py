@@ -44,7 +44,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from detector.bundle.format import Bundle, Preprocess, file_sha256, load_bundle, read_manifest, save_bundle
+from detector.bundle.format import Bundle, Preprocess, load_bundle, read_manifest, save_bundle
+from detector.files import file_sha256
 from detector.bundle.multibox import load_multibox, multibox_provenance, save_multibox
 from detector.cpus import default_workers
 from detector.nets.googlenet import GoogLeNetConfig, googlenet_loss
@@ -52,21 +53,8 @@ from detector.nets.members import ArchConfig, build_member, is_head, with_classe
 from detector.pipeline.scoring import fill_colour
 from detector.progress import track
 from detector.training.checkpoint import Checkpoint, load_members
-from detector.training.engine import (
-    EMA,
-    Dist,
-    EpochEnd,
-    Job,
-    RunConfig,
-    check_network,
-    check_non_negative,
-    check_positive,
-    fit,
-    param_groups,
-    processes,
-    recipe,
-    train_members,
-)
+from detector.training.engine import (EMA, Dist, EpochEnd, Job, RunConfig, check_network, check_non_negative,
+                                      check_positive, fit, param_groups, processes, recipe, train_members)
 from detector.training.proposal_cache import CachedProposals, ProposalCache
 from detector.training.windows import (
     DetImage,
