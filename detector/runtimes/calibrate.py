@@ -42,8 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from detector.bundle.format import Bundle
-from detector.files import file_sha256
 from detector.bundle.int8 import FORMAT, INT8_DIR, INT8_MANIFEST, Int8Error
+from detector.files import file_sha256
+from detector.progress import track
 from detector.runtimes.export import export_onnx
 
 DEFAULT_REGIONS = 300
@@ -85,7 +86,7 @@ def calibration_regions(bundle: Bundle, images: Sequence[tuple[str, np.ndarray]]
         scorer = detector.scorer
         frames_share = 4 if detector.whole_objects else 0  # one in four a context frame
         out, frames, names = [], 0, []
-        for i, (name, image) in enumerate(images):
+        for i, (name, image) in enumerate(track(images, len(images), "calibration regions", "img")):
             want = regions // len(images) + (1 if i < regions % len(images) else 0)
             if want == 0:
                 continue

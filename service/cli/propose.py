@@ -133,6 +133,7 @@ def _proposals_eval(args, config, net) -> int:
     import torch
 
     from detector.image import read_image
+    from detector.progress import track
     from eval.annotations import read_annotations, read_imageset
     from proposals.combine import ProposalGenerator, Proposals, merge
     from proposals.recall import CoverageEvaluator, plot_recall_curves
@@ -155,7 +156,7 @@ def _proposals_eval(args, config, net) -> int:
     evaluator = CoverageEvaluator()
     try:
         with ProposalGenerator.from_config(config, net) as generate:
-            for i, name in enumerate(names):
+            for i, name in enumerate(track(names, len(names), "proposals", "img", show=not args.json)):
                 files = sorted(data.glob(name + ".*"))
                 if not files:
                     raise CliError(f"image {name} of {args.imageset} not found under {data}")
