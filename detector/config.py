@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from detector.cpus import native_bf16
-from detector.runtimes import AUTO, RUNTIMES, runtime_info
+from detector.runtimes import AUTO, RUNTIMES, check_precision
 from proposals.config import MergeConfig, ProposalConfig, SelectiveSearchConfig
 
 BACKENDS = tuple(RUNTIMES)  # the members' runtimes, as detector.runtimes.RUNTIMES names them
@@ -46,13 +46,8 @@ class EnsembleConfig:
             raise ValueError(f"batch_size must be in 1..1024, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.backend == AUTO:
-            return
-        precisions = runtime_info(self.backend).precisions
-        if self.precision not in precisions:
-            others = [n for n, info in RUNTIMES.items() if self.precision in info.precisions]
-            raise ValueError(f"backend {self.backend} runs {' or '.join(precisions)}; precision {self.precision} "
-                             f"runs on backend {' or '.join(others)} (or auto)")
+        if self.backend != AUTO:
+            check_precision(self.backend, self.precision)
 
 
 SCORINGS = ("warped", "shared-trunk")
@@ -166,13 +161,13 @@ def detect_config(*, device: str = "cpu", backend: str = "torch", precision: str
     ``IRCNN_*`` settings, and through the CLI the Ray workers. ``detect``: ``DetectConfig`` fields given as is
     (``score_threshold``, ``max_detections``, ``nms_iou``, ``max_regions``, ``cascade_top_k``, ``whole_objects``).
     Raises ValueError naming the knob that is out of range."""
-    # the shared trunk runs in ONNX Runtime where the warped regions would (several times faster than eager torch
-    # on CPUs), in torch where they are forced to or on a GPU
     if scoring == "shared-trunk" and backend not in (AUTO, "torch", "onnxruntime"):
         raise ValueError(f"shared-trunk scoring runs its trunks in torch or onnxruntime, not {backend}: use --backend "
                          "torch, onnxruntime or auto with it, or warped scoring for the other runtimes")
     if scoring == "shared-trunk" and backend == AUTO and precision == "bf16" and device == "cpu" and not native_bf16():
         precision = "fp32"  # auto allows bf16 where it is native, never requires it (emulated, it is slower)
+    # the shared trunk runs in ONNX Runtime where the warped regions would (several times faster than eager torch
+    # on CPUs), in torch where they are forced to or on a GPU
     on_ort = backend in (AUTO, "onnxruntime") and device == "cpu" and precision == "fp32"
     search = SelectiveSearchConfig(**({} if coarsen is None else {"coarsen": coarsen}))
     return DetectConfig(scoring=scoring, shared_trunk=SharedTrunkConfig(engine="onnxruntime" if on_ort else "torch"),

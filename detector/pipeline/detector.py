@@ -175,8 +175,6 @@ class Detector:
         ``config.proposals`` says (the bundle's MultiBox network, when it has one and MultiBox is on). The one
         place a ``Detector`` is assembled: the CLI, the batch runner, Ray workers and the service call it."""
         if config.scoring == "shared-trunk":
-            from detector.pipeline.shared_trunk import SharedTrunkScorer
-
             scorer = SharedTrunkScorer(bundle, config, config.shared_trunk)
         else:
             scorer = RegionScorer(bundle, config)

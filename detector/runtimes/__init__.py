@@ -46,6 +46,15 @@ def runtime_info(name: str) -> RuntimeInfo:
     return RUNTIMES[name]
 
 
+def check_precision(name: str, precision: str) -> None:
+    """Raise ValueError unless runtime ``name`` runs ``precision``, naming the runtimes that do."""
+    precisions = runtime_info(name).precisions
+    if precision not in precisions:
+        others = [n for n, info in RUNTIMES.items() if precision in info.precisions]
+        raise ValueError(f"backend {name} runs {' or '.join(precisions)}; precision {precision} runs on backend "
+                         f"{' or '.join(others)} (or auto)")
+
+
 def runtime_class(name: str) -> type:
     """The runtime's class, its module imported now."""
     info = runtime_info(name)

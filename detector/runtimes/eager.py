@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from detector.nets.transform import Normalize
+from detector.runtimes import check_precision
 
 
 class TorchRuntime:
@@ -19,8 +20,9 @@ class TorchRuntime:
     def __init__(self, member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], *,
                  precision: str = "fp32", size: int | None = None, channels_last: bool = False,
                  int8_model: Path | None = None) -> None:
-        if precision not in ("fp32", "bf16") or int8_model is not None:
-            raise ValueError(f"backend torch runs fp32 or bf16, not {precision}")
+        check_precision(self.name, precision)
+        if int8_model is not None:
+            raise ValueError("backend torch runs no int8 model")
         self.member, self.precision, self.channels_last = member, precision, channels_last
         device = next(member.parameters()).device
         self.transform = Normalize(mean, std).to(device)

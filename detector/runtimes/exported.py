@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detector.runtimes import runtime_info
+from detector.runtimes import check_precision, runtime_info
 from detector.runtimes.base import BackendError
 from detector.runtimes.export import export_onnx
 
@@ -27,9 +27,8 @@ class ExportedRuntime:
     def __init__(self, member: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], *,
                  precision: str = "fp32", size: int | None = None, channels_last: bool = False,
                  int8_model: Path | None = None, threads: int | None = None) -> None:
+        check_precision(self.name, precision)
         info = runtime_info(self.name)
-        if precision not in info.precisions:
-            raise ValueError(f"backend {self.name} runs {' or '.join(info.precisions)}, not {precision}")
         if (precision == "int8") != (int8_model is not None) or (int8_model is not None and size is None):
             raise ValueError("precision int8 runs a quantised model: give int8_model and its input size (only then)")
         try:  # fail on a missing runtime before spending seconds on the export
