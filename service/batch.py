@@ -37,16 +37,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from detector.files import atomic_path
+from detector.files import write_text_atomic
 from detector.image import IMAGE_SUFFIXES, list_images, read_image
 from detector.progress import progress
 from eval.annotations import ImageLookup, read_imageset
 from eval.coco import coco_categories, write_coco_results
-from eval.parsing import parse_json
 from eval.records import detection_record, error_record, record_table, write_record
 from eval.submission import write_submission
 from service import paths
-from service.journal import atomic_write, flatten, journal_offsets, path_key, read_records, repair_journal, short
+from service.journal import atomic_write, check_run, journal_offsets, path_key, read_records, repair_journal
 from service.paths import check_paths
 
 if TYPE_CHECKING:
@@ -358,32 +357,18 @@ def output_files(config: BatchConfig) -> list[str]:
 
 
 def check_resume(config: BatchConfig, run: dict) -> None:
-    """Raise ValueError if ``--resume`` would add records made with other arguments than the journal's: ``run``
-    (what decides the records: the model, the detection settings) against what the run that began it wrote
-    beside it. A journal without that file (written before it existed) is continued as it is."""
+    """Raise ValueError if ``--resume`` would add records made with other arguments than the journal's (see
+    ``service.journal.check_run``)."""
     journal = journal_of(config)
-    if not config.resume or journal is None or not os.path.isfile(journal + RUN_SUFFIX):
-        return
-    try:
-        with open(journal + RUN_SUFFIX, encoding="utf-8") as f:
-            before = parse_json(f.read(1_000_000), journal + RUN_SUFFIX)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot resume {config.out}: {e}; leave out --resume to start over") from None
-    now, was = flatten(json.loads(json.dumps(run))), flatten(before if isinstance(before, dict) else {})
-    changed = [k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k)]
-    if changed:
-        shown = "; ".join(f"{k}: {short(was.get(k))} then, {short(now.get(k))} now" for k in changed[:6])
-        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-        raise ValueError(f"--resume would mix records made with other arguments into {config.out}: {shown}{more}. "
-                         "Run with the arguments of the run that began it, or leave out --resume to start over")
+    if config.resume and journal is not None:
+        check_run(journal + RUN_SUFFIX, run, config.out)
 
 
 def write_run(config: BatchConfig, run: dict) -> None:
     """Record ``run`` beside the journal (not when resuming a journal that has it already)."""
     journal = journal_of(config)
     if journal is not None and not (config.resume and os.path.isfile(journal + RUN_SUFFIX)):
-        with atomic_path(journal + RUN_SUFFIX) as tmp:
-            tmp.write_text(json.dumps(run, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        write_text_atomic(journal + RUN_SUFFIX, json.dumps(run, indent=1, sort_keys=True) + "\n")
 
 
 def check_outputs(files: list[Path], config: BatchConfig, reads: dict[str, Iterable[str | os.PathLike]]) -> None:

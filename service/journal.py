@@ -130,21 +130,40 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> None:
         os.fsync(f.fileno())
 
 
-# ---- outputs ---------------------------------------------------------------------------------------------
+# ---- the arguments that made the records -----------------------------------------------------------------
 
 
-def flatten(doc: dict, prefix: str = "") -> dict:
+def check_run(path: str, run: dict, out) -> None:
+    """Raise ValueError if ``run`` (what decides the records: the model, the detection settings) differs from what
+    the run that began the journal wrote to ``path``, naming each difference. No file there (a journal written
+    before it existed) is continued as it is."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            before = parse_json(f.read(1_000_000), path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot resume {out}: {e}; leave out --resume to start over") from None
+    now, was = _flatten(json.loads(json.dumps(run))), _flatten(before if isinstance(before, dict) else {})
+    changed = [k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: {_short(was.get(k))} then, {_short(now.get(k))} now" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ValueError(f"--resume would mix records made with other arguments into {out}: {shown}{more}. "
+                         "Run with the arguments of the run that began it, or leave out --resume to start over")
+
+
+def _flatten(doc: dict, prefix: str = "") -> dict:
+    """Nested settings as one level, ``{"detect.ensemble.backend": ...}``, so a difference is named by its path."""
     out = {}
     for k, v in doc.items():
         if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
+            out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def short(value) -> str:
+def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
