@@ -126,12 +126,12 @@ def run_arguments(model: str | None, config) -> dict:
     """What decides a run's records, for ``--resume`` to compare: the bundle (its model.json's hash) and the
     detection settings (less those that change only speed: batch sizes, runtime)."""
     import dataclasses
-    import hashlib
+
+    from detector.files import file_sha256
 
     manifest = os.path.join(model, "model.json") if model else None
     if manifest and os.path.isfile(manifest):
-        with open(manifest, "rb") as f:
-            identity = "model.json sha256 " + hashlib.sha256(f.read(10_000_000)).hexdigest()[:16]
+        identity = "model.json sha256 " + file_sha256(manifest)[:16]
     else:
         identity = "torchvision googlenet-1378be20.pth" if model is None else f"{model} (no model.json)"
     detect = dataclasses.asdict(config)

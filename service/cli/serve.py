@@ -26,20 +26,24 @@ def _cmd_serve(args) -> int:
     import signal
 
     from detector.config import MAKE_BUNDLE
+    from service.settings import Settings
 
-    model = args.model if args.model is not None else os.environ.get("IRCNN_MODEL")
-    if model and not os.path.isfile(os.path.join(model, "model.json")):  # before uvicorn, torch and the app load
+    # the settings first (IRCNN_* and the flags, checked), and what would stop the service before uvicorn, torch and
+    # the app load
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
+    settings = Settings(**overrides)
+    model = settings.model
+    if model and not os.path.isfile(os.path.join(model, "model.json")):
         what = "does not exist" if not os.path.exists(model) else "is not a model bundle (no model.json)"
         raise CliError(f"--model {model} {what}; {MAKE_BUNDLE}")
-    device = os.environ.get("IRCNN_DEVICE", "cpu")
-    if device != "cpu":  # a GPU this machine lacks: said before uvicorn starts, not as a start-up traceback
+    if settings.device != "cpu":  # a GPU this machine lacks: said here, not as a start-up traceback
         from detector.devices import check_device
 
         try:
-            check_device(device)
+            check_device(settings.device)
         except ValueError as e:
-            raise CliError(f"IRCNN_DEVICE={device}: {e}") from None
-    if model and os.environ.get("IRCNN_PRECISION") == "int8" and not os.path.isdir(os.path.join(model, "int8")):
+            raise CliError(f"IRCNN_DEVICE={settings.device}: {e}") from None
+    if model and settings.precision == "int8" and not os.path.isdir(os.path.join(model, "int8")):
         raise CliError(f"IRCNN_PRECISION=int8 needs the bundle's int8 models, and {model} has none: make them with "
                        f"`ircnn model quantize {model} --images DIR` (a few dozen of your own photos), or serve "
                        "fp32 (unset IRCNN_PRECISION)")
@@ -48,12 +52,9 @@ def _cmd_serve(args) -> int:
 
     from detector.bundle.format import read_manifest
     from service.app import create_app, server_options
-    from service.settings import Settings
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
-    settings = Settings(**overrides)
-    if settings.model is not None:
-        read_manifest(settings.model)  # a wrong path fails here with its message, before uvicorn starts
+    if model is not None:
+        read_manifest(model)  # model.json read and checked, with its own message
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             timeout_graceful_shutdown=args.graceful_timeout, log_level=args.log_level,
                             **server_options(settings))
