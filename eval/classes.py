@@ -71,3 +71,10 @@ def det200_from_cls1000() -> dict[int, tuple[int, ...]]:
         int(r["det_id"]): tuple(int(i) for i in r["cls_indices"].split(","))
         for r in _read_table("det200_from_cls1000.tsv")
     }
+
+
+@functools.cache
+def person_evidence() -> tuple[int, ...]:
+    """CLS indices of clothing and other things only people wear (``person_evidence.tsv``): not DET classes, not
+    under one in WordNet, and evidence of DET ``person`` in an ImageNet classifier's output."""
+    return tuple(int(r["index"]) for r in _read_table("person_evidence.tsv"))

@@ -11,15 +11,19 @@ import torch
 from torch import Tensor
 
 from detector.bundle.format import Bundle, check_det_ids
-from eval.classes import det200_from_cls1000
+from eval.classes import det200_from_cls1000, person_evidence
 
 if TYPE_CHECKING:
     pass
 
 FROM_CLS_TASKS = ("det200-from-cls1000", "cls1000")  # 1000-way ImageNet heads, mapped to DET classes
-def det_head(bundle: Bundle) -> tuple[Tensor, Tensor | None]:
+PERSON = 124  # the DET id of "person"
+
+
+def det_head(bundle: Bundle, evidence: bool = False) -> tuple[Tensor, Tensor | None]:
     """``(det_ids Tensor[K] int64, cls_to_det Tensor[1000, K] or None)`` for the bundle's head; raises if the
-    head cannot give DET scores."""
+    head cannot give DET scores. ``evidence``: for 1000-way heads, the person-evidence CLS classes
+    (``eval.classes.person_evidence``: clothing only people wear) also count for DET person."""
     k_head = bundle.arch.num_classes
     if bundle.task in FROM_CLS_TASKS:
         if k_head != 1000:
@@ -29,6 +33,8 @@ def det_head(bundle: Bundle) -> tuple[Tensor, Tensor | None]:
         cls_to_det = torch.zeros(1000, len(det_ids))  # [1000, K]: 1 where CLS index c belongs to DET column j
         for j, det_id in enumerate(det_ids.tolist()):
             cls_to_det[list(mapping[det_id]), j] = 1.0
+            if evidence and det_id == PERSON:
+                cls_to_det[list(person_evidence()), j] = 1.0
         return det_ids, cls_to_det
     if bundle.task != "det200":
         raise ValueError(f"bundle task {bundle.task!r} cannot detect; use a det200 bundle (`ircnn train detector`) "
