@@ -51,6 +51,10 @@ class EnsembleConfig:
 
 
 SCORINGS = ("warped", "shared-trunk")
+# image-level context: a class's factor is min(1, p_image / IMAGE_GATE) ** IMAGE_POWER (the best of the variants
+# measured on the package photos' dev split: docs/detection.md)
+IMAGE_GATE = 0.03
+IMAGE_POWER = 0.5
 FRAMES = ("pool", "warp")
 ENGINES = ("torch", "onnxruntime")
 
@@ -98,18 +102,29 @@ class DetectConfig:
     warp_chunk: int = 128  # regions warped and scored at a time: 128 x 150 KB of uint8 at 224 px
     # Whole objects over their parts, for classifiers that never learnt a background class (``det200-from-cls1000``
     # bundles): their most confident windows are an object's most telling parts (a cat's face). "auto": on for
-    # such bundles, off for det200 detectors fine-tuned with a background class; "on", "off". Two steps:
+    # such bundles, off for det200 detectors fine-tuned with a background class; "on", "off". Steps:
     whole_objects: str = "auto"
-    # 1. context frames (``contrast_frames``): the ``context_frames`` regions least likely background are scored
-    #    again on their surrounding frame (the box ``frame_scale`` times larger, the box blanked); a class keeps
-    #    p(box) * (1 - p(frame)), since a part has more of its object around it than the whole has. Only those
-    #    regions can become detections.
-    context_frames: int = 300
+    # 1. agreement (``detector.pipeline.agreement``): each region's class score times how well its box holds the map
+    #    of where the image's regions agree on the class, to this power (0: off). No extra network run.
+    agreement: float = 1.0
+    # 2. context frames (``contrast_frames``, opt-in; the default before agreement): the ``context_frames`` regions
+    #    least likely background are scored again on their surrounding frame (the box ``frame_scale`` times
+    #    larger, the box blanked) and keep p(box) * (1 - p(frame)); only those regions can become detections. 0:
+    #    off. Costs that many extra regions per image.
+    context_frames: int = 0
     frame_scale: float = 1.8
-    # 2. parts (``suppress_parts``): after NMS, a detection with ``part_overlap`` of its area inside a larger
+    # 3. parts (``suppress_parts``): after NMS, a detection with ``part_overlap`` of its area inside a larger
     #    same-class detection scoring at least ``part_ratio`` times as high is dropped.
     part_overlap: float = 0.8
     part_ratio: float = 0.8
+    # For det200-from-cls1000 bundles: the CLS classes of clothing only people wear (suit, jersey, military
+    # uniform, ...: eval/data/person_evidence.tsv) count for DET "person", which ImageNet-1k barely has.
+    person_evidence: bool = True
+    # Image-level context (the "contextual model" of the paper's Table 5; opt-in): each class score times
+    # min(1, p_image / IMAGE_GATE) ** IMAGE_POWER, p_image the class's probability for the whole image from the
+    # same networks over ``image_crops`` crops (1 or 10, the paper's test-time crops).
+    image_context: bool = False
+    image_crops: int = 10
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)  # selective search, MultiBox, merging
     # "warped": every region warped and scored by the whole networks (the paper's R-CNN); "shared-trunk": each
@@ -140,8 +155,12 @@ class DetectConfig:
             raise ValueError(f"part_overlap must be in (0, 1], got {self.part_overlap}")
         if not 0.0 < self.part_ratio <= 10.0:
             raise ValueError(f"part_ratio must be in (0, 10], got {self.part_ratio}")
-        if not 1 <= self.context_frames <= MAX_REGIONS:
-            raise ValueError(f"context_frames must be in 1..{MAX_REGIONS}, got {self.context_frames}")
+        if not 0 <= self.context_frames <= MAX_REGIONS:
+            raise ValueError(f"context_frames must be in 0..{MAX_REGIONS} (0: off), got {self.context_frames}")
+        if not 0.0 <= self.agreement <= 4.0:
+            raise ValueError(f"agreement must be in 0..4 (0: off), got {self.agreement}")
+        if self.image_crops not in (1, 10):
+            raise ValueError(f"image_crops must be 1 or 10, got {self.image_crops}")
         if not 1.0 < self.frame_scale <= 4.0:
             raise ValueError(f"frame_scale must be in (1, 4], got {self.frame_scale}")
         if self.scoring not in SCORINGS:

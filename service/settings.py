@@ -71,8 +71,16 @@ class Settings(BaseSettings):
                                 "member and only the N least likely background with the rest; unset: all members "
                                 "score every region; `ircnn detect --cascade`")
     whole_objects: Literal["auto", "on", "off"] = Field("auto", description="prefer whole objects over their parts "
-                                                        "(context frames + part suppression); auto: on for "
-                                                        "det200-from-cls1000 bundles, off for det200")
+                                                        "(agreement of overlapping regions + part suppression); auto: "
+                                                        "on for det200-from-cls1000 bundles, off for det200")
+    agreement: float = Field(DetectConfig.agreement, ge=0.0, le=4.0, description="whole objects: the power of the "
+                             "agreement factor (0: off); `ircnn detect --agreement`")
+    context_frames: int = Field(DetectConfig.context_frames, ge=0, le=10_000, description="whole objects: regions "
+                                "also scored on their surrounding frame (0: off); `ircnn detect --context-frames`")
+    person_evidence: bool = Field(DetectConfig.person_evidence, description="det200-from-cls1000 bundles: clothing "
+                                  "only people wear counts for DET person; `ircnn detect --person-evidence`")
+    image_context: bool = Field(DetectConfig.image_context, description="weigh each class by the whole image's "
+                                "probability of it (10 crops); `ircnn detect --image-context`")
     api_token: SecretStr | None = Field(None, description="when set, every /v1 route needs "
                                         "`Authorization: Bearer <token>`")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503 answer")

@@ -45,8 +45,9 @@ from torchvision.ops import batched_nms
 
 from detector.bundle.format import Bundle
 from detector.bundle.multibox import load_multibox
-from detector.config import DetectConfig
+from detector.config import IMAGE_GATE, IMAGE_POWER, DetectConfig
 from detector.image import read_image
+from detector.pipeline.agreement import agreement_scores
 from detector.pipeline.scoring import RegionScorer, contrast_frames
 from detector.pipeline.shared_trunk import SharedTrunkScorer
 from detector.pipeline.warp import check_boxes, check_image
@@ -207,14 +208,25 @@ class Detector:
 
     def score(self, image: np.ndarray, proposals: Proposals | Tensor) -> Detections:
         """Score the first ``config.max_regions`` proposals, clipped to the image, and keep the detections."""
+        config = self.config
         boxes = self.regions(image, proposals)
         probs, seconds = self.scorer.score_regions(image, boxes)
         regions = len(boxes)
-        if self.whole_objects and len(boxes):
-            top = probs[:, 0].argsort()[: self.config.context_frames]  # least background first
+        if self.whole_objects and len(boxes) and config.context_frames:
+            top = probs[:, 0].argsort()[: config.context_frames]  # least background first
             boxes, probs = boxes[top], contrast_frames(probs[top], self.scorer.score_frames(image, boxes[top], seconds))
+        if self.whole_objects and len(boxes) and config.agreement:
+            start = time.perf_counter()
+            probs = agreement_scores(boxes, probs, image.shape[0], image.shape[1], config.agreement)
+            seconds["agreement"] = time.perf_counter() - start
+        if config.image_context and len(boxes):
+            start = time.perf_counter()
+            whole = self.scorer.score_image(image, config.image_crops)[1:]  # [K]
+            probs = probs.clone()
+            probs[:, 1:] *= (whole / IMAGE_GATE).clamp(max=1.0) ** IMAGE_POWER
+            seconds["image"] = time.perf_counter() - start
         start = time.perf_counter()
-        dets = postprocess(boxes, probs, self.scorer.det_ids, self.config, self.whole_objects)
+        dets = postprocess(boxes, probs, self.scorer.det_ids, config, self.whole_objects)
         seconds["nms"] = time.perf_counter() - start
         dets.seconds, dets.regions = seconds, regions
         return dets

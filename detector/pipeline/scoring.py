@@ -17,6 +17,7 @@ from torch import Tensor
 
 from detector.bundle.format import Bundle, Preprocess
 from detector.config import DetectConfig
+from detector.pipeline.classify import crop_views
 from detector.pipeline.det_head import det_head
 from detector.pipeline.ensemble import Ensemble
 from detector.pipeline.warp import check_boxes, check_image, warp_frames, warp_regions
@@ -34,7 +35,7 @@ class RegionScorer:
     the DET id ``det_ids[j - 1]`` (module docstring for the two kinds of bundle)."""
 
     def __init__(self, bundle: Bundle, config: DetectConfig = DetectConfig()) -> None:
-        self.det_ids, cls_to_det = det_head(bundle)  # det_ids: Tensor[K]
+        self.det_ids, cls_to_det = det_head(bundle, config.person_evidence)  # det_ids: Tensor[K]
         self.size = bundle.preprocess.size
         self.context = round(16 * self.size / 224) if config.context is None else config.context
         if not 2 * self.context < self.size:
@@ -80,6 +81,14 @@ class RegionScorer:
             rest = self._run(source, boxes[top], seconds, members=list(range(1, n)))
             probs[top] = (probs[top] + (n - 1) * rest) / n  # the average over all n members
         return probs, seconds
+
+    @torch.inference_mode()
+    def score_image(self, image: np.ndarray, crops: int = 10) -> Tensor:
+        """The whole image's DET probabilities ``Tensor[K + 1]`` (column 0 background), averaged over the paper's
+        test-time ``crops`` (1 or 10: ``detector.pipeline.classify.crop_views``) and the members."""
+        check_image(image)
+        views = crop_views(image, crops, self.size).to(self.ensemble.device)
+        return self.to_det(self.ensemble(views).mean(0, keepdim=True)).float().cpu()[0]
 
     @torch.inference_mode()
     def score_frames(self, image: np.ndarray, boxes: Tensor, seconds: dict[str, float] | None = None) -> Tensor:

@@ -214,6 +214,10 @@ class SharedTrunkScorer:
         seconds = {"warp": 0.0, "networks": 0.0, "trunk": 0.0}
         return self._run(image, dilate_boxes(boxes, self.size, self.context), seconds), seconds
 
+    def score_image(self, image: np.ndarray, crops: int = 10) -> Tensor:
+        """The whole image's DET probabilities ``Tensor[K + 1]``, through the whole networks (``RegionScorer``)."""
+        return self.warped.score_image(image, crops)
+
     @torch.inference_mode()
     def score_frames(self, image: np.ndarray | Tensor, boxes: Tensor,
                      seconds: dict[str, float] | None = None) -> Tensor:

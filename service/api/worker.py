@@ -173,7 +173,9 @@ def _detector_of(bundle, ensemble, settings: Settings, why: dict | None = None):
                                batch_size=ensemble.batch_size, scoring=s.scoring,
                                selective_search=s.selective_search, coarsen=s.coarsen, multibox=s.multibox,
                                max_detections=MAX_DETECTIONS, nms_iou=s.nms_iou, max_regions=s.max_regions,
-                               cascade_top_k=s.cascade, whole_objects=s.whole_objects)
+                               cascade_top_k=s.cascade, whole_objects=s.whole_objects, agreement=s.agreement,
+                               context_frames=s.context_frames, person_evidence=s.person_evidence,
+                               image_context=s.image_context)
         return Detector.from_bundle(bundle, config)
     except ValueError as e:
         log.info("detection off: %s", e)

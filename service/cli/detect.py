@@ -12,7 +12,8 @@ from service.cli.common import PRECISION_HELP, CliError, backend_choices, backen
 # Literals so that building the parser does not import torch; tests/service/cli/test_detect.py checks them against
 # service.batch.FORMATS and detector.config.DetectConfig's defaults.
 DETECT_FORMATS = ("jsonl", "coco", "ilsvrc")
-DETECT_DEFAULTS = {"score_threshold": 0.01, "max_detections": 100, "nms_iou": 0.3, "max_regions": 3000}
+DETECT_DEFAULTS = {"score_threshold": 0.01, "max_detections": 100, "nms_iou": 0.3, "max_regions": 3000,
+                   "agreement": 1.0, "context_frames": 0}
 
 
 def add_parser(sub) -> None:
@@ -49,10 +50,24 @@ def add_parser(sub) -> None:
     p.add_argument("--vis-threshold", type=float, default=0.3, metavar="T",
                    help="draw detections scoring at least T (default 0.3)")
     p.add_argument("--whole-objects", choices=("auto", "on", "off"), default="auto",
-                   help="prefer whole objects over their parts: each likely region is scored against its surrounding "
-                        "frame and detections inside a larger, nearly as confident one of their class are dropped "
-                        "(auto: on for det200-from-cls1000 bundles, whose ImageNet classifiers know no background; "
-                        "off for det200 detectors trained with one)")
+                   help="prefer whole objects over their parts: each region's class score is weighed by how well its "
+                        "box holds the area where the image's regions agree on the class, and detections inside a "
+                        "larger, nearly as confident one of their class are dropped (auto: on for "
+                        "det200-from-cls1000 bundles, whose ImageNet classifiers know no background; off for det200 "
+                        "detectors trained with one)")
+    p.add_argument("--agreement", type=float, default=DETECT_DEFAULTS["agreement"], metavar="P",
+                   help=f"whole objects: the power of the agreement factor (default {DETECT_DEFAULTS['agreement']:g}; "
+                        "0: off)")
+    p.add_argument("--context-frames", type=int, default=DETECT_DEFAULTS["context_frames"], metavar="N",
+                   help="whole objects: also score the N likeliest regions on their surrounding frame (the box "
+                        "blanked) and keep p(box) * (1 - p(frame)); costs N extra regions per image (default 0: off; "
+                        "300 was the default before agreement replaced it)")
+    p.add_argument("--person-evidence", choices=("on", "off"), default="on",
+                   help="det200-from-cls1000 bundles: count the ImageNet classes of clothing only people wear (suit, "
+                        "jersey, military uniform, ...) for DET person, which ImageNet-1k barely has (default on)")
+    p.add_argument("--image-context", choices=("on", "off"), default="off",
+                   help="weigh each class by the whole image's probability of it, from the same networks over 10 "
+                        "crops (the paper's Table 5 'contextual model'; default off)")
     p.add_argument("--selective-search", choices=("on", "off"), default="on")
     p.add_argument("--coarsen", type=float, help="superpixel size multiplier of selective search "
                    "(the paper: 2)")
@@ -116,10 +131,12 @@ def detect_config(args):
                     scoring=args.scoring, selective_search=args.selective_search == "on", coarsen=args.coarsen,
                     multibox=args.multibox == "auto", score_threshold=args.score_threshold,
                     max_detections=args.max_detections, nms_iou=args.nms_iou, max_regions=args.max_regions,
-                    cascade_top_k=args.cascade, whole_objects=args.whole_objects)
+                    cascade_top_k=args.cascade, whole_objects=args.whole_objects, agreement=args.agreement,
+                    context_frames=args.context_frames, person_evidence=args.person_evidence == "on",
+                    image_context=args.image_context == "on")
     except ValueError as e:
         raise flag_error(e, "score_threshold", "max_detections", "nms_iou", "coarsen", "batch_size",
-                         "max_regions") from None
+                         "max_regions", "agreement", "context_frames") from None
 
 
 def run_arguments(model: str | None, config) -> dict:

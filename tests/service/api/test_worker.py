@@ -14,7 +14,8 @@ from service.settings import Settings
 def test_every_detection_setting_reaches_the_service_detector(tiny_bundle):
     bundle = tiny_bundle(width=0.125, task="det200-from-cls1000")
     settings = Settings(nms_iou=0.45, coarsen=3.0, multibox=False, max_regions=500, whole_objects="off",
-                        cascade=40, precision="fp32", backend="torch", inference_batch_size=16)
+                        cascade=40, precision="fp32", backend="torch", inference_batch_size=16, agreement=0.5,
+                        context_frames=20, person_evidence=False, image_context=True)
     ensemble = EnsembleConfig(batch_size=settings.inference_batch_size, precision=settings.precision,
                               backend=settings.backend)
     detector = _detector_of(bundle, ensemble, settings)
@@ -22,13 +23,15 @@ def test_every_detection_setting_reaches_the_service_detector(tiny_bundle):
         c = detector.config
         assert (c.nms_iou, c.max_regions, c.whole_objects, c.cascade_top_k) == (0.45, 500, "off", 40)
         assert (c.proposals.search.coarsen, c.proposals.multibox, c.scoring) == (3.0, False, "warped")
+        assert (c.agreement, c.context_frames, c.person_evidence, c.image_context) == (0.5, 20, False, True)
         assert c.ensemble == ensemble and c.max_detections == MAX_DETECTIONS
         assert not detector.whole_objects
         # the CLI's flags with the same values give the same configuration
         args = argparse.Namespace(engine="local", ray_gpus_per_worker=0.0, device="cpu", backend="torch", precision="fp32", batch_size=16, scoring="warped",
                                   selective_search="on", coarsen=3.0, multibox="off", score_threshold=c.score_threshold,
                                   max_detections=MAX_DETECTIONS, nms_iou=0.45, max_regions=500, cascade=40,
-                                  whole_objects="off")
+                                  whole_objects="off", agreement=0.5, context_frames=20, person_evidence="off",
+                                  image_context="on")
         assert cli_config(args) == c
     finally:
         detector.close()
