@@ -92,7 +92,8 @@ class DetectConfig:
     score_threshold: float = 0.01  # detections scoring below this are dropped
     max_detections: int = 100  # per image, the best by score over all classes
     # px of context around each box at the network's input scale; None: R-CNN's 16 px at 224, scaled to the
-    # bundle's input size (round(16 * size / 224)), as `ircnn train detector` scales it
+    # bundle's input size (round(16 * size / 224)), as `ircnn train detector` scales it. Where members take
+    # different sizes, each member's context is scaled to its own size (a value given here is the first member's)
     context: int | None = None
     # proposals scored per image, in the proposal generator's priority order: at most (and by default) the
     # proposals' own cap, ``proposals.merge.max_proposals``

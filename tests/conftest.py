@@ -45,14 +45,15 @@ def spread():
 
 @pytest.fixture
 def tiny_bundle():
-    """Factory: a bundle of narrow paper-variant members with spread weights."""
-    from detector.bundle.format import init_bundle
+    """Factory: a bundle of narrow paper-variant members with spread weights; ``size``: their input side (default
+    224)."""
+    from detector.bundle.format import Preprocess, init_bundle
     from detector.nets.googlenet import GoogLeNetConfig
 
     def make(members: int = 1, width: float = 0.25, variant: str = "paper", seed: int = 0, num_classes: int = 1000,
-             task: str = "cls1000"):
+             task: str = "cls1000", size: int = 224):
         bundle = init_bundle(GoogLeNetConfig(variant=variant, width=width, num_classes=num_classes),
-                             members=members, seed=seed, task=task)
+                             members=members, seed=seed, task=task, preprocess=Preprocess(size=size))
         for i, m in enumerate(bundle.members):
             spread_weights(m, seed + i).eval()
         return bundle

@@ -41,6 +41,7 @@ UNIT_RANGE_STD = (0.5, 0.5, 0.5)
 MAX_MEMBERS = 64
 MAX_MANIFEST_BYTES = 10_000_000  # model.json: a few kB, det_ids and provenance included
 MIN_STD = 0.001  # preprocess std: below it the normalised input is out of any network's range
+MIN_SIZE, MAX_SIZE = 32, 1024  # a network input side, the bundle's or a member's
 
 
 class BundleError(ValueError):
@@ -57,8 +58,8 @@ class Preprocess:
         """Every number is in its range: an input side a network can take, a mean of pixel values in [0, 1] and
         a spread that keeps the normalised input finite (``(x - mean) / std`` with ``std >= 0.001`` stays within
         +-1000)."""
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 32 <= self.size <= 1024:
-            raise BundleError(f"preprocess size must be a whole number in 32..1024, got {self.size!r}")
+        if not _is_size(self.size):
+            raise BundleError(f"preprocess size must be a whole number in {MIN_SIZE}..{MAX_SIZE}, got {self.size!r}")
         for name, values, low in (("mean", self.mean, 0.0), ("std", self.std, MIN_STD)):
             if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                            and math.isfinite(v) and low <= v <= 1.0 for v in values):
@@ -77,10 +78,31 @@ class Preprocess:
         return cls(size, mean, std)
 
 
+def _is_size(size: object) -> bool:
+    return isinstance(size, int) and not isinstance(size, bool) and MIN_SIZE <= size <= MAX_SIZE
+
+
+def check_member_sizes(sizes: object, members: int, size: int) -> list[int] | None:
+    """``model.json``'s ``member_sizes``: each member's input side, the first the bundle's ``preprocess`` size
+    ``size``. Returns the list, or ``None`` when it is absent or every member takes ``size`` (how a bundle whose
+    members share their input size is kept, and written: without the field)."""
+    if sizes is None:
+        return None
+    if not isinstance(sizes, list) or len(sizes) != members or not all(_is_size(s) for s in sizes):
+        raise BundleError(f"member_sizes must be a list of {members} whole numbers in {MIN_SIZE}..{MAX_SIZE}, each "
+                          f"member's input side in member order, got {str(sizes)[:200]}")
+    if sizes[0] != size:
+        raise BundleError(f"member_sizes starts with {sizes[0]}, preprocess size is {size}: the bundle's preprocess "
+                          "size is its first member's input side")
+    return list(sizes) if len(set(sizes)) > 1 else None
+
+
 @dataclass
 class Bundle:
     """A loaded bundle: the members are networks in eval mode (``detector.nets.members``: GoogLeNet or
-    EfficientNet-Lite, mixed freely), each with its ``config``; all members have the same number of classes."""
+    EfficientNet-Lite, mixed freely), each with its ``config``; all members have the same number of classes.
+    Each member takes inputs of its own side (``member_size``): ``preprocess.size`` for all, unless
+    ``member_sizes`` lists one per member (a merge of bundles with different input sizes)."""
 
     task: str
     members: list[nn.Module]
@@ -88,6 +110,16 @@ class Bundle:
     multibox: str | None = None
     provenance: dict = field(default_factory=dict)
     path: Path | None = None
+    member_sizes: list[int] | None = None  # each member's input side where they differ; None: preprocess.size
+
+    def member_size(self, i: int) -> int:
+        """Member ``i``'s input side: its regions and crops are ``size x size``."""
+        return self.preprocess.size if self.member_sizes is None else self.member_sizes[i]
+
+    @property
+    def input_sizes(self) -> list[int]:
+        """Each member's input side, in member order."""
+        return [self.member_size(i) for i in range(len(self.members))]
 
     @property
     def archs(self) -> list[ArchConfig]:
@@ -118,6 +150,7 @@ class Bundle:
             "classes": self.num_classes,
             "parameters_per_member": [sum(p.numel() for p in m.parameters()) for m in self.members],
             "preprocess": self.preprocess.to_dict(),
+            "member_sizes": self.input_sizes,
             "multibox": self.multibox,
             "provenance": self.provenance,
         }
@@ -128,6 +161,7 @@ def save_bundle(out: str | os.PathLike, bundle: Bundle) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BundleError(f"{out} exists and is not a directory; choose another --out")
+    sizes = check_member_sizes(bundle.member_sizes, len(bundle.members), bundle.preprocess.size)
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for i, m in enumerate(bundle.members):
@@ -141,6 +175,7 @@ def save_bundle(out: str | os.PathLike, bundle: Bundle) -> Path:
         "task": bundle.task,
         "members": names,
         "preprocess": bundle.preprocess.to_dict(),
+        **({} if sizes is None else {"member_sizes": sizes}),  # absent when the members share preprocess.size
         "multibox": bundle.multibox,
         "provenance": bundle.provenance,
     }
@@ -254,6 +289,10 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     doc = read_manifest(path)
     archs = manifest_archs(doc, path / "model.json")
     preprocess = Preprocess.from_dict(doc["preprocess"])
+    try:
+        sizes = check_member_sizes(doc.get("member_sizes"), len(doc["members"]), preprocess.size)
+    except BundleError as e:
+        raise BundleError(f"{path / 'model.json'}: {e}") from None
     for name in doc["members"]:
         if not (path / name).exists():
             raise BundleError(f"{path}: member file {name} is missing")
@@ -274,7 +313,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         check_finite(model, str(file))
         members.append(model.to(device).eval())
     return Bundle(task=doc["task"], members=members, preprocess=preprocess, multibox=doc.get("multibox"),
-                  provenance=doc.get("provenance") or {}, path=path)
+                  provenance=doc.get("provenance") or {}, path=path, member_sizes=sizes)
 
 
 def check_det_ids(det_ids: list[int], head: int) -> list[int]:

@@ -123,9 +123,10 @@ MERGE_TOLERANCE = 0.01  # mean / std may differ by this much between merged bund
 def merge_bundles(bundles: list[Bundle]) -> Bundle:
     """One ensemble of every member of ``bundles`` (any mix of architectures), softmax averaged as usual.
 
-    They must agree on the task, the head (the same classes and, for ``det200``, the same ``det_ids``) and the
-    input size; means and stds may differ by at most ``MERGE_TOLERANCE`` (torchvision's GoogLeNet takes
-    ``(x - 127.5) / 127.5``, EfficientNet-Lite ``(x - 127) / 128``): the first bundle's preprocessing is used.
+    They must agree on the task and the head (the same classes and, for ``det200``, the same ``det_ids``); means
+    and stds may differ by at most ``MERGE_TOLERANCE`` (torchvision's GoogLeNet takes ``(x - 127.5) / 127.5``,
+    EfficientNet-Lite ``(x - 127) / 128``): the first bundle's are used. Input sizes may differ (Lite0, Lite1 and
+    Lite2 take 224, 240 and 260 px): each member keeps its own (``Bundle.member_sizes``).
     """
     if len(bundles) < 2:
         raise BundleError("merging needs at least two bundles")
@@ -140,8 +141,6 @@ def merge_bundles(bundles: list[Bundle]) -> Bundle:
                               f"{first.task} bundle with {first.num_classes}: merged members must share the head")
         if b.task == "det200" and b.provenance.get("det_ids") != first.provenance.get("det_ids"):
             raise BundleError(f"{where} detects other DET classes (det_ids) than the first bundle")
-        if b.preprocess.size != first.preprocess.size:
-            raise BundleError(f"{where} takes {b.preprocess.size} px inputs, the first {first.preprocess.size} px")
         drift = max(abs(x - y) for x, y in zip(b.preprocess.mean + b.preprocess.std,
                                                first.preprocess.mean + first.preprocess.std))
         if drift > MERGE_TOLERANCE:
@@ -153,7 +152,9 @@ def merge_bundles(bundles: list[Bundle]) -> Bundle:
                                                for b in bundles]}
     if first.task == "det200" and "det_ids" in first.provenance:
         provenance["det_ids"] = first.provenance["det_ids"]
-    return Bundle(task=first.task, members=members, preprocess=first.preprocess, provenance=provenance)
+    sizes = [size for b in bundles for size in b.input_sizes]
+    return Bundle(task=first.task, members=members, preprocess=first.preprocess, provenance=provenance,
+                  member_sizes=sizes if len(set(sizes)) > 1 else None)
 
 
 def torchvision_checkpoint_path() -> Path:

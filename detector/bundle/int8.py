@@ -46,9 +46,19 @@ def read_int8_manifest(bundle_dir: str | os.PathLike) -> dict:
     return doc
 
 
+def check_one_size(bundle: Bundle) -> None:
+    """Refuse a bundle whose members take different input sizes: int8 models are calibrated at one size."""
+    sizes = bundle.input_sizes
+    if len(set(sizes)) > 1:
+        raise Int8Error(f"int8 models are made for members of one input size; this bundle's members take "
+                        f"{', '.join(map(str, sizes))} px: run it with precision fp32 or bf16, or quantize and run "
+                        "the single-size bundles it was merged from")
+
+
 def load_int8(bundle: Bundle) -> list[Path]:
     """The int8 model of each member of ``bundle``, checked (module docstring); raises ``Int8Error`` saying
-    what to run when they are missing, stale or damaged."""
+    what to run when they are missing, stale or damaged, or the members take different input sizes."""
+    check_one_size(bundle)
     if bundle.path is None:
         raise Int8Error("int8 models live in a bundle's directory; this bundle was not loaded from disk")
     root = Path(bundle.path)

@@ -6,8 +6,9 @@
   bottom for portrait images); in each square the 4 corner and the centre 224x224 crops plus the whole square
   resized to 224; and the mirrors of all of them: 4 x 3 x 6 x 2.
 
-Softmax probabilities are averaged over the crops and over the ensemble's members. The crops of all images in
-a call are batched together through the networks.
+Softmax probabilities are averaged over the crops and over the ensemble's members, each member seeing the
+crops at its own input size (the sides above scale with it). The crops of all images in a call are batched
+together through the networks.
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ class Classifier:
         """``len(images)`` uint8 RGB arrays -> ``Tensor[len(images), K]``, averaged over crops and members."""
         if not images:
             return torch.zeros(0, len(self.vocab))
-        views = [crop_views(im, crops, self.bundle.preprocess.size) for im in images]
-        probs = self.ensemble(torch.cat(views))  # [sum of crops, K]
+        views = {size: torch.cat([crop_views(im, crops, size) for im in images])
+                 for size, _ in self.ensemble.size_groups()}  # [sum of crops, 3, size, size] per member input size
+        probs = self.ensemble.by_size(views)  # [sum of crops, K]
         return probs.view(len(images), crops, -1).mean(dim=1).cpu()
 
     def top_k(self, probs: Tensor, k: int) -> list[list[dict]]:

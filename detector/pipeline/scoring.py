@@ -1,15 +1,15 @@
 """Region scorers: one image's regions -> ``Tensor[R, K + 1]`` DET probabilities, column 0 background.
 
-``RegionScorer`` is the paper's: every region warped to the network input (R-CNN's warp with 16 px of context)
-and scored by the ensemble; ``detector.pipeline.shared_trunk.SharedTrunkScorer`` is the opt-in fast one. Both
-give ``det_ids``, ``cls_to_det``, ``ensemble``, ``score_regions(image, boxes)`` and ``score_frames(image, boxes,
-seconds)``, which is what ``Detector`` asks of a scorer. ``contrast_frames`` combines a box's scores with its
+``RegionScorer`` is the paper's: every region warped to the network input (R-CNN's warp with 16 px of context;
+each member's own input size where they differ) and scored by the ensemble;
+``detector.pipeline.shared_trunk.SharedTrunkScorer`` is the opt-in fast one. Both give ``det_ids``,
+``cls_to_det``, ``ensemble``, ``score_regions(image, boxes)`` and ``score_frames(image, boxes, seconds)``, which
+is what ``Detector`` asks of a scorer. ``contrast_frames`` combines a box's scores with its
 context frame's (whole objects)."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,8 +22,6 @@ from detector.pipeline.det_head import det_head
 from detector.pipeline.ensemble import Ensemble
 from detector.pipeline.warp import check_boxes, check_image, warp_frames, warp_regions
 
-if TYPE_CHECKING:
-    pass
 
 def fill_colour(preprocess: Preprocess) -> tuple[int, int, int]:
     """The uint8 RGB colour that normalises to (almost exactly) zero: ``round(255 * mean)``."""
@@ -32,14 +30,22 @@ def fill_colour(preprocess: Preprocess) -> tuple[int, int, int]:
 
 class RegionScorer:
     """Warped regions of one image -> ``Tensor[R, K + 1]`` DET probabilities, column 0 background, column ``j``
-    the DET id ``det_ids[j - 1]`` (module docstring for the two kinds of bundle)."""
+    the DET id ``det_ids[j - 1]`` (module docstring for the two kinds of bundle).
+
+    Members of different input sizes (``Bundle.member_size``) each see the regions warped at their own size, with
+    the context scaled to it (``contexts``); the probabilities are averaged over all members. ``size`` and
+    ``context`` are the first member's."""
 
     def __init__(self, bundle: Bundle, config: DetectConfig = DetectConfig()) -> None:
         self.det_ids, cls_to_det = det_head(bundle, config.person_evidence)  # det_ids: Tensor[K]
-        self.size = bundle.preprocess.size
-        self.context = round(16 * self.size / 224) if config.context is None else config.context
-        if not 2 * self.context < self.size:
-            raise ValueError(f"context {self.context} leaves nothing of a {self.size} px input")
+        self.size = bundle.member_size(0)
+        # R-CNN's 16 px at 224, or config.context at the first member's size, scaled to each member input size
+        self.contexts = {size: round(16 * size / 224) if config.context is None else
+                         round(config.context * size / self.size) for size in bundle.input_sizes}
+        self.context = self.contexts[self.size]
+        for size, context in self.contexts.items():
+            if not 2 * context < size:
+                raise ValueError(f"context {context} leaves nothing of a {size} px input")
         self.config = config
         self.fill = fill_colour(bundle.preprocess)
         device = next(bundle.members[0].parameters()).device  # where load_bundle(..., device) put the members
@@ -87,8 +93,9 @@ class RegionScorer:
         """The whole image's DET probabilities ``Tensor[K + 1]`` (column 0 background), averaged over the paper's
         test-time ``crops`` (1 or 10: ``detector.pipeline.classify.crop_views``) and the members."""
         check_image(image)
-        views = crop_views(image, crops, self.size).to(self.ensemble.device)
-        return self.to_det(self.ensemble(views).mean(0, keepdim=True)).float().cpu()[0]
+        views = {size: crop_views(image, crops, size).to(self.ensemble.device)
+                 for size, _ in self.ensemble.size_groups()}  # [crops, 3, size, size] at each member input size
+        return self.to_det(self.ensemble.by_size(views).mean(0, keepdim=True)).float().cpu()[0]
 
     @torch.inference_mode()
     def score_frames(self, image: np.ndarray, boxes: Tensor, seconds: dict[str, float] | None = None) -> Tensor:
@@ -107,21 +114,27 @@ class RegionScorer:
 
     def _run(self, source, boxes: Tensor, seconds: dict[str, float], members: list[int] | None = None,
              frames: bool = False) -> Tensor:
+        sizes = [size for size, _ in self.ensemble.size_groups(members)]  # the input sizes of these members
         out = []
         for start in range(0, len(boxes), self.config.warp_chunk):
             t0 = time.perf_counter()
             chunk = boxes[start:start + self.config.warp_chunk]
-            regions = (warp_frames(source, chunk, self.size, self.config.frame_scale, self.fill) if frames else
-                       warp_regions(source, chunk, self.size, self.context, self.fill))  # [n, 3, size, size] uint8
-            if regions.device.type == "cuda":  # the warp runs asynchronously: wait, or its time counts as networks'
-                torch.cuda.synchronize(regions.device)
+            regions = {size: self._warp(source, chunk, size, frames) for size in sizes}
+            if self.ensemble.device.type == "cuda":  # the warp is asynchronous: wait, or the networks get its time
+                torch.cuda.synchronize(self.ensemble.device)
             t1 = time.perf_counter()
-            out.append(self.to_det(self.ensemble(regions, members)).float().cpu())  # .cpu() waits for the GPU
+            out.append(self.to_det(self.ensemble.by_size(regions, members)).float().cpu())  # .cpu() waits for the GPU
             seconds["warp"] += t1 - t0
             seconds["networks"] += time.perf_counter() - t1
         if not out:
             return torch.zeros(0, len(self.det_ids) + 1)
         return torch.cat(out)
+
+    def _warp(self, source, boxes: Tensor, size: int, frames: bool) -> Tensor:
+        """The boxes' regions, or their context frames, at input side ``size``: ``Tensor[n, 3, size, size]`` uint8."""
+        if frames:
+            return warp_frames(source, boxes, size, self.config.frame_scale, self.fill)
+        return warp_regions(source, boxes, size, self.contexts[size], self.fill)
 
 
 def contrast_frames(probs: Tensor, frame_probs: Tensor) -> Tensor:

@@ -179,6 +179,10 @@ class SharedTrunkScorer:
         if config.cascade_top_k is not None:
             raise ValueError("cascade_top_k does not apply to shared-trunk scoring (each member's trunk runs "
                              "once per image); leave it None")
+        if len(set(bundle.input_sizes)) > 1:  # one pyramid and one pooled grid for all members
+            raise ValueError(f"shared-trunk scoring runs members of one input size; this bundle's members take "
+                             f"{', '.join(map(str, bundle.input_sizes))} px: use warped scoring (--scoring warped, "
+                             "the default) for it, or shared-trunk scoring on a bundle of one input size")
         self.warped = RegionScorer(bundle, config)  # DET mapping, context, ensemble; scores warped frames
         self.config, self.trunk_config = config, trunk
         self.det_ids, self.cls_to_det = self.warped.det_ids, self.warped.cls_to_det

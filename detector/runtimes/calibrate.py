@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.bundle.format import Bundle
-from detector.bundle.int8 import FORMAT, INT8_DIR, INT8_MANIFEST, Int8Error
+from detector.bundle.int8 import FORMAT, INT8_DIR, INT8_MANIFEST, Int8Error, check_one_size
 from detector.files import file_sha256
 from detector.progress import track
 from detector.runtimes.export import export_onnx
@@ -80,6 +80,7 @@ def calibration_regions(bundle: Bundle, images: Sequence[tuple[str, np.ndarray]]
         raise ValueError(f"calibration regions must be in {MIN_REGIONS}..{MAX_REGIONS}, got {regions}")
     if not images:
         raise ValueError("calibration needs at least one image")
+    check_one_size(bundle)
     own = detector is None
     detector = Detector.from_bundle(bundle) if own else detector
     try:
@@ -163,6 +164,7 @@ def quantize_bundle(bundle: Bundle, calibration: Calibration) -> Path:
     replacing an older one only once all members are done. Returns the int8 directory."""
     import onnxruntime
 
+    check_one_size(bundle)
     if bundle.path is None:
         raise ValueError("quantize a bundle loaded from disk (int8 models are written into its directory)")
     pre = bundle.preprocess

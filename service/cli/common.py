@@ -78,15 +78,19 @@ def print_bundle(bundle, as_json: bool) -> None:
         print(f"task        det200-from-cls1000 ({info['classes']} CLS classes summed into 200 DET classes)")
     else:
         print(f"task        {info['task']} ({info['classes']} classes)")
-    members = [f"{name}, {params:,} parameters" for name, params in zip(info["architectures"],
-                                                                       info["parameters_per_member"])]
+    sizes = info["member_sizes"]
+    mixed_sizes = len(set(sizes)) > 1
+    members = [f"{name}, {params:,} parameters" + (f", {size} px input" if mixed_sizes else "")
+               for name, params, size in zip(info["architectures"], info["parameters_per_member"], sizes)]
     if len(set(members)) == 1:
         print(f"members     {len(members)} x {members[0]}")
     else:  # a mixed ensemble: one line per member
         for i, member in enumerate(members):
             print(f"member {i:<4} {member}")
     pre = info["preprocess"]
-    print(f"preprocess  {pre['size']}x{pre['size']}, mean {pre['mean']}, std {pre['std']}")
+    side = (f"{'/'.join(map(str, sizes))} px (each member's own)" if mixed_sizes else
+            f"{pre['size']}x{pre['size']}")
+    print(f"preprocess  {side}, mean {pre['mean']}, std {pre['std']}")
     print(f"multibox    {info['multibox'] or 'none'}")
     print(f"provenance  {short_provenance(info['provenance'])}")
 

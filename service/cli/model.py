@@ -182,13 +182,13 @@ def _cmd_model_info(args) -> int:
     pre = bundle.preprocess
     info = bundle.describe()
     seen, choices = set(), []
-    for member in bundle.members:  # one measurement per architecture, as auto makes it
+    for member, size in zip(bundle.members, bundle.input_sizes):  # one per architecture and size, as auto measures
         arch = json.dumps(member.config.to_dict(), sort_keys=True)
-        if arch in seen:
+        if (arch, size) in seen:
             continue
-        seen.add(arch)
-        choices.append((describe_arch(member.config), choose_backend(member, pre.mean, pre.std, pre.size,
-                                                                     args.precision, args.batch_size)))
+        seen.add((arch, size))
+        name = describe_arch(member.config) + (f" at {size} px" if len(set(bundle.input_sizes)) > 1 else "")
+        choices.append((name, choose_backend(member, pre.mean, pre.std, size, args.precision, args.batch_size)))
     if args.json:
         info["backends"] = [{"arch": name, **dataclasses.asdict(c)} for name, c in choices]
         print_json(info)

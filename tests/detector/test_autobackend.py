@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from detector.bundle.format import Preprocess
+from detector.bundle.importers import merge_bundles
 from detector.pipeline import ensemble
 from detector.pipeline.ensemble import Ensemble, EnsembleConfig
 from detector.runtimes import auto as autobackend
@@ -203,6 +204,15 @@ def test_auto_ensemble_runs_each_member_on_its_measured_choice(tiny_bundle, monk
     again = Ensemble.from_bundle(bundle, EnsembleConfig(batch_size=8, backend="auto"))
     assert built == [] and all(c.cached for c in again.choices)
     assert (again(x) - reference).abs().max() < 1e-4
+
+
+def test_each_member_is_measured_at_its_own_input_size(tiny_bundle, monkeypatch):
+    mixed = merge_bundles([tiny_bundle(width=0.125, size=SIZE), tiny_bundle(width=0.125, size=SIZE + 32, seed=1)])
+    sizes = []
+    monkeypatch.setattr(ensemble, "choose_backend", lambda member, mean, std, size, *args: sizes.append(size)
+                        or Choice("torch"))
+    Ensemble.from_bundle(mixed, EnsembleConfig(backend="auto"))
+    assert sizes == [SIZE, SIZE + 32]
 
 
 @pytest.mark.skipif(not autobackend.installed("onnxruntime"), reason="onnxruntime (or onnxscript) not installed")

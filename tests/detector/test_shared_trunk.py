@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from detector.bundle.format import init_bundle
-from detector.bundle.importers import import_efficientnet_lite
+from detector.bundle.format import Preprocess, init_bundle
+from detector.bundle.importers import import_efficientnet_lite, merge_bundles
 from detector.config import DetectConfig
 from detector.image import read_image
 from detector.nets.googlenet import GoogLeNetConfig
@@ -158,6 +158,10 @@ def test_bad_inputs_are_refused(spread):
         shared.score_frames(image, torch.tensor([[0.0, 0.0, float("nan"), 5.0]]))
     with pytest.raises(ValueError, match="cascade_top_k"):
         SharedTrunkScorer(bundle, DetectConfig(cascade_top_k=10))
+    mixed = merge_bundles([bundle, init_bundle(GoogLeNetConfig(variant="torchvision", width=0.125),
+                                               preprocess=Preprocess(size=96))])
+    with pytest.raises(ValueError, match="members take 224, 224, 96 px: use warped scoring"):
+        SharedTrunkScorer(mixed)
     for kwargs, field in (({"short_sides": (8,)}, "short_sides"), ({"max_side": 5000}, "max_side"),
                           ({"frames": "crop"}, "frames"), ({"short_sides": (600.0,)}, "short_sides"),
                           ({"short_sides": (448, 224)}, "short_sides"), ({"short_sides": 224}, "short_sides")):

@@ -79,6 +79,20 @@ def test_model_info_backends_says_what_auto_chose_and_why(tmp_path, run, tiny_bu
     assert doc["backend"] == "onnxruntime" and doc["cached"] and len(doc["measurements"]) == 4
 
 
+def test_merge_of_different_input_sizes_and_its_info(tmp_path, run, tiny_bundle):
+    save_bundle(tmp_path / "a", tiny_bundle(width=0.125, size=64))
+    save_bundle(tmp_path / "b", tiny_bundle(width=0.125, size=96, seed=1))
+    code, out, err = run("model", "merge", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "ab")
+    assert code == 0, err
+    code, out, err = run("model", "info", tmp_path / "ab")
+    assert code == 0, err
+    assert "member 0    GoogLeNet (paper, width 0.125), 550,066 parameters, 64 px input" in out
+    assert "member 1    GoogLeNet (paper, width 0.125), 550,066 parameters, 96 px input" in out
+    assert "preprocess  64/96 px (each member's own), mean" in out
+    code, out, err = run("model", "info", tmp_path / "ab", "--json")
+    assert json.loads(out)["member_sizes"] == [64, 96]
+
+
 def test_quantize_refuses_a_region_count_it_cannot_calibrate_on_at_once(tmp_path, run):
     from detector.runtimes.calibrate import CALIBRATION_BATCH, MAX_REGIONS, MIN_REGIONS
     from service.cli.model import QUANTIZE_REGIONS
