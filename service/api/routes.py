@@ -129,8 +129,8 @@ def api_router() -> APIRouter:
         if service.bundle is not None:
             d = service.bundle.describe()
             out.append(ModelInfo(task=d["task"], serves=service.serves(), members=d["members"], classes=d["classes"],
-                                 arch=d["arch"], preprocess=d["preprocess"], multibox=d["multibox"],
-                                 provenance=d["provenance"], path=d["path"]))
+                                 arch=d["arch"], preprocess=d["preprocess"], member_sizes=d["member_sizes"],
+                                 multibox=d["multibox"], provenance=d["provenance"], path=d["path"]))
         return ModelsResponse(models=out)
 
     return router

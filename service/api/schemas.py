@@ -86,8 +86,9 @@ class ModelInfo(BaseModel):
     serves: list[str] = Field(description="the /v1 routes this bundle answers")
     members: int
     classes: int
-    arch: dict[str, Any]
+    arch: dict[str, Any] | list[dict[str, Any]] = Field(description="one object for all members, or one per member")
     preprocess: dict[str, Any]
+    member_sizes: list[int] = Field(description="each member's input side in px, in member order")
     multibox: str | None
     provenance: dict[str, Any]
     path: str | None
@@ -98,7 +99,7 @@ class ModelsResponse(BaseModel):
         {"task": "cls1000", "serves": ["classify", "detect"], "members": 1, "classes": 1000,
          "arch": {"variant": "torchvision", "width": 1.0, "num_classes": 1000, "aux_logits": False},
          "preprocess": {"size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-         "multibox": None, "provenance": {"source": "torchvision"}, "path": None}]}]})
+         "member_sizes": [224], "multibox": None, "provenance": {"source": "torchvision"}, "path": None}]}]})
     models: list[ModelInfo]
 
 

@@ -81,9 +81,12 @@ class Service:
         if self.bundle is None:  # injected models: the classifier knows its bundle
             self.bundle = getattr(self.classifier, "bundle", None) or getattr(self.detector, "bundle", None)
         info = self.bundle.describe() if self.bundle is not None else {}
+        arch = info.get("arch", {})
+        archs = arch if isinstance(arch, list) else [arch]  # one object, or one per member (a mixed ensemble)
+        variants = ",".join(dict.fromkeys(str(a.get("variant")) for a in archs))  # each once, in member order
         # No bundle path here: /metrics is open to scrapers, /v1/models (behind the token) names it.
         self.metrics.model_info.info({"task": str(info.get("task")), "members": str(info.get("members")),
-                                      "variant": str(info.get("arch", {}).get("variant")),
+                                      "variant": variants,
                                       "serves": ",".join(self.serves())})
 
     def serves(self) -> list[str]:
