@@ -270,6 +270,17 @@ def load_set(spec: str, cache: Path, cache_sets: dict[str, str], extra: list[Pat
 
 
 METHODS = {
+    **{f"local {sc}": Method(evidence=True, vote=1.0, frames=0, vote_mode="local", vote_scale=sc) for sc in (2.5, 3.0, 4.0)},
+    "agreement, no person evidence": Method(vote=1.0, frames=0, vote_mode="product"),
+    "agreement + image context (gate 0.03, ^0.5)": Method(evidence=True, vote=1.0, frames=0, vote_mode="product",
+                                                         context="image10", gate=0.03, context_power=0.5),
+    "agreement + image context (p_image)": Method(evidence=True, vote=1.0, frames=0, vote_mode="product",
+                                                 context="image10"),
+    "agreement + image context (1 crop, p_image)": Method(evidence=True, vote=1.0, frames=0, vote_mode="product",
+                                                         context="image1"),
+    "agreement + CAM": Method(evidence=True, vote=1.0, frames=0, vote_mode="product", cam=1.0),
+    "agreement + frames 300": Method(evidence=True, vote=1.0, frames=300, vote_mode="product"),
+    "agreement^1.5": Method(evidence=True, vote=1.5, frames=0, vote_mode="product"),
     "agreement (product)": Method(evidence=True, vote=1.0, frames=0, vote_mode="product"),
     **{f"vm {m} {sc} ^{v}": Method(evidence=True, vote=v, frames=0, vote_mode=m, vote_scale=sc)
        for m in ("local", "density", "global") for sc in (1.5, 1.8, 2.5) for v in (1.0, 1.5)

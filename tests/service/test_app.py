@@ -748,3 +748,17 @@ def test_api_docs_load_nothing_from_another_host(serve, page):
     if page == "/docs":
         redirect = client.get("/docs/oauth2-redirect")
         assert redirect.status_code == 200 and not re.search(r"https?://", redirect.text)
+
+
+def test_the_page_slider_starts_where_save_vis_draws():
+    """Both start at 0.3, where detections of the det200-from-cls1000 defaults were mostly right on the dev split
+    (docs/detection.md, "What a score is")."""
+    import re
+    from pathlib import Path
+
+    from service.batch import BatchConfig
+
+    page = (Path(__file__).resolve().parents[2] / "service" / "static" / "index.html").read_text()
+    value = re.search(r'<input id="threshold"[^>]*value="([0-9.]+)"', page).group(1)
+    shown = re.search(r'<output id="threshold-value"[^>]*>([0-9.]+)</output>', page).group(1)
+    assert float(value) == float(shown) == BatchConfig.vis_threshold == 0.3

@@ -64,6 +64,29 @@ def test_detect_finds_the_cat_and_draws_it(bundles, capsys, tmp_path):
     assert any(vis.iterdir())
 
 
+@pytest.mark.parametrize("flags, person", [((), True), (("--person-evidence", "off"), False)])
+def test_person_evidence_finds_grace_hopper(bundles, capsys, tmp_path, flags, person):
+    """The default that finds people: ImageNet-1k has no class for her, her uniform is evidence of one."""
+    code, out, err = run(capsys, "detect", PHOTOS / "grace_hopper.JPEG", "--model", bundles[1], "--backend",
+                         "onnxruntime", *flags)
+    assert code == 0, err
+    people = [d for d in json.loads(out)["detections"] if d["name"] == "person" and d["score"] >= 0.3]
+    assert bool(people) is person
+    if person:
+        x1, y1, x2, y2 = people[0]["box"]
+        assert (x2 - x1) * (y2 - y1) > 0.5 * 498 * 578  # the labelled box (14, 22, 512, 600) is 498 x 578
+
+
+@pytest.mark.parametrize("flags, below", [((), True), (("--agreement", "0", "--context-frames", "300"), False)])
+def test_agreement_keeps_an_object_free_photo_under_half(bundles, capsys, flags, below):
+    """On the gravel (no DET object) the defaults before agreement scored a false "tie" 0.93."""
+    code, out, err = run(capsys, "detect", PHOTOS / "gravel.JPEG", "--model", bundles[1], "--backend", "onnxruntime",
+                         *flags)
+    assert code == 0, err
+    best = max((d["score"] for d in json.loads(out)["detections"]), default=0.0)
+    assert (best < 0.5) is below, best
+
+
 def test_eval_det_scores_the_real_photo_set(tmp_path, capsys):
     """Ground truth as predictions scores 1.0: the set's files are what the devkit reader expects."""
     from eval.annotations import read_annotations, read_imageset
