@@ -23,10 +23,11 @@ is above ``nms_iou`` (0.3). Then the ``score_threshold`` and the ``max_detection
 
 Whole objects (``DetectConfig.whole_objects``, not in the paper): an ImageNet classifier used without detection
 training scores an object's most telling part (a cat's face) above the whole object, and NMS keeps both because
-their IoU is small. For such bundles the detector, by default, (1) scores the ``context_frames`` likeliest regions
-again on their context frame (ContextLocNet's contrast: the box blanked, its surroundings shown) and keeps
-``p(box) * (1 - p(frame))``, and (2) after NMS drops a detection lying mostly inside a larger, nearly as confident
-one of its class. ``bench/transfer_detector.py`` measures each step on real photos and a synthetic set.
+their IoU is small. For such bundles the detector, by default, (1) multiplies each region's class scores by how
+well its box holds the map of where the image's regions agree on the class (``detector.pipeline.agreement``), and
+(2) after NMS drops a detection lying mostly inside a larger, nearly as confident one of its class. Context frames
+(ContextLocNet's contrast, the default before agreement) remain an option (``context_frames``), and so does
+image-level context (``image_context``). ``bench/trust.py`` measures each on the package photos' dev split.
 """
 
 from __future__ import annotations

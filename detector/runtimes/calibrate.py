@@ -85,7 +85,8 @@ def calibration_regions(bundle: Bundle, images: Sequence[tuple[str, np.ndarray]]
     detector = Detector.from_bundle(bundle) if own else detector
     try:
         scorer = detector.scorer
-        frames_share = 4 if detector.whole_objects else 0  # one in four a context frame
+        # one in four a context frame, where the detector scores frames (context_frames > 0)
+        frames_share = 4 if detector.whole_objects and detector.config.context_frames else 0
         out, frames, names = [], 0, []
         for i, (name, image) in enumerate(track(images, len(images), "calibration regions", "img")):
             want = regions // len(images) + (1 if i < regions % len(images) else 0)
