@@ -54,15 +54,21 @@ def tiny(tmp_path_factory) -> Path:
 def test_calibration_takes_each_images_best_proposals_and_frames(tiny):
     bundle = load_bundle(tiny)
     images = [("camera", photo("camera")), ("coffee", photo("coffee"))]
-    with Detector.from_bundle(bundle) as detector:
+    with Detector.from_bundle(bundle) as detector:  # the defaults score no context frames
         calibration = calibration_regions(bundle, images, 40, detector)
         assert calibration.regions.shape == (40, 3, 64, 64) and calibration.regions.dtype == np.uint8
-        assert detector.whole_objects and calibration.frames == 10  # 5 of each image's 20 are context frames
-        boxes = detector.regions(images[0][1], detector.propose(images[0][1]))[:15]
+        assert detector.whole_objects and calibration.frames == 0
+        boxes = detector.regions(images[0][1], detector.propose(images[0][1]))[:20]
         s = detector.scorer
         expected = warp_regions(images[0][1], boxes, s.size, s.context, s.fill).numpy()
-    np.testing.assert_array_equal(calibration.regions[:15], expected)  # the first image's 15 best regions first
+    np.testing.assert_array_equal(calibration.regions[:20], expected)  # the first image's 20 best regions first
     assert [n for n, _ in calibration.images] == ["camera", "coffee"]
+    with Detector.from_bundle(bundle, DetectConfig(context_frames=300)) as detector:  # one in four a frame
+        calibration = calibration_regions(bundle, images, 40, detector)
+        assert calibration.frames == 10  # 5 of each image's 20
+        boxes = detector.regions(images[0][1], detector.propose(images[0][1]))[:15]
+        expected = warp_regions(images[0][1], boxes, s.size, s.context, s.fill).numpy()
+    np.testing.assert_array_equal(calibration.regions[:15], expected)
     with pytest.raises(ValueError, match="calibration regions must be in"):
         calibration_regions(bundle, images, 5)
     with pytest.raises(ValueError, match="at least one image"):
