@@ -117,6 +117,9 @@ def box_map_factor(boxes: torch.Tensor, maps: torch.Tensor, stride: int, mode: s
     density = inside / area / peak
     if mode == "density":
         return density
+    if mode.startswith("split"):  # "split A B": (mass share) ** A * density ** B
+        a, b = (float(v) for v in mode.split()[1:])
+        return (inside / integral[:, -1, -1].clamp(min=1e-9)) ** a * density ** b
     if mode == "local":
         centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) * scale / 2
         outer, _ = mass(torch.cat([centre - half, centre + half], 1))
@@ -270,6 +273,8 @@ def load_set(spec: str, cache: Path, cache_sets: dict[str, str], extra: list[Pat
 
 
 METHODS = {
+    **{f"split {a} {b}": Method(evidence=True, vote=1.0, frames=0, vote_mode=f"split {a} {b}")
+       for a, b in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (0.5, 0.5), (0.75, 1.0))},
     **{f"local {sc}": Method(evidence=True, vote=1.0, frames=0, vote_mode="local", vote_scale=sc) for sc in (2.5, 3.0, 4.0)},
     "agreement, no person evidence": Method(vote=1.0, frames=0, vote_mode="product"),
     "agreement + image context (gate 0.03, ^0.5)": Method(evidence=True, vote=1.0, frames=0, vote_mode="product",
